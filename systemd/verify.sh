@@ -25,7 +25,7 @@ if ! grep -q '^ExecStart=/bin/true ' "$tmp/$unit"; then
 fi
 
 status=0
-# --man=no: Documentation= is a URL; no man pages to look up in CI containers.
+# --man=no: do not look up man pages named in Documentation= (CI images have none).
 out=$(systemd-analyze verify --man=no "$tmp/$unit" 2>&1) || status=$?
 # verify also reports on unrelated host units (missing targets in containers); only
 # lines about our unit count.
