@@ -1,0 +1,871 @@
+"""The one module that reads YAML: gateway config and BMS profiles, parsed and checked.
+
+Every problem is collected (not just the first) as a `Problem` naming the file, the key
+path, what is wrong and how to fix it, so `check-config` can print them all at once.
+Checking a profile against its DBC happens in `normalize.compile_pack`, which reports
+through the same `Problem` type.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .model import FIELD_BY_NAME, SEVERITIES, Severity
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+BUILTIN_PROFILES = PROJECT_ROOT / "config" / "profiles"
+BUILTIN_DBC = PROJECT_ROOT / "dbc"
+TOPIC_SEGMENT_MAX = 64
+_SEGMENT_BAD = re.compile(r"[/+#\x00]")
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    file: str
+    key: str
+    what: str
+    fix: str = ""
+
+    def __str__(self) -> str:
+        fix = f" Fix: {self.fix}" if self.fix else ""
+        return f"{self.file}: {self.key}: {self.what}.{fix}"
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def nearest(name: str, choices: Iterator[str] | list[str] | set[str], n: int = 3) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    return f"did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def topic_segment_problem(value: str) -> str | None:
+    if not value:
+        return "must not be empty"
+    if _SEGMENT_BAD.search(value):
+        return "must not contain '/', '+', '#' or NUL (it is used as an MQTT topic segment)"
+    if len(value) > TOPIC_SEGMENT_MAX:
+        return f"is longer than {TOPIC_SEGMENT_MAX} characters"
+    return None
+
+
+# ---------------------------------------------------------------- profile schema
+
+UNIT_FACTORS: dict[str, tuple[float, float]] = {
+    # unit the signal is in -> (factor, offset) to the model's unit
+    "V": (1, 0), "mV": (0.001, 0), "cV": (0.01, 0), "dV": (0.1, 0),
+    "A": (1, 0), "mA": (0.001, 0), "cA": (0.01, 0), "dA": (0.1, 0),
+    "W": (1, 0), "kW": (1000, 0),
+    "C": (1, 0), "degC": (1, 0), "dC": (0.1, 0), "K": (1, -273.15), "dK": (0.1, -273.15),
+    "%": (1, 0), "permille": (0.1, 0), "fraction": (100, 0),
+    "Ah": (1, 0), "mAh": (0.001, 0), "dAh": (0.1, 0),
+    "1": (1, 0),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRef:
+    message: str
+    signal: str
+
+
+@dataclass(frozen=True, slots=True)
+class ValueSpec:
+    """How one model value is read: a signal (or a small expression over a message's
+    signals, or a constant) and the linear conversion to the model unit."""
+
+    key: str  # where in the profile, for messages
+    message: str | None = None
+    signal: str | None = None
+    expr: str | None = None
+    const: float | None = None
+    scale: float = 1.0
+    offset: float = 0.0
+    unit: str | None = None
+    invert: bool = False
+    valid: tuple[float, float] | None = None
+    mapping: dict[str | int, str] | None = None  # enum fields: DBC value or choice -> ours
+    bit: int | None = None  # bool fields: test one bit of the raw value
+    values: tuple[int, ...] | None = None  # bool fields: active when value is one of these
+
+    def factor_offset(self) -> tuple[float, float]:
+        f, o = UNIT_FACTORS.get(self.unit or "1", (1, 0))
+        # value_model = ((dbc * scale + offset) * f + o) * (-1 if invert)
+        return f, o
+
+
+@dataclass(frozen=True, slots=True)
+class CellSource:
+    """Cells (voltages, temperatures or balancing flags) carried by one message."""
+
+    key: str
+    message: str
+    signals: tuple[str, ...] | str  # explicit names, or an fnmatch pattern
+    index_signal: str | None = None  # a signal carrying the cell index (Orion 0x36)
+    mux: bool = False  # the message's multiplexer selects the group
+    stride: int = 1  # cells per index step (mux value or index signal)
+    offset: int = 0  # added to the computed cell index (0-based)
+    first: int = 0  # constant first cell index (per-module messages)
+    order: Literal["position", "name"] = "position"
+    name_base: int = 1  # with order: name, the number in the name of the first cell
+    invalid: tuple[str, ...] | str | None = None  # invalid-flag signals, paired by slot
+    invalid_value: int = 1  # raw value of an invalid flag that means "invalid"
+    bitfield: bool = False  # balancing: each bit of the signal is one cell
+    unit: str | None = None
+    scale: float = 1.0
+    valid: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BmsFault:
+    key: str
+    code: str
+    message: str
+    signal: str
+    severity: Severity
+    bit: int | None = None
+    values: tuple[int, ...] | None = None  # active when the raw value is one of these
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PollRequest:
+    key: str
+    period_s: float
+    message: str | None = None
+    can_id: int | None = None
+    extended: bool = False
+    data: bytes = b""
+    reply: str | None = None  # message name of the reply, for staleness
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    name: str
+    path: Path
+    description: str
+    dbc: tuple[Path, ...]
+    fields: dict[str, ValueSpec]
+    cells: dict[str, tuple[CellSource, ...]]  # "voltages", "temps", "balancing"
+    faults: tuple[BmsFault, ...]
+    poll: tuple[PollRequest, ...]
+    cell_count: int | None
+    stale_after_s: float | None
+    extras: dict[str, ValueSpec]
+
+
+# ---------------------------------------------------------------- gateway schema
+
+
+@dataclass(frozen=True, slots=True)
+class CanBus:
+    name: str
+    interface: str
+    channel: str
+    bitrate: int | None = None
+    fd: bool = False
+    data_bitrate: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TopicPolicy:
+    min_interval_s: float
+    max_interval_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class PublishPolicy:
+    state: TopicPolicy = TopicPolicy(1.0, 60.0)
+    cells: TopicPolicy = TopicPolicy(5.0, 60.0)
+    deadband: dict[str, float] = field(default_factory=dict)
+    cell_deadband_v: float = 0.002
+    per_value_topics: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RuleConfig:
+    """One gateway rule's settings; `None` disables a limit."""
+
+    code: str
+    raise_at: float | None
+    clear_at: float | None
+    severity: Severity
+    debounce_s: float = 0.0
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PackConfig:
+    id: str
+    profile: Profile
+    bus: str
+    id_offset: int
+    transmit: bool
+    stale_after_s: float
+    cell_count: int | None
+    publish: PublishPolicy
+    rules: dict[str, dict[str, Any]]  # raw per-rule overrides, validated in faults
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class MqttConfig:
+    url: str | None  # None = print to stdout
+    topic_prefix: str = "bms"
+    client_id: str | None = None
+    username: str | None = None
+    password: str | None = None
+    protocol: Literal["3.1.1", "5"] = "5"
+    keepalive: int = 30
+    tls: TlsConfig | None = None
+    max_payload: int = 65536
+
+    @property
+    def host_port(self) -> tuple[str, int, bool]:
+        m = re.match(r"^(mqtts?)://(\[[^\]]+\]|[^:/]+)(?::(\d+))?/?$", self.url or "")
+        if not m:
+            msg = f"bad MQTT url {self.url!r}"
+            raise ValueError(msg)
+        tls = m.group(1) == "mqtts"
+        host = m.group(2).strip("[]")
+        port = int(m.group(3) or (8883 if tls else 1883))
+        return host, port, tls
+
+
+@dataclass(frozen=True, slots=True)
+class HomeAssistantConfig:
+    discovery: bool = False
+    prefix: str = "homeassistant"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxConfig:
+    max_events: int = 100_000
+    max_age_s: float = 30 * 86400
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    path: Path
+    gateway_id: str
+    state_dir: Path
+    log_level: str
+    buses: tuple[CanBus, ...]
+    packs: tuple[PackConfig, ...]
+    mqtt: MqttConfig
+    homeassistant: HomeAssistantConfig
+    outbox: OutboxConfig
+    shutdown_timeout_s: float
+    prometheus: str | None  # "host:port" or None
+
+
+# ---------------------------------------------------------------- parsing helpers
+
+
+class _Reader:
+    """Typed access to a YAML mapping that records problems instead of raising."""
+
+    def __init__(self, file: str, problems: list[Problem]) -> None:
+        self.file = file
+        self.problems = problems
+
+    def bad(self, key: str, what: str, fix: str = "") -> None:
+        self.problems.append(Problem(self.file, key, what, fix))
+
+    def mapping(self, obj: Any, key: str) -> dict[str, Any]:
+        if obj is None:
+            return {}
+        if not isinstance(obj, dict):
+            self.bad(key, f"must be a mapping, got {type(obj).__name__}",
+                     "write it as `key: value` lines indented under it")
+            return {}
+        return obj
+
+    def known(self, obj: dict[str, Any], key: str, allowed: set[str]) -> None:
+        for k in obj:
+            if k not in allowed:
+                hint = nearest(str(k), allowed)
+                self.bad(f"{key}.{k}" if key else str(k), "unknown key",
+                         hint or f"allowed keys: {', '.join(sorted(allowed))}")
+
+    def num(self, obj: dict[str, Any], key: str, name: str, default: float | None,
+            lo: float | None = None, hi: float | None = None) -> float | None:
+        v = obj.get(name, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            self.bad(f"{key}.{name}" if key else name, f"must be a number, got {v!r}")
+            return default
+        if (lo is not None and v < lo) or (hi is not None and v > hi):
+            rng = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
+            self.bad(f"{key}.{name}" if key else name, f"{v} is out of range {rng}")
+            return default
+        return float(v)
+
+    def int_(self, obj: dict[str, Any], key: str, name: str, default: int | None,
+             lo: int | None = None) -> int | None:
+        v = obj.get(name, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.bad(f"{key}.{name}" if key else name, f"must be a whole number, got {v!r}")
+            return default
+        if lo is not None and v < lo:
+            self.bad(f"{key}.{name}" if key else name, f"must be at least {lo}")
+            return default
+        return v
+
+    def str_(self, obj: dict[str, Any], key: str, name: str, default: str | None) -> str | None:
+        v = obj.get(name, default)
+        if v is None:
+            return None
+        if not isinstance(v, (str, int, float)) or isinstance(v, bool):
+            self.bad(f"{key}.{name}" if key else name, f"must be text, got {v!r}")
+            return default
+        return str(v)
+
+    def bool_(self, obj: dict[str, Any], key: str, name: str, default: bool) -> bool:
+        v = obj.get(name, default)
+        if not isinstance(v, bool):
+            self.bad(f"{key}.{name}" if key else name, f"must be true or false, got {v!r}")
+            return default
+        return v
+
+    def range_(self, obj: dict[str, Any], key: str, name: str) -> tuple[float, float] | None:
+        v = obj.get(name)
+        if v is None:
+            return None
+        if (not isinstance(v, list) or len(v) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+                or v[0] > v[1]):
+            self.bad(f"{key}.{name}", f"must be [min, max], got {v!r}", "e.g. valid: [2.0, 4.5]")
+            return None
+        return float(v[0]), float(v[1])
+
+
+def read_yaml(path: Path, problems: list[Problem]) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        problems.append(Problem(str(path), "-", "file not found",
+                                "check the path (relative paths are from the config file)"))
+        return None
+    except OSError as e:
+        problems.append(Problem(str(path), "-", f"cannot read: {e.strerror or e}"))
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "-"
+        problems.append(Problem(str(path), where, f"invalid YAML: {getattr(e, 'problem', e)}",
+                                "fix the indentation or quoting at that spot"))
+        return None
+
+
+# ---------------------------------------------------------------- profile parsing
+
+_VALUE_KEYS = {"message", "signal", "expr", "const", "scale", "offset", "unit", "invert",
+               "valid", "map", "bit", "values"}
+
+
+def _value_spec(r: _Reader, key: str, obj: Any, default_message: str | None) -> ValueSpec | None:
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        return ValueSpec(key=key, const=float(obj))
+    spec = r.mapping(obj, key)
+    if not spec:
+        return None
+    r.known(spec, key, _VALUE_KEYS)
+    message = r.str_(spec, key, "message", default_message)
+    signal = r.str_(spec, key, "signal", None)
+    expr = r.str_(spec, key, "expr", None)
+    const = r.num(spec, key, "const", None)
+    sources = [x for x in (signal, expr, const) if x is not None]
+    if len(sources) != 1:
+        r.bad(key, "needs exactly one of `signal`, `expr` or `const`",
+              "e.g. {message: Pack, signal: Voltage}")
+        return None
+    if (signal or expr) and not message:
+        r.bad(key, "names a signal but no `message`", "add message: <DBC message name>")
+        return None
+    unit = r.str_(spec, key, "unit", None)
+    if unit is not None and unit not in UNIT_FACTORS:
+        r.bad(f"{key}.unit", f"unknown unit {unit!r}",
+              nearest(unit, UNIT_FACTORS.keys()) or f"one of {', '.join(UNIT_FACTORS)}")
+    mapping = spec.get("map")
+    if mapping is not None and not isinstance(mapping, dict):
+        r.bad(f"{key}.map", "must map DBC values or choice names to our names")
+        mapping = None
+    bit = r.int_(spec, key, "bit", None, lo=0)
+    vals = spec.get("values")
+    values: tuple[int, ...] | None = None
+    if vals is not None:
+        if isinstance(vals, int):
+            vals = [vals]
+        if not isinstance(vals, list) or not all(isinstance(x, int) for x in vals):
+            r.bad(f"{key}.values", "must be a list of whole numbers")
+        else:
+            values = tuple(vals)
+    return ValueSpec(
+        key=key, message=message, signal=signal, expr=expr, const=const,
+        scale=r.num(spec, key, "scale", 1.0) or 1.0, offset=r.num(spec, key, "offset", 0.0) or 0.0,
+        unit=unit, invert=r.bool_(spec, key, "invert", False), valid=r.range_(spec, key, "valid"),
+        mapping={(k if isinstance(k, int) else str(k)): str(v) for k, v in mapping.items()}
+        if mapping else None,
+        bit=bit, values=values,
+    )
+
+
+_CELL_KEYS = {"message", "signals", "signal", "index", "mux", "stride", "offset", "first",
+              "order", "name_base", "invalid", "invalid_value", "bitfield", "unit", "scale",
+              "valid"}
+
+
+def _cell_sources(r: _Reader, key: str, obj: Any) -> tuple[CellSource, ...]:
+    if obj is None:
+        return ()
+    items = obj if isinstance(obj, list) else [obj]
+    out: list[CellSource] = []
+    for i, item in enumerate(items):
+        k = f"{key}[{i}]"
+        spec = r.mapping(item, k)
+        if not spec:
+            continue
+        r.known(spec, k, _CELL_KEYS)
+        message = r.str_(spec, k, "message", None)
+        sigs: Any = spec.get("signals", spec.get("signal"))
+        if message is None or sigs is None:
+            r.bad(k, "needs `message` and `signals` (a list of names or a pattern like 'Cell*')")
+            continue
+        if isinstance(sigs, list):
+            signals: tuple[str, ...] | str = tuple(str(s) for s in sigs)
+        else:
+            signals = str(sigs)
+        inv: Any = spec.get("invalid")
+        invalid = tuple(str(s) for s in inv) if isinstance(inv, list) else (
+            str(inv) if inv is not None else None)
+        index: Any = spec.get("index")
+        order = r.str_(spec, k, "order", "position")
+        if order not in ("position", "name"):
+            r.bad(f"{k}.order", f"must be 'position' or 'name', got {order!r}")
+            order = "position"
+        out.append(CellSource(
+            key=k, message=message, signals=signals,
+            index_signal=str(index) if index is not None else None,
+            mux=r.bool_(spec, k, "mux", False),
+            stride=r.int_(spec, k, "stride", 1, lo=0) or 0,
+            offset=r.int_(spec, k, "offset", 0) or 0,
+            first=r.int_(spec, k, "first", 0, lo=0) or 0,
+            order=order,  # type: ignore[arg-type]
+            name_base=r.int_(spec, k, "name_base", 1) or 0,
+            invalid=invalid, invalid_value=r.int_(spec, k, "invalid_value", 1) or 0,
+            bitfield=r.bool_(spec, k, "bitfield", False),
+            unit=r.str_(spec, k, "unit", None), scale=r.num(spec, k, "scale", 1.0) or 1.0,
+            valid=r.range_(spec, k, "valid"),
+        ))
+        unit = out[-1].unit
+        if unit is not None and unit not in UNIT_FACTORS:
+            r.bad(f"{k}.unit", f"unknown unit {unit!r}", nearest(unit, UNIT_FACTORS.keys()))
+    return tuple(out)
+
+
+def _resolve_file(base: Path, name: str, builtin: Path) -> Path:
+    p = Path(os.path.expanduser(name))
+    if p.is_absolute():
+        return p
+    for cand in (base / p, builtin / p, PROJECT_ROOT / p):
+        if cand.exists():
+            return cand
+    return base / p
+
+
+def find_profile(name: str, base: Path) -> Path:
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        return _resolve_file(base, name, BUILTIN_PROFILES)
+    for d in (base / "profiles", BUILTIN_PROFILES):
+        for ext in (".yaml", ".yml"):
+            if (d / f"{name}{ext}").exists():
+                return d / f"{name}{ext}"
+    return BUILTIN_PROFILES / f"{name}.yaml"
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in BUILTIN_PROFILES.glob("*.yaml"))
+
+
+_PROFILE_KEYS = {"name", "description", "dbc", "fields", "cells", "faults", "poll",
+                 "cell_count", "stale_after_s", "extras", "notes"}
+
+
+def load_profile(path: Path, problems: list[Problem]) -> Profile | None:
+    data = read_yaml(path, problems)
+    if data is None:
+        return None
+    r = _Reader(str(path), problems)
+    top = r.mapping(data, "(top level)")
+    r.known(top, "", _PROFILE_KEYS)
+    dbc_list = top.get("dbc", [])
+    if isinstance(dbc_list, str):
+        dbc_list = [dbc_list]
+    dbcs = tuple(_resolve_file(path.parent, str(d), BUILTIN_DBC) for d in dbc_list or [])
+    fields: dict[str, ValueSpec] = {}
+    for name, spec in r.mapping(top.get("fields"), "fields").items():
+        if name not in FIELD_BY_NAME:
+            r.bad(f"fields.{name}", "not a field of the pack model",
+                  nearest(name, FIELD_BY_NAME.keys()) or "see docs/mqtt.md for the field list")
+            continue
+        vs = _value_spec(r, f"fields.{name}", spec, None)
+        if vs is not None:
+            fields[name] = vs
+    extras: dict[str, ValueSpec] = {}
+    for name, spec in r.mapping(top.get("extras"), "extras").items():
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,40}", str(name)) or name in FIELD_BY_NAME:
+            r.bad(f"extras.{name}", "extra names are lower_snake_case and not model field names")
+            continue
+        vs = _value_spec(r, f"extras.{name}", spec, None)
+        if vs is not None:
+            extras[name] = vs
+    cells_obj = r.mapping(top.get("cells"), "cells")
+    r.known(cells_obj, "cells", {"voltages", "temps", "balancing"})
+    cells = {k: _cell_sources(r, f"cells.{k}", cells_obj.get(k))
+             for k in ("voltages", "temps", "balancing")}
+    faults: list[BmsFault] = []
+    for i, f in enumerate(top.get("faults") or []):
+        k = f"faults[{i}]"
+        spec = r.mapping(f, k)
+        r.known(spec, k, {"code", "message", "signal", "severity", "bit", "values", "text"})
+        code, msg, sig = (r.str_(spec, k, n, None) for n in ("code", "message", "signal"))
+        sev = r.str_(spec, k, "severity", "alarm")
+        if sev not in SEVERITIES:
+            r.bad(f"{k}.severity", f"unknown severity {sev!r}", f"one of {', '.join(SEVERITIES)}")
+            continue
+        if not code or not msg or not sig:
+            r.bad(k, "needs `code`, `message` and `signal`")
+            continue
+        if (prob := topic_segment_problem(code)) is not None:
+            r.bad(f"{k}.code", prob)
+        vals = spec.get("values")
+        faults.append(BmsFault(k, code, msg, sig, sev,  # type: ignore[arg-type]
+                               r.int_(spec, k, "bit", None, lo=0),
+                               tuple(vals) if isinstance(vals, list) else
+                               ((vals,) if isinstance(vals, int) else None),
+                               r.str_(spec, k, "text", "") or ""))
+    polls: list[PollRequest] = []
+    for i, p in enumerate(top.get("poll") or []):
+        k = f"poll[{i}]"
+        spec = r.mapping(p, k)
+        r.known(spec, k, {"message", "id", "extended", "data", "period_s", "reply"})
+        data_hex = r.str_(spec, k, "data", "") or ""
+        try:
+            data = bytes.fromhex(data_hex)
+        except ValueError:
+            r.bad(f"{k}.data", f"not hex bytes: {data_hex!r}", "e.g. data: '0000000000000000'")
+            data = b""
+        can_id = r.int_(spec, k, "id", None, lo=0)
+        msg = r.str_(spec, k, "message", None)
+        if (can_id is None) == (msg is None):
+            r.bad(k, "needs exactly one of `message` (a DBC message) or `id`")
+            continue
+        polls.append(PollRequest(k, r.num(spec, k, "period_s", 1.0, lo=0.01) or 1.0, msg, can_id,
+                                 r.bool_(spec, k, "extended", False), data,
+                                 r.str_(spec, k, "reply", None)))
+    cc = r.int_(top, "", "cell_count", None, lo=1)
+    return Profile(
+        name=str(top.get("name", path.stem)), path=path,
+        description=str(top.get("description", "")), dbc=dbcs, fields=fields, cells=cells,
+        faults=tuple(faults), poll=tuple(polls), cell_count=cc,
+        stale_after_s=r.num(top, "", "stale_after_s", None, lo=0.1), extras=extras,
+    )
+
+
+# ---------------------------------------------------------------- gateway parsing
+
+_TOP_KEYS = {"gateway_id", "state_dir", "log_level", "can", "packs", "mqtt", "publish",
+             "homeassistant", "outbox", "shutdown_timeout_s", "prometheus", "rules"}
+_CAN_KEYS = {"name", "interface", "channel", "bitrate", "fd", "data_bitrate", "options"}
+_PACK_KEYS = {"id", "profile", "dbc", "bus", "id_offset", "transmit", "stale_after_s",
+              "cell_count", "publish", "rules"}
+_MQTT_KEYS = {"url", "topic_prefix", "client_id", "username", "password", "password_file",
+              "password_env", "protocol", "keepalive", "tls", "max_payload"}
+_PUBLISH_KEYS = {"state", "cells", "deadband", "cell_deadband_v", "per_value_topics"}
+
+
+def default_state_dir() -> Path:
+    if sd := os.environ.get("STATE_DIRECTORY"):
+        return Path(sd.split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return Path(base) / "bms-gateway"
+
+
+def _publish_policy(r: _Reader, key: str, obj: Any, base: PublishPolicy) -> PublishPolicy:
+    spec = r.mapping(obj, key)
+    r.known(spec, key, _PUBLISH_KEYS)
+
+    def topic(name: str, dflt: TopicPolicy) -> TopicPolicy:
+        t = r.mapping(spec.get(name), f"{key}.{name}")
+        r.known(t, f"{key}.{name}", {"min_interval_s", "max_interval_s"})
+        lo = r.num(t, f"{key}.{name}", "min_interval_s", dflt.min_interval_s, lo=0)
+        hi = r.num(t, f"{key}.{name}", "max_interval_s", dflt.max_interval_s, lo=0.1)
+        assert lo is not None and hi is not None
+        if hi < lo:
+            r.bad(f"{key}.{name}", "max_interval_s is smaller than min_interval_s")
+        return TopicPolicy(lo, hi)
+
+    deadband = dict(base.deadband)
+    for name, v in r.mapping(spec.get("deadband"), f"{key}.deadband").items():
+        if name not in FIELD_BY_NAME:
+            r.bad(f"{key}.deadband.{name}", "not a field of the pack model",
+                  nearest(name, FIELD_BY_NAME.keys()))
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            r.bad(f"{key}.deadband.{name}", f"must be a number >= 0, got {v!r}")
+        else:
+            deadband[name] = float(v)
+    return PublishPolicy(
+        state=topic("state", base.state), cells=topic("cells", base.cells), deadband=deadband,
+        cell_deadband_v=r.num(spec, key, "cell_deadband_v", base.cell_deadband_v, lo=0)
+        or 0.0,
+        per_value_topics=r.bool_(spec, key, "per_value_topics", base.per_value_topics),
+    )
+
+
+def _can_buses(r: _Reader, obj: Any) -> list[CanBus]:
+    items = obj if isinstance(obj, list) else [obj] if obj is not None else []
+    buses: list[CanBus] = []
+    for i, item in enumerate(items):
+        k = f"can[{i}]" if isinstance(obj, list) else "can"
+        spec = r.mapping(item, k)
+        r.known(spec, k, _CAN_KEYS)
+        interface = r.str_(spec, k, "interface", None)
+        channel = r.str_(spec, k, "channel", None)
+        if interface is None:
+            r.bad(k, "needs `interface`", "e.g. interface: socketcan (or virtual, slcan, ...)")
+            continue
+        if channel is None:
+            channel = "can0" if interface == "socketcan" else "0"
+        name = r.str_(spec, k, "name", channel) or channel
+        opts = r.mapping(spec.get("options"), f"{k}.options")
+        buses.append(CanBus(name, interface, channel, r.int_(spec, k, "bitrate", None, lo=1000),
+                            r.bool_(spec, k, "fd", False),
+                            r.int_(spec, k, "data_bitrate", None, lo=1000), dict(opts)))
+    names = [b.name for b in buses]
+    for n in {x for x in names if names.count(x) > 1}:
+        r.bad("can", f"two buses are named {n!r}", "give each a distinct `name`")
+    return buses
+
+
+def _password(r: _Reader, spec: dict[str, Any], base: Path) -> str | None:
+    if "password" in spec:
+        import logging
+
+        logging.getLogger("gateway.config").warning(
+            "%s: mqtt.password is inline; prefer password_file or password_env", r.file)
+        return r.str_(spec, "mqtt", "password", None)
+    if pf := r.str_(spec, "mqtt", "password_file", None):
+        p = _resolve_file(base, pf, base)
+        try:
+            return p.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            r.bad("mqtt.password_file", f"cannot read {p}: {e.strerror or e}",
+                  "create the file (mode 0640, owned by root:bms-gateway)")
+            return None
+    if pe := r.str_(spec, "mqtt", "password_env", None):
+        val = os.environ.get(pe)
+        if val is None:
+            r.bad("mqtt.password_env", f"environment variable {pe} is not set",
+                  "set it in the service's Environment= or EnvironmentFile=")
+        return val
+    return None
+
+
+def _mqtt(r: _Reader, obj: Any, base: Path) -> MqttConfig:
+    if obj is None:
+        return MqttConfig(url=None)
+    spec = r.mapping(obj, "mqtt")
+    r.known(spec, "mqtt", _MQTT_KEYS)
+    url = r.str_(spec, "mqtt", "url", None)
+    if url in ("-", ""):
+        url = None
+    prefix = r.str_(spec, "mqtt", "topic_prefix", "bms") or "bms"
+    for seg in prefix.split("/"):
+        if (prob := topic_segment_problem(seg)) is not None and seg != "":
+            r.bad("mqtt.topic_prefix", f"segment {seg!r} {prob}")
+    tls_obj = spec.get("tls")
+    tls = None
+    if tls_obj is not None and tls_obj is not False:
+        t = r.mapping(tls_obj if tls_obj is not True else {}, "mqtt.tls")
+        r.known(t, "mqtt.tls", {"ca_file", "cert_file", "key_file", "insecure"})
+        files = {}
+        for n in ("ca_file", "cert_file", "key_file"):
+            v = r.str_(t, "mqtt.tls", n, None)
+            if v is not None:
+                p = _resolve_file(base, v, base)
+                if not p.exists():
+                    r.bad(f"mqtt.tls.{n}", f"file {p} does not exist")
+                files[n] = str(p)
+        if ("cert_file" in files) != ("key_file" in files):
+            r.bad("mqtt.tls", "cert_file and key_file go together")
+        tls = TlsConfig(insecure=r.bool_(t, "mqtt.tls", "insecure", False), **files)
+    proto = str(spec.get("protocol", "5"))
+    if proto not in ("5", "3.1.1"):
+        r.bad("mqtt.protocol", f"must be 5 or 3.1.1, got {proto!r}")
+        proto = "5"
+    cfg = MqttConfig(
+        url=url, topic_prefix=prefix, client_id=r.str_(spec, "mqtt", "client_id", None),
+        username=r.str_(spec, "mqtt", "username", None), password=_password(r, spec, base),
+        protocol=proto,  # type: ignore[arg-type]
+        keepalive=r.int_(spec, "mqtt", "keepalive", 30, lo=5) or 30, tls=tls,
+        max_payload=r.int_(spec, "mqtt", "max_payload", 65536, lo=1024) or 65536,
+    )
+    if url is not None:
+        try:
+            _, _, is_tls = cfg.host_port
+        except ValueError:
+            r.bad("mqtt.url", f"cannot parse {url!r}",
+                  "use mqtt://host:1883 or mqtts://host:8883, or '-' for stdout")
+        else:
+            if is_tls and tls is None:
+                cfg = MqttConfig(**{**{f: getattr(cfg, f) for f in cfg.__slots__},  # type: ignore[attr-defined]
+                                    "tls": TlsConfig()})
+    return cfg
+
+
+def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConfig:
+    """Parse and check a gateway config and its profiles; raise ConfigError with all problems.
+
+    `mqtt_url` overrides `mqtt.url` (`-` = stdout), as the CLI's --mqtt does.
+    """
+    p = Path(path)
+    problems: list[Problem] = []
+    data = read_yaml(p, problems)
+    if problems:
+        raise ConfigError(problems)
+    r = _Reader(str(p), problems)
+    top = r.mapping(data, "(top level)")
+    r.known(top, "", _TOP_KEYS)
+    base = p.resolve().parent
+    gid = r.str_(top, "", "gateway_id", None) or socket.gethostname().split(".")[0] or "gateway"
+    if (prob := topic_segment_problem(gid)) is not None:
+        r.bad("gateway_id", f"{gid!r} {prob}")
+    sd = r.str_(top, "", "state_dir", None)
+    state_dir = (base / os.path.expanduser(sd)) if sd else default_state_dir()
+    level = (r.str_(top, "", "log_level", "info") or "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        r.bad("log_level", f"unknown level {level!r}", "one of debug, info, warning, error")
+        level = "info"
+    buses = _can_buses(r, top.get("can"))
+    if not buses:
+        r.bad("can", "no CAN bus configured",
+              "add e.g. can: {interface: socketcan, channel: can0, bitrate: 500000}")
+    publish = _publish_policy(r, "publish", top.get("publish"), PublishPolicy())
+    global_rules = r.mapping(top.get("rules"), "rules")
+    packs: list[PackConfig] = []
+    raw_packs = top.get("packs")
+    if not isinstance(raw_packs, list) or not raw_packs:
+        r.bad("packs", "needs a list with at least one pack",
+              "e.g. packs: [{id: house, profile: can-bms}]")
+        raw_packs = []
+    seen: set[str] = set()
+    for i, item in enumerate(raw_packs):
+        k = f"packs[{i}]"
+        spec = r.mapping(item, k)
+        r.known(spec, k, _PACK_KEYS)
+        pid = r.str_(spec, k, "id", None)
+        if pid is None:
+            r.bad(k, "needs an `id`", "e.g. id: house (used in MQTT topics)")
+            continue
+        if (prob := topic_segment_problem(pid)) is not None:
+            r.bad(f"{k}.id", f"{pid!r} {prob}")
+        if pid in seen or pid == "gateway":
+            r.bad(f"{k}.id", f"{pid!r} is used twice or reserved", "give each pack a unique id")
+        seen.add(pid)
+        prof_name = r.str_(spec, k, "profile", None)
+        if prof_name is None:
+            r.bad(f"{k}.profile", "missing",
+                  f"name a built-in profile ({', '.join(available_profiles())}) or a path")
+            continue
+        ppath = find_profile(prof_name, base)
+        if not ppath.exists():
+            r.bad(f"{k}.profile", f"no profile {prof_name!r} (looked for {ppath})",
+                  nearest(prof_name, available_profiles())
+                  or f"built-in: {', '.join(available_profiles())}")
+            continue
+        profile = load_profile(ppath, problems)
+        if profile is None:
+            continue
+        extra_dbc = spec.get("dbc")
+        if extra_dbc is not None:
+            if isinstance(extra_dbc, str):
+                extra_dbc = [extra_dbc]
+            # Pack-level DBCs come first: they override the profile's (users point a
+            # profile at their own copy of a vendor DBC).
+            profile = Profile(**{**{f: getattr(profile, f) for f in profile.__slots__},  # type: ignore[attr-defined]
+                                 "dbc": tuple(_resolve_file(base, str(d), BUILTIN_DBC)
+                                              for d in extra_dbc)})
+        for d in profile.dbc:
+            if not d.exists():
+                r.bad(f"{k}.dbc" if extra_dbc else "dbc", f"DBC file {d} does not exist",
+                      "point `dbc:` at your copy of the file")
+        bus = r.str_(spec, k, "bus", buses[0].name if buses else "can0") or ""
+        if buses and bus not in {b.name for b in buses}:
+            r.bad(f"{k}.bus", f"no bus named {bus!r}",
+                  nearest(bus, {b.name for b in buses}) or "name one of the `can:` entries")
+        stale = r.num(spec, k, "stale_after_s", profile.stale_after_s or 10.0, lo=0.1)
+        rules = {**global_rules, **r.mapping(spec.get("rules"), f"{k}.rules")}
+        packs.append(PackConfig(
+            id=pid, profile=profile, bus=bus, id_offset=r.int_(spec, k, "id_offset", 0) or 0,
+            transmit=r.bool_(spec, k, "transmit", False), stale_after_s=stale or 10.0,
+            cell_count=r.int_(spec, k, "cell_count", profile.cell_count, lo=1),
+            publish=_publish_policy(r, f"{k}.publish", spec.get("publish"), publish),
+            rules=rules,
+        ))
+    mqtt = _mqtt(r, top.get("mqtt"), base)
+    if mqtt_url is not None:
+        mqtt = MqttConfig(**{**{f: getattr(mqtt, f) for f in mqtt.__slots__},  # type: ignore[attr-defined]
+                             "url": None if mqtt_url == "-" else mqtt_url})
+        if mqtt.url is not None:
+            try:
+                mqtt.host_port  # noqa: B018
+            except ValueError:
+                r.bad("--mqtt", f"cannot parse {mqtt_url!r}", "use mqtt://host:port or '-'")
+    ha = r.mapping(top.get("homeassistant"), "homeassistant")
+    r.known(ha, "homeassistant", {"discovery", "prefix"})
+    ob = r.mapping(top.get("outbox"), "outbox")
+    r.known(ob, "outbox", {"max_events", "max_age_s"})
+    prom = r.str_(top, "", "prometheus", None)
+    if prom is not None and not re.fullmatch(r"(\[[^\]]+\]|[^:]+):\d{1,5}|\d{1,5}", prom):
+        r.bad("prometheus", f"{prom!r} is not host:port", "e.g. prometheus: 127.0.0.1:9108")
+    if prom is not None and prom.isdigit():
+        prom = f"127.0.0.1:{prom}"
+    if problems:
+        raise ConfigError(problems)
+    return GatewayConfig(
+        path=p, gateway_id=gid, state_dir=state_dir, log_level=level, buses=tuple(buses),
+        packs=tuple(packs), mqtt=mqtt,
+        homeassistant=HomeAssistantConfig(r.bool_(ha, "homeassistant", "discovery", False),
+                                          r.str_(ha, "homeassistant", "prefix", "homeassistant")
+                                          or "homeassistant"),
+        outbox=OutboxConfig(r.int_(ob, "outbox", "max_events", 100_000, lo=10) or 100_000,
+                            r.num(ob, "outbox", "max_age_s", 30 * 86400, lo=60) or 30 * 86400),
+        shutdown_timeout_s=r.num(top, "", "shutdown_timeout_s", 10.0, lo=0.1) or 10.0,
+        prometheus=prom,
+    )

@@ -1,0 +1,348 @@
+"""Publish stage: the publishing policy (what and when, in frame time) and the sinks.
+
+Policy, per pack and topic: publish on a change beyond the field's deadband, at most
+once per `min_interval_s`, at least once per `max_interval_s`, all in frame time, so
+replaying a log gives byte-identical payloads at any speed. Snapshots are retained and
+latest-only: while the broker is away only the newest payload per topic is kept.
+Fault events are different: they come from the outbox and leave it only on PUBACK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from .config import MqttConfig, PackConfig
+from .model import FIELDS, PackState, Publication, Value, clean
+
+log = logging.getLogger("gateway.publish")
+
+
+def dumps(obj: object) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class Topics:
+    def __init__(self, prefix: str, gateway_id: str) -> None:
+        self.prefix = prefix.rstrip("/")
+        self.gateway_id = gateway_id
+
+    def pack(self, pack_id: str, leaf: str) -> str:
+        return f"{self.prefix}/{pack_id}/{leaf}"
+
+    def gateway(self, leaf: str) -> str:
+        return f"{self.prefix}/gateway/{self.gateway_id}/{leaf}"
+
+
+class PackPublisher:
+    """Decides, at frame-time ticks, which of one pack's snapshots are due."""
+
+    def __init__(self, cfg: PackConfig, state: PackState, topics: Topics) -> None:
+        self.cfg = cfg
+        self.state = state
+        pol = cfg.publish
+        self.state_pol = pol.state
+        self.cells_pol = pol.cells
+        self.deadbands = [pol.deadband.get(f.name, f.deadband) for f in FIELDS]
+        self.cell_db = pol.cell_deadband_v
+        self.per_value = pol.per_value_topics
+        self.t_state = topics.pack(cfg.id, "state")
+        self.t_cells = topics.pack(cfg.id, "cells")
+        self.t_avail = topics.pack(cfg.id, "availability")
+        self.t_faults = topics.pack(cfg.id, "faults")
+        self.topics = topics
+        self.last_state: list[Value] | None = None
+        self.last_extras: dict[str, Value] = {}
+        self.last_state_ts = float("-inf")
+        self.last_cells: list[float | None] | None = None
+        self.last_cells_other: tuple[object, ...] = ()
+        self.last_cells_ts = float("-inf")
+        self.state_count = 0
+        self.cells_count = 0
+
+    def _state_moved(self) -> bool:
+        last = self.last_state
+        if last is None or self.state.extras != self.last_extras:
+            return True
+        for new, old, db in zip(self.state.values, last, self.deadbands, strict=True):
+            if new is old or new == old:
+                continue
+            if (type(new) in (int, float) and type(old) in (int, float)
+                    and abs(new - old) <= db):  # type: ignore[operator]
+                continue
+            return True
+        return False
+
+    def _cells_moved(self) -> bool:
+        st = self.state
+        last = self.last_cells
+        if last is None or len(last) != len(st.cell_v):
+            return True
+        if (tuple(st.cell_t), tuple(st.balancing)) != self.last_cells_other:
+            return True
+        db = self.cell_db
+        for new, old in zip(st.cell_v, last, strict=True):
+            if new is old:
+                continue
+            if new is None or old is None or abs(new - old) > db:
+                return True
+        return False
+
+    def tick(self, ts: float, out: list[Publication], force: bool = False) -> None:
+        st = self.state
+        if st.last_seen is None:
+            return
+        sp = self.state_pol
+        age = ts - self.last_state_ts
+        if (st.changed and (age >= sp.min_interval_s or force)) or age >= sp.max_interval_s:
+            st.derive()
+            if age >= sp.max_interval_s or (self._state_moved() if not force else
+                                             self.last_state != st.values
+                                             or self.last_extras != st.extras):
+                self._emit_state(ts, out)
+            st.changed = False
+        cp = self.cells_pol
+        if not st.cell_v and not st.cell_t:
+            return
+        age = ts - self.last_cells_ts
+        if (st.cells_changed and (age >= cp.min_interval_s or force)) \
+                or age >= cp.max_interval_s:
+            if age >= cp.max_interval_s or force or self._cells_moved():
+                out.append(Publication(self.t_cells, dumps(st.cells_snapshot())))
+                self.last_cells = list(st.cell_v)
+                self.last_cells_other = (tuple(st.cell_t), tuple(st.balancing))
+                self.last_cells_ts = ts
+                self.cells_count += 1
+            st.cells_changed = False
+
+    def _emit_state(self, ts: float, out: list[Publication]) -> None:
+        st = self.state
+        snap = st.snapshot()
+        out.append(Publication(self.t_state, dumps(snap)))
+        if self.per_value:
+            last = self.last_state
+            for i, f in enumerate(FIELDS):
+                v = st.values[i]
+                if last is None or last[i] != v:
+                    out.append(Publication(self.topics.pack(self.cfg.id, f.name),
+                                           _plain(clean(v))))
+        self.last_state = list(st.values)
+        self.last_extras = dict(st.extras)
+        self.last_state_ts = ts
+        self.state_count += 1
+
+    def availability(self, online: bool) -> Publication:
+        return Publication(self.t_avail, b"online" if online else b"offline")
+
+    def faults(self, active: list[dict[str, Any]]) -> Publication:
+        return Publication(self.t_faults, dumps(active))
+
+
+def _plain(v: Value) -> bytes:
+    if v is None:
+        return b""
+    if isinstance(v, bool):
+        return b"true" if v else b"false"
+    return str(v).encode()
+
+
+# ------------------------------------------------------------------ sinks
+
+
+class StdoutSink:
+    """What a broker would receive, one `topic payload` line each; events are 'acked' at once."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stdout
+        self.count = 0
+
+    def snapshot(self, pub: Publication) -> None:
+        self.stream.write(f"{pub.topic} {pub.payload.decode(errors='replace')}\n")
+        self.count += 1
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
+    if cfg.tls is None:
+        return None
+    ctx = ssl.create_default_context(cafile=cfg.tls.ca_file)
+    if cfg.tls.cert_file and cfg.tls.key_file:
+        ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+    if cfg.tls.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class MqttSink:
+    """One aiomqtt connection with reconnect; snapshots latest-only, events at least once.
+
+    `snapshot()` only records the newest payload per topic and wakes the sender; the
+    sender task publishes what is pending whenever connected. Events are pulled from
+    the outbox by `next_events` and acknowledged through `ack` after PUBACK.
+    """
+
+    def __init__(self, cfg: MqttConfig, client_id: str, will_topic: str,
+                 next_events: Callable[[], list[tuple[int, str, bytes]]],
+                 ack: Callable[[int], None], on_connect: Callable[[], list[Publication]],
+                 subscriptions: dict[str, Callable[[bytes], list[Publication]]] | None = None,
+                 ) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.will_topic = will_topic
+        self.next_events = next_events
+        self.ack = ack
+        self.on_connect = on_connect
+        self.subscriptions = subscriptions or {}
+        self.pending: dict[str, Publication] = {}
+        self.wake = asyncio.Event()
+        self.connected = asyncio.Event()
+        self.stopping = False
+        self.published = 0
+        self.events_published = 0
+        self.reconnects = 0
+        self.last_error = ""
+        self.dropped_oversize = 0
+        self._client: Any = None
+
+    def snapshot(self, pub: Publication) -> None:
+        if len(pub.payload) > self.cfg.max_payload:
+            self.dropped_oversize += 1
+            log.warning("payload for %s is %d bytes > max_payload %d: not published",
+                        pub.topic, len(pub.payload), self.cfg.max_payload)
+            return
+        self.pending.pop(pub.topic, None)  # keep insertion order = order of last update
+        self.pending[pub.topic] = pub
+        self.wake.set()
+
+    def flush(self) -> None:
+        self.wake.set()
+
+    def _client_kwargs(self) -> dict[str, Any]:
+        import aiomqtt
+        import paho.mqtt.client as paho
+
+        host, port, _ = self.cfg.host_port
+        return {
+            "hostname": host, "port": port, "identifier": self.client_id,
+            "username": self.cfg.username, "password": self.cfg.password,
+            "keepalive": self.cfg.keepalive, "tls_context": tls_context(self.cfg),
+            "protocol": aiomqtt.ProtocolVersion.V5 if self.cfg.protocol == "5"
+            else aiomqtt.ProtocolVersion.V311,
+            "will": aiomqtt.Will(self.will_topic, b"offline", qos=1, retain=True),
+            "clean_session": None if self.cfg.protocol == "5" else True,
+            "timeout": 10, "max_queued_outgoing_messages": 0,
+            **({"clean_start": paho.MQTT_CLEAN_START_FIRST_ONLY}
+               if self.cfg.protocol == "5" else {}),
+        }
+
+    async def run(self) -> None:
+        import aiomqtt
+
+        attempt = 0
+        state = "init"
+        while not self.stopping:
+            try:
+                async with aiomqtt.Client(**self._client_kwargs()) as client:
+                    self._client = client
+                    attempt = 0
+                    if state != "up":
+                        log.info("MQTT connected to %s", self.cfg.url)
+                    state = "up"
+                    self.connected.set()
+                    for pub in self.on_connect():
+                        self.snapshot(pub)
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._sender(client), name="mqtt.sender")
+                        if self.subscriptions:
+                            tg.create_task(self._receiver(client), name="mqtt.receiver")
+            except (aiomqtt.MqttError, ExceptionGroup) as e:
+                err = _first_mqtt_error(e, aiomqtt.MqttError)
+                self.connected.clear()
+                self._client = None
+                self.last_error = str(err)
+                if self.stopping:
+                    break
+                attempt += 1
+                self.reconnects += 1
+                if state != "down":
+                    log.warning("MQTT connection to %s lost or refused: %s; retrying",
+                                self.cfg.url, _explain(err))
+                state = "down"
+                await asyncio.sleep(random.uniform(0.2, min(30.0, 0.5 * 1.5 ** min(attempt, 12))))
+        self.connected.clear()
+
+    async def _sender(self, client: Any) -> None:
+        while True:
+            # events first: they are the ones that must never be lost
+            while batch := self.next_events():
+                for seq, topic, payload in batch:
+                    await client.publish(topic, payload, qos=1, retain=False, timeout=15)
+                    self.ack(seq)
+                    self.events_published += 1
+            while self.pending:
+                topic, pub = next(iter(self.pending.items()))
+                await client.publish(pub.topic, pub.payload, qos=pub.qos, retain=pub.retain,
+                                     timeout=15)
+                # only forget it if nothing newer arrived while we awaited
+                if self.pending.get(topic) is pub:
+                    del self.pending[topic]
+                self.published += 1
+            if self.stopping:
+                return
+            self.wake.clear()
+            if self.next_events() or self.pending:
+                continue
+            await self.wake.wait()
+
+    async def _receiver(self, client: Any) -> None:
+        for topic in self.subscriptions:
+            await client.subscribe(topic, qos=0)
+        async for msg in client.messages:
+            handler = self.subscriptions.get(str(msg.topic))
+            if handler is not None:
+                payload = msg.payload if isinstance(msg.payload, bytes) else str(
+                    msg.payload).encode()
+                for pub in handler(payload):
+                    self.snapshot(pub)
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until nothing is pending (or timeout); True when all was delivered."""
+        deadline = time.monotonic() + timeout
+        self.wake.set()
+        while time.monotonic() < deadline:
+            if self.connected.is_set() and not self.pending and not self.next_events():
+                return True
+            await asyncio.sleep(0.02)
+        return not self.pending and not self.next_events()
+
+
+def _first_mqtt_error(e: BaseException, kind: type[BaseException]) -> BaseException:
+    """The MqttError inside an ExceptionGroup from the TaskGroup; re-raise anything else."""
+    if isinstance(e, BaseExceptionGroup):
+        match, rest = e.split(kind)
+        if rest is not None:
+            raise rest
+        assert match is not None
+        return _first_mqtt_error(match.exceptions[0], kind)
+    return e
+
+
+def _explain(e: BaseException) -> str:
+    text = str(e)
+    low = text.lower()
+    if "not authori" in low or "bad user name or password" in low or "code:5" in low \
+            or "code:4" in low or "code:135" in low or "code:134" in low:
+        return f"{text} (check mqtt.username and the password file)"
+    if "certificate" in low or "ssl" in low:
+        return f"{text} (check mqtt.tls.ca_file and that the broker's name matches its certificate)"
+    return text

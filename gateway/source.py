@@ -1,0 +1,417 @@
+"""Source stage: frames from a recorded log or a live python-can bus, in batches.
+
+A frame here is a plain tuple `(ts, key, data, channel)`: frame-time seconds (epoch),
+`decode.frame_key` (29-bit ids carry `EXTENDED_FLAG`), payload bytes, and the channel
+name the log or bus gave. Batches keep the per-frame cost of crossing into the
+pipeline to one tuple and one list slot.
+
+Recorded logs: candump `-l` files (any suffix; recognised by content) and SLCAN ASCII
+captures are parsed by our own line parsers (about 4x `can.LogReader`); every other
+format python-can reads (.asc, .blf, .trc, .csv, .mf4, .db) goes through its readers.
+A malformed line is counted and reported with its line number; reading goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import can
+
+from .config import CanBus
+from .decode import EXTENDED_FLAG
+
+log = logging.getLogger("gateway.source")
+
+Frame = tuple[float, int, bytes, str]
+BATCH = 512
+
+
+class LogError(Exception):
+    """A log file that cannot be read at all (missing, unknown format, reader refused it)."""
+
+
+@dataclass(slots=True)
+class SourceStats:
+    frames: int = 0
+    bad_lines: int = 0
+    error_frames: int = 0
+    remote_frames: int = 0
+    first_bad: list[str] = field(default_factory=list)  # first few bad-line reports
+
+    def bad(self, where: str, why: str) -> None:
+        self.bad_lines += 1
+        if len(self.first_bad) < 5:
+            self.first_bad.append(f"{where}: {why}")
+            log.warning("%s: %s (skipped)", where, why)
+        elif self.bad_lines in (6, 100, 10_000):
+            log.warning("%d malformed log lines so far (only the first 5 are shown)",
+                        self.bad_lines)
+
+
+def _candump_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
+    """candump -l lines: `(1763824854.721518) can0 1FFFFFF0#0119000708000043`."""
+    batch: list[Frame] = []
+    append = batch.append
+    fromhex = bytes.fromhex
+    with path.open("r", encoding="ascii", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                ts_s, chan, frame = line.split()
+                ident, sep, payload = frame.partition("#")
+                if sep != "#" or ts_s[0] != "(":
+                    raise ValueError
+                if payload[:1] == "R":  # remote request: no data
+                    stats.remote_frames += 1
+                    continue
+                if payload[:1] == "#":  # CAN FD: ID##<flags><data>
+                    payload = payload[2:]
+                can_id = int(ident, 16)
+                if len(ident) > 3 or can_id > 0x7FF:
+                    if can_id & 0x20000000:  # CAN_ERR_FLAG in candump error frames
+                        stats.error_frames += 1
+                        continue
+                    can_id |= EXTENDED_FLAG
+                append((float(ts_s[1:-1]), can_id, fromhex(payload), chan))
+            except ValueError:
+                if line.strip() and not line.startswith("#"):
+                    stats.bad(f"{path}:{lineno}", f"not a candump -l line: {line.strip()[:60]!r}")
+                continue
+            if len(batch) >= BATCH:
+                stats.frames += len(batch)
+                yield batch
+                batch = []
+                append = batch.append
+    if batch:
+        stats.frames += len(batch)
+        yield batch
+
+
+def _slcan_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
+    """SLCAN ASCII: `t<iii><l><data>[<tttt>]` / `T<iiiiiiii><l><data>[<tttt>]`, ms timestamps
+    that wrap at 60000 (we unwrap them)."""
+    batch: list[Frame] = []
+    last_ms = -1
+    wraps = 0
+    with path.open("r", encoding="ascii", errors="replace") as f:
+        for lineno, raw in enumerate(f, 1):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                kind = line[0]
+                if kind in "tT":
+                    n = 3 if kind == "t" else 8
+                    can_id = int(line[1:1 + n], 16)
+                    dlc = int(line[1 + n], 16)
+                    if dlc > 8:
+                        raise ValueError(f"DLC {dlc} > 8")
+                    data_hex = line[2 + n:2 + n + 2 * dlc]
+                    data = bytes.fromhex(data_hex)
+                    if len(data) != dlc:
+                        raise ValueError(f"DLC {dlc} but {len(data)} data bytes")
+                    rest = line[2 + n + 2 * dlc:]
+                    ms = int(rest, 16) if rest else 0
+                    if ms < last_ms:
+                        wraps += 1
+                    last_ms = ms
+                    key = can_id | EXTENDED_FLAG if kind == "T" else can_id
+                    batch.append(((wraps * 60000 + ms) / 1000.0, key, data, "slcan0"))
+                elif kind in "rR":
+                    stats.remote_frames += 1
+                else:
+                    raise ValueError("not an SLCAN frame line")
+            except (ValueError, IndexError) as e:
+                stats.bad(f"{path}:{lineno}", f"{e}: {line[:60]!r}")
+                continue
+            if len(batch) >= BATCH:
+                stats.frames += len(batch)
+                yield batch
+                batch = []
+    if batch:
+        stats.frames += len(batch)
+        yield batch
+
+
+def _pycan_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
+    suffix = path.suffix.lower()
+    try:
+        reader: Any
+        if suffix == ".asc":
+            reader = can.ASCReader(str(path), relative_timestamp=False)
+        else:
+            reader = can.LogReader(str(path))
+    except Exception as e:
+        msg = f"{path}: python-can cannot open this log: {e}"
+        raise LogError(msg) from e
+    batch: list[Frame] = []
+    count = 0
+    try:
+        it = iter(reader)
+        while True:
+            try:
+                m = next(it)
+            except StopIteration:
+                break
+            except Exception as e:  # python-can readers raise many types on bad lines
+                # Most readers cannot resume after a parse error: report where it stopped.
+                stats.bad(f"{path} (after frame {count})",
+                          f"{type(e).__name__}: {e}; the rest of the file was not read")
+                if count == 0:
+                    msg = (f"{path}: python-can's reader for {suffix or 'this format'} rejected the "
+                           f"file: {type(e).__name__}: {e}. Fix: convert it to candump -l or .asc "
+                           "(e.g. with `python -m can.logconvert`)")
+                    raise LogError(msg) from e
+                break
+            count += 1
+            if m.is_error_frame:
+                stats.error_frames += 1
+                continue
+            if m.is_remote_frame:
+                stats.remote_frames += 1
+                continue
+            key = m.arbitration_id | EXTENDED_FLAG if m.is_extended_id else m.arbitration_id
+            batch.append((m.timestamp, key, bytes(m.data), str(m.channel)))
+            if len(batch) >= BATCH:
+                stats.frames += len(batch)
+                yield batch
+                batch = []
+    finally:
+        with contextlib.suppress(Exception):
+            reader.stop()
+    if batch:
+        stats.frames += len(batch)
+        yield batch
+
+
+def sniff_format(path: Path) -> str:
+    """'candump', 'slcan' or 'pycan', by content first (suffixes lie in the wild)."""
+    try:
+        with path.open("r", encoding="ascii", errors="replace") as f:
+            head = [f.readline() for _ in range(5)]
+    except OSError as e:
+        msg = f"{path}: cannot read log: {e.strerror or e}"
+        raise LogError(msg) from e
+    lines = [h.strip() for h in head if h.strip()]
+    if lines and all(ln.startswith("(") and "#" in ln for ln in lines[:3]):
+        return "candump"
+    if (path.suffix.lower() in (".raw", ".slcan", ".txt") and lines
+            and all(ln[0] in "tTrR" for ln in lines)):
+        return "slcan"
+    return "pycan"
+
+
+def read_log(path: str | Path, stats: SourceStats) -> Iterator[list[Frame]]:
+    p = Path(path)
+    if not p.exists():
+        msg = f"{p}: log file not found"
+        raise LogError(msg)
+    fmt = sniff_format(p)
+    if fmt == "candump":
+        return _candump_batches(p, stats)
+    if fmt == "slcan":
+        return _slcan_batches(p, stats)
+    if p.suffix.lower() not in (".asc", ".blf", ".csv", ".db", ".log", ".mf4", ".trc"):
+        msg = (f"{p}: unknown log format (suffix {p.suffix!r}); supported: candump -l, SLCAN "
+               ".raw, .asc, .blf, .trc, .csv, .mf4, .db")
+        raise LogError(msg)
+    return _pycan_batches(p, stats)
+
+
+class Pacer:
+    """Maps frame time to wall time at `speed` (None = as fast as possible)."""
+
+    def __init__(self, speed: float | None) -> None:
+        self.speed = speed
+        self.t0: float | None = None
+        self.w0 = 0.0
+
+    def delay(self, ts: float) -> float:
+        if self.speed is None:
+            return 0.0
+        if self.t0 is None:
+            self.t0, self.w0 = ts, time.monotonic()
+            return 0.0
+        return (ts - self.t0) / self.speed - (time.monotonic() - self.w0)
+
+
+# ------------------------------------------------------------------ live bus
+
+
+def open_bus(cfg: CanBus) -> can.BusABC:
+    kwargs: dict[str, Any] = dict(cfg.options)
+    if cfg.bitrate is not None:
+        kwargs.setdefault("bitrate", cfg.bitrate)
+    if cfg.fd:
+        kwargs.setdefault("fd", True)
+        if cfg.data_bitrate is not None:
+            kwargs.setdefault("data_bitrate", cfg.data_bitrate)
+    return can.Bus(interface=cfg.interface, channel=cfg.channel, **kwargs)
+
+
+def backoff(attempt: int, cap: float = 30.0) -> float:
+    """Jittered, capped exponential backoff (full jitter)."""
+    return random.uniform(0.1, min(cap, 0.5 * 1.5 ** min(attempt, 20)))
+
+
+BatchSink = Callable[[list[Frame]], None]
+StateSink = Callable[[str, bool, str], None]  # (condition, active, detail)
+
+
+class LiveSource:
+    """Reads one bus into the pipeline; survives the interface going away.
+
+    Where the bus has a file descriptor (socketcan), the event loop watches it
+    (`add_reader`) and drains with non-blocking `recv(0)`: no thread. Otherwise one
+    reader thread blocks in `recv` and hands batches to the loop. A receive error is
+    never swallowed: the bus is closed, `can_bus_lost` is raised, and the source
+    reopens it with backoff (python-can's own Notifier just stops on an error).
+    """
+
+    def __init__(self, cfg: CanBus, on_batch: BatchSink, on_state: StateSink) -> None:
+        self.cfg = cfg
+        self.on_batch = on_batch
+        self.on_state = on_state
+        self.bus: can.BusABC | None = None
+        self.lost = False
+        self.attempt = 0
+        self.stats = SourceStats()
+        self.opened = asyncio.Event()
+        self._stop = False
+        self._failed: asyncio.Future[BaseException] | None = None
+        self.last_error = ""
+        self.tx_count = 0
+
+    def _to_frame(self, m: can.Message, out: list[Frame]) -> None:
+        if m.is_error_frame:
+            self.stats.error_frames += 1
+            return
+        if m.is_remote_frame:
+            self.stats.remote_frames += 1
+            return
+        key = m.arbitration_id | EXTENDED_FLAG if m.is_extended_id else m.arbitration_id
+        out.append((m.timestamp, key, bytes(m.data), self.cfg.name))
+
+    def _fail(self, e: BaseException) -> None:
+        if self._failed is not None and not self._failed.done():
+            self._failed.set_result(e)
+
+    def _on_readable(self) -> None:
+        bus = self.bus
+        if bus is None:
+            return
+        batch: list[Frame] = []
+        try:
+            for _ in range(BATCH):
+                m = bus.recv(0)
+                if m is None:
+                    break
+                self._to_frame(m, batch)
+        except Exception as e:  # any receive error means the bus is gone
+            self._fail(e)
+        if batch:
+            self.stats.frames += len(batch)
+            self.on_batch(batch)
+
+    def _thread_reader(self, loop: asyncio.AbstractEventLoop, bus: can.BusABC) -> None:
+        while not self._stop and self.bus is bus:
+            batch: list[Frame] = []
+            try:
+                m = bus.recv(0.2)
+                if m is None:
+                    continue
+                self._to_frame(m, batch)
+                for _ in range(BATCH - 1):
+                    m = bus.recv(0)
+                    if m is None:
+                        break
+                    self._to_frame(m, batch)
+            except Exception as e:
+                loop.call_soon_threadsafe(self._fail, e)
+                return
+            if batch:
+                loop.call_soon_threadsafe(self._deliver, batch)
+
+    def _deliver(self, batch: list[Frame]) -> None:
+        self.stats.frames += len(batch)
+        self.on_batch(batch)
+
+    def send(self, arbitration_id: int, data: bytes, extended: bool) -> bool:
+        """Transmit one frame (only for profiles that poll and packs with transmit: true)."""
+        bus = self.bus
+        if bus is None:
+            return False
+        try:
+            bus.send(can.Message(arbitration_id=arbitration_id, data=data,
+                                 is_extended_id=extended), timeout=0.05)
+        except Exception as e:
+            log.debug("send on %s failed: %s", self.cfg.name, e)
+            return False
+        self.tx_count += 1
+        return True
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._stop:
+            try:
+                bus = open_bus(self.cfg)
+            except Exception as e:
+                self._lost(f"cannot open {self.cfg.interface}:{self.cfg.channel}: {e}")
+                await self._sleep_backoff()
+                continue
+            self.bus = bus
+            self._failed = loop.create_future()
+            fd = -1
+            with contextlib.suppress(Exception):
+                fd = bus.fileno()
+            thread = None
+            if fd >= 0:
+                loop.add_reader(fd, self._on_readable)
+            else:
+                thread = threading.Thread(target=self._thread_reader, args=(loop, bus),
+                                          name=f"can-rx[{self.cfg.name}]", daemon=True)
+                thread.start()
+            if self.lost or self.attempt:
+                log.info("CAN bus %s is back", self.cfg.name)
+            self.attempt = 0
+            if self.lost:
+                self.lost = False
+                self.on_state("can_bus_lost", False, f"{self.cfg.name} reopened")
+            self.opened.set()
+            err = await self._failed
+            if fd >= 0:
+                loop.remove_reader(fd)
+            self.bus = None
+            with contextlib.suppress(Exception):
+                bus.shutdown()
+            if thread is not None:
+                await asyncio.to_thread(thread.join, 1.0)
+            if self._stop:
+                break
+            self._lost(f"receive error on {self.cfg.name}: {type(err).__name__}: {err}")
+            await self._sleep_backoff()
+
+    def _lost(self, detail: str) -> None:
+        self.last_error = detail
+        if not self.lost:
+            self.lost = True
+            log.error("CAN bus %s lost: %s; retrying with backoff", self.cfg.name, detail)
+            self.on_state("can_bus_lost", True, detail)
+        else:
+            log.debug("CAN bus %s still unavailable: %s", self.cfg.name, detail)
+
+    async def _sleep_backoff(self) -> None:
+        self.attempt += 1
+        await asyncio.sleep(backoff(self.attempt))
+
+    def stop(self) -> None:
+        self._stop = True
+        self._fail(asyncio.CancelledError())
