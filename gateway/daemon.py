@@ -1,0 +1,417 @@
+"""The asyncio daemon: wires sources, the pipeline, the outbox and a sink together.
+
+`Runtime` owns the resources (outbox, sink, notifier) and ships what the pipeline
+produces. `replay()` feeds it a recorded log, paced by frame timestamps; `serve()`
+feeds it live buses and handles signals, reload, watchdog and status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .config import ConfigError, GatewayConfig, load_config
+from .model import Publication
+from .notify import Notifier, watchdog_interval
+from .outbox import Outbox
+from .pipeline import Pipeline
+from .publish import MqttSink, StdoutSink, dumps
+from .source import LiveSource, LogError, Pacer, SourceStats, read_log
+
+log = logging.getLogger("gateway.daemon")
+
+STATUS_PERIOD_S = 10.0
+
+
+class Runtime:
+    """Pipeline output -> sink. Events pass through the outbox first, always."""
+
+    def __init__(self, cfg: GatewayConfig, pipeline: Pipeline, *, stdout: Any = None,
+                 outbox_path: Path | str | None = None) -> None:
+        self.cfg = cfg
+        self.pipeline = pipeline
+        self.started = time.monotonic()
+        self.stdout_mode = cfg.mqtt.url is None
+        if outbox_path is None:
+            outbox_path = ":memory:" if self.stdout_mode else cfg.state_dir / "outbox.sqlite"
+        self.outbox = Outbox.open(outbox_path, max_events=cfg.outbox.max_events,
+                                  max_age_s=cfg.outbox.max_age_s, gateway_id=cfg.gateway_id)
+        self.sink: StdoutSink | MqttSink
+        self.t_status = pipeline.topics.gateway("status")
+        self.t_avail = pipeline.topics.gateway("availability")
+        self.extra_on_connect: list[Callable[[], list[Publication]]] = []
+        self.subscriptions: dict[str, Callable[[bytes], list[Publication]]] = {}
+        self.sources: list[LiveSource] = []
+        self.log_stats: SourceStats | None = None
+        self.last_error = ""
+        self._rate_t = time.monotonic()
+        self._rate_n = 0
+        self.frames_per_s = 0.0
+        if self.stdout_mode:
+            self.sink = StdoutSink(stdout)
+        else:
+            self.sink = MqttSink(cfg.mqtt, cfg.mqtt.client_id or f"bms-gateway-{cfg.gateway_id}",
+                                 self.t_avail, self._next_events, self.outbox.ack,
+                                 self._on_connect, self.subscriptions)
+
+    def _next_events(self) -> list[tuple[int, str, bytes]]:
+        return self.outbox.pending(100)
+
+    def _on_connect(self) -> list[Publication]:
+        pubs = [Publication(self.t_avail, b"online")]
+        for fn in self.extra_on_connect:
+            pubs.extend(fn())
+        return pubs
+
+    def ship(self) -> None:
+        pubs, events = self.pipeline.drain()
+        if events:
+            stored = self.outbox.append(events)
+            if self.stdout_mode:
+                sink = self.sink
+                assert isinstance(sink, StdoutSink)
+                for seq, topic, payload in stored:
+                    sink.snapshot(Publication(topic, payload, retain=False, qos=1))
+                    self.outbox.ack(seq)
+            else:
+                self.sink.flush()
+        for p in pubs:
+            self.sink.snapshot(p)
+
+    def status(self) -> Publication:
+        p = self.pipeline
+        now = time.monotonic()
+        received = sum(c.received for c in p.counters)
+        if now - self._rate_t >= 1.0:
+            self.frames_per_s = (received - self._rate_n) / (now - self._rate_t)
+            self._rate_t, self._rate_n = now, received
+        buses = {}
+        for i, c in enumerate(p.counters):
+            src = self.sources[i] if i < len(self.sources) else None
+            buses[p.bus_names[i]] = {
+                "received": c.received, "decoded": c.decoded, "unknown": c.unknown,
+                "errors": (src.stats.error_frames if src else 0),
+                "short_frames": p.short_frames(),
+                "state": ("lost" if src and src.lost else "up") if src else "log",
+                "transmitted": src.tx_count if src else 0,
+            }
+        sink = self.sink
+        body: dict[str, Any] = {
+            "version": __version__, "gateway_id": self.cfg.gateway_id,
+            "uptime_s": round(now - self.started, 1), "frames_per_s": round(self.frames_per_s, 1),
+            "buses": buses,
+            "packs": {rt.compiled.state.pack_id: {
+                "online": rt.compiled.state.online,
+                "state_published": rt.publisher.state_count,
+                "cells_published": rt.publisher.cells_count,
+                "implausible": rt.compiled.implausible_counts(),
+                "active_faults": len(rt.faults.active()),
+            } for rt in p.packs},
+            "outbox_depth": self.outbox.depth(),
+            "outbox_dropped": self.outbox.dropped_total,
+            "published": getattr(sink, "published", getattr(sink, "count", 0)),
+            "events_published": getattr(sink, "events_published", 0),
+            "mqtt_reconnects": getattr(sink, "reconnects", 0),
+            "last_error": self.last_error or getattr(sink, "last_error", "") or None,
+        }
+        if self.log_stats is not None:
+            body["log"] = {"frames": self.log_stats.frames, "bad_lines": self.log_stats.bad_lines,
+                           "error_frames": self.log_stats.error_frames}
+        return Publication(self.t_status, dumps(body))
+
+    def close(self) -> None:
+        self.outbox.close()
+
+
+async def _with_sink(rt: Runtime, body: Callable[[], Any], drain_timeout: float) -> None:
+    """Run `body` while the MQTT sink runs; then deliver what is pending and stop."""
+    sink = rt.sink
+    if isinstance(sink, StdoutSink):
+        await body()
+        sink.flush()
+        return
+    task = asyncio.create_task(sink.run(), name="mqtt.run")
+    try:
+        await body()
+        if not await sink.drain(drain_timeout):
+            log.warning("not everything reached the broker within %.0f s; unsent events stay "
+                        "in the outbox (%d) for the next start", drain_timeout,
+                        rt.outbox.depth())
+    finally:
+        sink.stopping = True
+        sink.wake.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+
+async def replay(cfg: GatewayConfig, log_path: str | Path, *, speed: float | None,
+                 stdout: Any = None, drain_timeout: float = 30.0) -> Runtime:
+    """Feed a recorded log through the pipeline; return the runtime (for counters)."""
+    pipeline = Pipeline(cfg)
+    rt = Runtime(cfg, pipeline, stdout=stdout)
+    stats = SourceStats()
+    rt.log_stats = stats
+    batches = read_log(log_path, stats)  # raises LogError before anything is published
+    pacer = Pacer(speed)
+
+    async def body() -> None:
+        try:
+            for batch in batches:
+                if pacer.speed is None:
+                    pipeline.feed_log(batch)
+                    rt.ship()
+                    await asyncio.sleep(0)
+                    continue
+                start = 0
+                for i, fr in enumerate(batch):
+                    d = pacer.delay(fr[0])
+                    if d > 0.002:
+                        pipeline.feed_log(batch[start:i])
+                        rt.ship()
+                        start = i
+                        await asyncio.sleep(d)
+                pipeline.feed_log(batch[start:])
+                rt.ship()
+                await asyncio.sleep(0)
+        finally:
+            pipeline.finish()
+            rt.ship()
+            for p in pipeline.offline():
+                rt.sink.snapshot(p)
+            rt.sink.snapshot(rt.status())
+
+    try:
+        await _with_sink(rt, body, drain_timeout)
+    finally:
+        rt.close()
+    return rt
+
+
+class Daemon:
+    """`bms-gateway run`: live buses, signals, reload, watchdog, status."""
+
+    def __init__(self, cfg: GatewayConfig, *, stdout: Any = None) -> None:
+        self.cfg = cfg
+        self.stdout = stdout
+        self.pipeline = Pipeline(cfg)
+        self.rt = Runtime(cfg, self.pipeline, stdout=stdout)
+        self.notifier = Notifier()
+        self.stop_event = asyncio.Event()
+        self.reload_requested = False
+        self.sigint_count = 0
+        self.last_progress = time.monotonic()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.exit_code = 0
+
+    # -- sources
+    def _start_sources(self, tg: asyncio.TaskGroup) -> None:
+        self.rt.sources = []
+        for i, bus in enumerate(self.cfg.buses):
+            src = LiveSource(bus, self._batch_cb(i), self._state_cb(i))
+            self.rt.sources.append(src)
+            self.tasks.append(tg.create_task(src.run(), name=f"source[{bus.name}]"))
+
+    def _batch_cb(self, bus: int) -> Callable[[list[Any]], None]:
+        def on_batch(batch: list[Any]) -> None:
+            self.pipeline.feed(batch, bus)
+            self.rt.ship()
+            self.last_progress = time.monotonic()
+        return on_batch
+
+    def _state_cb(self, bus: int) -> Callable[[str, bool, str], None]:
+        def on_state(condition: str, active: bool, detail: str) -> None:
+            if active:
+                self.rt.last_error = detail
+            self.pipeline.bus_state(bus, condition, active, detail, time.time())
+            self.rt.ship()
+        return on_state
+
+    # -- periodic work on the event loop
+    async def _ticker(self) -> None:
+        wd = watchdog_interval()
+        next_status = 0.0
+        next_wd = 0.0
+        while not self.stop_event.is_set():
+            now = time.time()
+            self.pipeline.tick(now)
+            self.rt.ship()
+            self.last_progress = time.monotonic()
+            mono = time.monotonic()
+            if mono >= next_status:
+                next_status = mono + STATUS_PERIOD_S
+                self.rt.sink.snapshot(self.rt.status())
+                self.notifier.status(self._status_line())
+            if wd is not None and mono >= next_wd:
+                # ping only when this loop iteration really ran the pipeline
+                if mono - self.last_progress < wd:
+                    self.notifier.watchdog()
+                next_wd = mono + wd
+            await asyncio.sleep(0.2)
+
+    def _status_line(self) -> str:
+        p = self.pipeline
+        frames = sum(c.received for c in p.counters)
+        online = sum(1 for rt in p.packs if rt.compiled.state.online)
+        lost = [s.cfg.name for s in self.rt.sources if s.lost]
+        return (f"{frames} frames, {online}/{len(p.packs)} packs online, outbox "
+                f"{self.rt.outbox.depth()}" + (f", bus lost: {','.join(lost)}" if lost else ""))
+
+    async def _poller(self) -> None:
+        """Send the profile's request frames for packs that allow transmission."""
+        jobs: list[tuple[float, int, int, bytes, bool]] = []
+        for pc in self.cfg.packs:
+            if not pc.transmit or not pc.profile.poll:
+                continue
+            bus = next(i for i, b in enumerate(self.cfg.buses) if b.name == pc.bus)
+            for req in pc.profile.poll:
+                can_id, ext, data = self._request_frame(pc, req)
+                jobs.append((req.period_s, bus, can_id, data, ext))
+        if not jobs:
+            return
+        next_due = [0.0] * len(jobs)
+        while not self.stop_event.is_set():
+            now = time.monotonic()
+            for j, (period, bus, can_id, data, ext) in enumerate(jobs):
+                if now >= next_due[j]:
+                    next_due[j] = now + period
+                    if bus < len(self.rt.sources):
+                        self.rt.sources[bus].send(can_id, data, ext)
+            await asyncio.sleep(max(0.005, min(next_due) - time.monotonic()))
+
+    @staticmethod
+    def _request_frame(pc: Any, req: Any) -> tuple[int, bool, bytes]:
+        from .normalize import DbcCache
+
+        if req.can_id is not None:
+            return req.can_id + pc.id_offset, req.extended, req.data or bytes(8)
+        cache = DbcCache()
+        for d in pc.profile.dbc:
+            db = cache.get(str(d))
+            try:
+                msg = db.get_message_by_name(req.message)
+            except KeyError:
+                continue
+            data = req.data or bytes(msg.length)
+            return msg.frame_id + pc.id_offset, msg.is_extended_frame, data
+        msg_ = f"poll message {req.message!r} not in the profile's DBCs"
+        raise ValueError(msg_)
+
+    # -- signals and reload
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_term)
+        loop.add_signal_handler(signal.SIGINT, self._on_int)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+
+    def _on_term(self) -> None:
+        log.info("SIGTERM: stopping")
+        self.stop_event.set()
+
+    def _on_int(self) -> None:
+        self.sigint_count += 1
+        if self.sigint_count > 1:
+            log.error("second SIGINT: exiting now")
+            os._exit(130)
+        log.info("SIGINT: stopping (again to force)")
+        self.stop_event.set()
+
+    def _on_hup(self) -> None:
+        self.reload_requested = True
+        self.stop_event.set()
+
+    def reload(self) -> bool:
+        """Validate the config again; switch to it only if it is good."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.cfg.path)
+            pipeline = Pipeline(new)
+        except ConfigError as e:
+            log.error("reload: new config rejected, keeping the running one:\n%s", e)
+            self.notifier.ready()
+            return False
+        except Exception as e:
+            log.error("reload: new config rejected, keeping the running one: %s", e)
+            self.notifier.ready()
+            return False
+        removed = {p.id for p in self.cfg.packs} - {p.id for p in new.packs}
+        for rt in self.pipeline.packs:
+            if rt.compiled.state.pack_id in removed:
+                self.rt.sink.snapshot(rt.publisher.availability(False))
+        self.cfg = new
+        self.pipeline = pipeline
+        self.rt.pipeline = pipeline
+        self.rt.cfg = new
+        log.info("reload: config %s applied (%d packs)", new.path, len(new.packs))
+        self.notifier.ready()
+        return True
+
+    async def serve(self) -> int:
+        self._install_signals()
+        rt = self.rt
+        sink = rt.sink
+        sink_task = None
+        if isinstance(sink, MqttSink):
+            sink_task = asyncio.create_task(sink.run(), name="mqtt.run")
+        try:
+            while True:
+                self.stop_event.clear()
+                self.tasks = []
+                async with asyncio.TaskGroup() as tg:
+                    self._start_sources(tg)
+                    self.tasks.append(tg.create_task(self._ticker(), name="ticker"))
+                    self.tasks.append(tg.create_task(self._poller(), name="poller"))
+                    opened = [s.opened.wait() for s in rt.sources]
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.gather(*opened), timeout=5)
+                    self.notifier.ready(self._status_line())
+                    log.info("bms-gateway %s running: %d bus(es), %d pack(s), %s", __version__,
+                             len(self.cfg.buses), len(self.cfg.packs),
+                             self.cfg.mqtt.url or "stdout")
+                    await self.stop_event.wait()
+                    for s in rt.sources:
+                        s.stop()
+                    for t in self.tasks:
+                        t.cancel()
+                if self.reload_requested:
+                    self.reload_requested = False
+                    self.reload()
+                    continue
+                break
+            self.notifier.stopping()
+            # flush what is in flight, then say offline
+            self.pipeline.finish(time.time())
+            rt.ship()
+            for p in self.pipeline.offline():
+                rt.sink.snapshot(p)
+            rt.sink.snapshot(Publication(rt.t_avail, b"offline"))
+            rt.sink.snapshot(rt.status())
+            if isinstance(sink, MqttSink):
+                if not await sink.drain(self.cfg.shutdown_timeout_s):
+                    log.warning("shutdown: broker did not take everything within %.1f s; %d "
+                                "events stay in the outbox", self.cfg.shutdown_timeout_s,
+                                rt.outbox.depth())
+            else:
+                sink.flush()
+        finally:
+            if isinstance(sink, MqttSink):
+                sink.stopping = True
+                sink.wake.set()
+            if sink_task is not None:
+                sink_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sink_task
+            rt.close()
+            self.notifier.close()
+        return self.exit_code
+
+
+__all__ = ["Daemon", "LogError", "Runtime", "replay"]
