@@ -8,11 +8,12 @@ through the same `Problem` type.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +47,7 @@ class ConfigError(Exception):
         super().__init__("\n".join(str(p) for p in problems))
 
 
-def nearest(name: str, choices: Iterator[str] | list[str] | set[str], n: int = 3) -> str:
+def nearest(name: str, choices: Iterable[str], n: int = 3) -> str:
     close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
     return f"did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
@@ -565,7 +566,7 @@ def load_profile(path: Path, problems: list[Problem]) -> Profile | None:
         if (prob := topic_segment_problem(code)) is not None:
             r.bad(f"{k}.code", prob)
         vals = spec.get("values")
-        faults.append(BmsFault(k, code, msg, sig, sev,  # type: ignore[arg-type]
+        faults.append(BmsFault(k, code, msg, sig, sev,
                                r.int_(spec, k, "bit", None, lo=0),
                                tuple(vals) if isinstance(vals, list) else
                                ((vals,) if isinstance(vals, int) else None),
@@ -744,8 +745,7 @@ def _mqtt(r: _Reader, obj: Any, base: Path) -> MqttConfig:
                   "use mqtt://host:1883 or mqtts://host:8883, or '-' for stdout")
         else:
             if is_tls and tls is None:
-                cfg = MqttConfig(**{**{f: getattr(cfg, f) for f in cfg.__slots__},  # type: ignore[attr-defined]
-                                    "tls": TlsConfig()})
+                cfg = dataclasses.replace(cfg, tls=TlsConfig())
     return cfg
 
 
@@ -818,9 +818,8 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
                 extra_dbc = [extra_dbc]
             # Pack-level DBCs come first: they override the profile's (users point a
             # profile at their own copy of a vendor DBC).
-            profile = Profile(**{**{f: getattr(profile, f) for f in profile.__slots__},  # type: ignore[attr-defined]
-                                 "dbc": tuple(_resolve_file(base, str(d), BUILTIN_DBC)
-                                              for d in extra_dbc)})
+            profile = dataclasses.replace(profile, dbc=tuple(
+                _resolve_file(base, str(d), BUILTIN_DBC) for d in extra_dbc))
         for d in profile.dbc:
             if not d.exists():
                 r.bad(f"{k}.dbc" if extra_dbc else "dbc", f"DBC file {d} does not exist",
@@ -840,8 +839,7 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
         ))
     mqtt = _mqtt(r, top.get("mqtt"), base)
     if mqtt_url is not None:
-        mqtt = MqttConfig(**{**{f: getattr(mqtt, f) for f in mqtt.__slots__},  # type: ignore[attr-defined]
-                             "url": None if mqtt_url == "-" else mqtt_url})
+        mqtt = dataclasses.replace(mqtt, url=None if mqtt_url == "-" else mqtt_url)
         if mqtt.url is not None:
             try:
                 mqtt.host_port  # noqa: B018

@@ -157,9 +157,10 @@ class _Compiler:
             expr = bitfield(msg, sig).expr("le", "be")
         else:
             assert spec.expr is not None
-            expr = self.safe_expr(spec, msg)
-            if expr is None:
+            got = self.safe_expr(spec, msg)
+            if got is None:
                 return None
+            expr = got
         return _linear(expr, spec)
 
     def safe_expr(self, spec: ValueSpec, msg: Message) -> str | None:
@@ -418,7 +419,9 @@ class _Compiler:
         inv_groups: dict[int | None, list[Signal]] = {}
         for target, sigs in ((groups, values), (inv_groups, invalid)):
             for s in sigs:
-                for mid in (s.multiplexer_ids or [None]) if src.mux else [None]:
+                mids: list[int | None] = (
+                    [*s.multiplexer_ids] if src.mux and s.multiplexer_ids else [None])
+                for mid in mids:
                     target.setdefault(mid, []).append(s)
         kind_valid = src.valid or CELL_VALID.get(kind, (float("-inf"), float("inf")))
         f, o = ValueSpec(key=src.key, unit=src.unit).factor_offset()
@@ -573,9 +576,9 @@ class _Compiler:
             lines = ["def handler(ts, data):", "    n = len(data)",
                      f"    if n < {min_bytes}:", "        CNT.short_frames += 1", "        return",
                      "    st.last_seen = ts", "    st.last_ts = ts"]
-            if need_le or muxer is not None and muxer.byte_order == "little_endian":
+            if need_le or (muxer is not None and muxer.byte_order == "little_endian"):
                 lines.append("    le = _fb(data, 'little')")
-            if need_be or muxer is not None and muxer.byte_order == "big_endian":
+            if need_be or (muxer is not None and muxer.byte_order == "big_endian"):
                 lines.append("    be = _fb(data, 'big')")
                 lines.append(f"    if n != {L}:")
                 lines.append(f"        be = be << ({L} - n) * 8 if n < {L} else "
@@ -589,7 +592,7 @@ class _Compiler:
                 "X": state.extras, "IMPL": impl, "CNT": self.counters, "FS": fault_state,
                 "FH": fault_hook, **g.consts,
             }
-            exec(compile(src, f"<handler {self.cfg.id}:{name}>", "exec"), ns)  # noqa: S102
+            exec(compile(src, f"<handler {self.cfg.id}:{name}>", "exec"), ns)
             key = message_key(msg) + offset
             handlers[key] = ns["handler"]
             sources[key] = name

@@ -138,8 +138,7 @@ class Pipeline:
     # ----------------------------------------------------------- frame-time tick
 
     def tick(self, ts: float, *, force: bool = False) -> None:
-        if ts > self.clock:
-            self.clock = ts
+        self.clock = max(self.clock, ts)
         if self.first_ts is None:
             self.first_ts = ts
         self.next_tick = ts + TICK_S
