@@ -1,0 +1,626 @@
+"""Fault stage: BMS flags and gateway rules on the normalized pack -> `FaultEvent`s.
+
+Everything runs in frame time: every method takes the timestamp of the data it is
+given and the clock is never read, so replaying a log at any speed gives the same
+events.
+
+Threshold rules (`RULES`, kind "high" or "low") raise when the value is past `raise_at`
+(strictly: `>` for an upper limit, `<` for a lower one) and clear when it is back past
+`clear_at` (`<=` / `>=`); between the two nothing changes (hysteresis). Both the raise
+and the clear condition must hold for `debounce_s` of frame time; falling back into
+the band restarts the timer. A raise emits one event however long the fault lasts.
+
+Choices worth knowing:
+
+* A value that is None (unknown) never raises and never clears, and leaves a running
+  debounce timer alone: unknown is neither OK nor bad.
+* Cell rules make one instance per cell (`cell` = 1-based number) when `cell_v` is
+  populated, else one instance on `cell_v_max`/`cell_v_min` with `cell` from
+  `cell_v_max_id`/`cell_v_min_id`. Cells are only scanned when the extreme field is past
+  `clear_at` (or unknown) or an instance is pending/active, so a healthy pack costs a
+  few comparisons per rule; this trusts the extreme fields to cover `cell_v`, which
+  `PackState.derive()` guarantees when they are not mapped.
+* Temperature rules likewise make one instance per sensor (`sensor` = 1-based) when
+  `cell_t` is populated, else one instance on `temp_max_c` (over) / `temp_min_c` (under).
+* The charge/discharge temperature rules only *raise* while charging (current_a > +0.5 A)
+  or not charging (<= +0.5 A, idle counts as discharge); an unknown current raises
+  neither. They clear on temperature alone, so "too hot to charge" stays up until the
+  pack has cooled below `clear_at`, whether or not the charger stopped.
+* over_current_charge / over_current_discharge thresholds are magnitudes in A (the
+  discharge value is reported as -current_a). With `raise_at` null they follow the BMS's
+  own `charge_current_limit_a` / `discharge_current_limit_a`: raise when the current
+  exceeds that limit by 10 % (at least 0.5 A, so a limit of 0 A does not trip on sensor
+  noise), clear at the limit. With neither they are off.
+* When `raise_at` is set in YAML without `clear_at`, `clear_at` keeps the rule's default
+  hysteresis width (for pack voltage 2 %, for currents 10 % of `raise_at`).
+* decode_error_rate is in percent: errors / frames over the last `window_s` (frames
+  counting every frame received, good or bad), judged only once the window holds at
+  least 20 frames. implausible_values counts dropped values over the last `window_s`:
+  it raises on more than `raise_at` (default 0) and clears after a window without drops.
+* `active()` reports each fault's value, limit and message as of its raise, so the
+  retained faults topic only changes when a fault comes or goes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .config import BmsFault, Problem, nearest
+from .model import (
+    FIELD_BY_NAME,
+    FIELD_INDEX,
+    SEVERITIES,
+    FaultEvent,
+    PackState,
+    Severity,
+    Value,
+    clean,
+    iso_ts,
+)
+
+Kind = Literal["high", "low", "rate", "event"]
+
+CHARGING_A = 0.5  # current_a above this counts as charging
+_EPS = 1e-6  # frame timestamps summed from 0.1 s steps are not exact
+_MIN_FRAMES = 20  # decode error rate is not judged on fewer frames in the window
+_LIMIT_MARGIN_A = 0.5  # over current vs the BMS limit: at least this far over it
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSpec:
+    """One rule's effective settings (defaults merged with YAML overrides)."""
+
+    name: str
+    enabled: bool
+    severity: Severity
+    raise_at: float | None = None
+    clear_at: float | None = None
+    debounce_s: float = 0.0
+    window_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Def:
+    kind: Kind
+    severity: Severity
+    label: str
+    raise_at: float | None = None
+    clear_at: float | None = None
+    debounce_s: float = 0.0
+    window_s: float | None = None
+    field: str | None = None  # model field read (the extreme, for per-cell/sensor rules)
+    element: Literal["cell", "sensor"] | None = None
+    gate: Literal["charge", "discharge"] | None = None
+    bounds: tuple[float, float] = (-math.inf, math.inf)
+    rel_gap: float = 0.0  # hysteresis when there is no default clear_at, relative to raise_at
+    unit: str = ""
+    limit_field: str | None = None  # BMS-reported limit used while raise_at is null
+    negate: bool = False  # judge -value (discharge current as a magnitude)
+
+
+def _d(kind: Kind, sev: Severity, label: str,
+       limits: tuple[float | None, float | None, float] = (None, None, 0.0), **kw: Any) -> _Def:
+    return _Def(kind, sev, label, *limits, **kw)
+
+
+_CELL_V = (0.0, 6.0)
+_TEMP = (-60.0, 150.0)
+_AMPS = (0.0, 1e5)
+
+# Defaults: safe for LiFePO4, sensible for other chemistries; override per pack in YAML.
+RULES: dict[str, _Def] = {
+    "cell_over_voltage": _d("high", "alarm", "over voltage", (3.65, 3.55, 2.0),
+                            field="cell_v_max", element="cell", bounds=_CELL_V, unit="V"),
+    "cell_under_voltage": _d("low", "alarm", "under voltage", (2.8, 2.95, 2.0),
+                             field="cell_v_min", element="cell", bounds=_CELL_V, unit="V"),
+    "pack_over_voltage": _d("high", "alarm", "pack over voltage", (None, None, 2.0),
+                            field="voltage_v", bounds=(0.0, 1500.0), rel_gap=0.02, unit="V"),
+    "pack_under_voltage": _d("low", "alarm", "pack under voltage", (None, None, 2.0),
+                             field="voltage_v", bounds=(0.0, 1500.0), rel_gap=0.02, unit="V"),
+    "over_temp_charge": _d("high", "alarm", "over temperature while charging",
+                           (45.0, 42.0, 2.0), field="temp_max_c", element="sensor", gate="charge",
+                           bounds=_TEMP, unit="°C"),
+    "over_temp_discharge": _d("high", "alarm", "over temperature", (60.0, 55.0, 2.0),
+                              field="temp_max_c", element="sensor", gate="discharge",
+                              bounds=_TEMP, unit="°C"),
+    "under_temp_charge": _d("low", "alarm", "under temperature while charging",
+                            (0.0, 3.0, 2.0), field="temp_min_c", element="sensor", gate="charge",
+                            bounds=_TEMP, unit="°C"),
+    "under_temp_discharge": _d("low", "alarm", "under temperature", (-20.0, -17.0, 2.0),
+                               field="temp_min_c", element="sensor", gate="discharge",
+                               bounds=_TEMP, unit="°C"),
+    "over_current_charge": _d("high", "alarm", "charge over current", (None, None, 2.0),
+                              field="current_a", limit_field="charge_current_limit_a",
+                              bounds=_AMPS, rel_gap=0.1, unit="A"),
+    "over_current_discharge": _d("high", "alarm", "discharge over current", (None, None, 2.0),
+                                 field="current_a", limit_field="discharge_current_limit_a",
+                                 negate=True, bounds=_AMPS, rel_gap=0.1, unit="A"),
+    "cell_imbalance": _d("high", "warning", "cell imbalance", (0.1, 0.05, 10.0),
+                         field="cell_v_delta", bounds=_CELL_V, unit="V"),
+    "low_soc": _d("low", "warning", "low state of charge", (10.0, 15.0, 2.0),
+                  field="soc_pct", bounds=(0.0, 100.0), unit="%"),
+    "decode_error_rate": _d("rate", "warning", "decode errors", (5.0, 1.0, 0.0),
+                            window_s=10.0, bounds=(0.0, 100.0), unit="%"),
+    "implausible_values": _d("rate", "warning", "implausible values dropped", (0.0, 0.0, 0.0),
+                             window_s=10.0, bounds=(0.0, 1e9)),
+    "comm_lost": _d("event", "critical", "BMS silent"),
+    "can_bus_lost": _d("event", "critical", "CAN bus lost"),
+    "can_bus_off": _d("event", "critical", "CAN controller bus-off"),
+    "can_error_passive": _d("event", "warning", "CAN error passive"),
+    "can_error_frames": _d("event", "warning", "CAN error frames"),
+}
+_KEYS: dict[Kind, frozenset[str]] = {
+    "event": frozenset({"enabled", "severity"}),
+    "high": frozenset({"enabled", "severity", "raise_at", "clear_at", "debounce_s"}),
+    "low": frozenset({"enabled", "severity", "raise_at", "clear_at", "debounce_s"}),
+    "rate": frozenset({"enabled", "severity", "raise_at", "clear_at", "debounce_s",
+                       "window_s"}),
+}
+
+
+def default_rules() -> dict[str, RuleSpec]:
+    return {n: RuleSpec(n, True, d.severity, d.raise_at, d.clear_at, d.debounce_s,
+                        d.window_s) for n, d in RULES.items()}
+
+
+# ---------------------------------------------------------------- parsing
+
+
+def _fmt(v: float) -> str:
+    return str(clean(round(v, 4)))
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _gap(d: _Def, raise_at: float) -> float:
+    if d.raise_at is not None and d.clear_at is not None:
+        return abs(d.raise_at - d.clear_at)
+    return abs(raise_at) * d.rel_gap
+
+
+def parse_rules(overrides: dict[str, dict[str, Any]], file: str, key: str,
+                problems: list[Problem]) -> dict[str, RuleSpec]:
+    """Defaults for every rule merged with the YAML overrides under `key`.
+
+    Problems are appended (never raised); a rule with a bad value keeps that value's
+    default so the rest of the config can still be checked.
+    """
+    def bad(k: str, what: str, fix: str = "") -> None:
+        problems.append(Problem(file, f"{key}.{k}" if key else k, what, fix))
+
+    raw_all: Any = overrides
+    if raw_all is None:
+        raw_all = {}
+    if not isinstance(raw_all, dict):
+        problems.append(Problem(file, key or "rules", "must be a mapping of rule name to "
+                                "settings", "e.g. rules: {low_soc: {raise_at: 20}}"))
+        raw_all = {}
+    for name in raw_all:
+        if name not in RULES:
+            bad(str(name), "unknown rule",
+                nearest(str(name), list(RULES)) or f"rules are: {', '.join(RULES)}")
+    out = default_rules()
+    for name, d in RULES.items():
+        if name in raw_all:
+            out[name] = _parse_one(name, d, raw_all[name], out[name], bad)
+    return out
+
+
+def _parse_one(name: str, d: _Def, raw: Any, dflt: RuleSpec,
+               bad: Callable[..., None]) -> RuleSpec:
+    if raw is None:
+        return dflt
+    if isinstance(raw, bool):
+        return RuleSpec(name, raw, dflt.severity, dflt.raise_at, dflt.clear_at,
+                        dflt.debounce_s, dflt.window_s)
+    if not isinstance(raw, dict):
+        bad(name, f"must be a mapping or true/false, got {raw!r}",
+            f"e.g. {name}: {{enabled: false}}")
+        return dflt
+    allowed = _KEYS[d.kind]
+    for k in raw:
+        if k in allowed:
+            continue
+        if d.kind == "event" and k in _KEYS["rate"]:
+            bad(f"{name}.{k}", f"{name} has no thresholds",
+                f"allowed keys: {', '.join(sorted(allowed))}")
+        else:
+            bad(f"{name}.{k}", "unknown key",
+                nearest(str(k), sorted(allowed)) or f"allowed keys: {', '.join(sorted(allowed))}")
+
+    enabled = raw.get("enabled", dflt.enabled)
+    if not isinstance(enabled, bool):
+        bad(f"{name}.enabled", f"must be true or false, got {enabled!r}")
+        enabled = dflt.enabled
+    severity: Any = raw.get("severity", dflt.severity)
+    if severity not in SEVERITIES:
+        bad(f"{name}.severity", f"unknown severity {severity!r}",
+            nearest(str(severity), list(SEVERITIES)) or f"one of {', '.join(SEVERITIES)}")
+        severity = dflt.severity
+
+    def num(k: str, default: float | None, lo: float, hi: float,
+            nullable: bool) -> float | None:
+        if k not in raw:
+            return default
+        v = raw[k]
+        if v is None and nullable:
+            return None
+        if not _number(v):
+            bad(f"{name}.{k}", f"must be a number{' or null' if nullable else ''}, got {v!r}",
+                f"e.g. {k}: {_fmt(default) if default is not None else 1}")
+            return default
+        if not lo <= v <= hi:
+            bad(f"{name}.{k}", f"{v} is out of range {_fmt(lo)}..{_fmt(hi)}",
+                f"use a value in {d.unit or 'the rule unit'} within that range")
+            return default
+        return float(v)
+
+    if d.kind == "event":
+        return RuleSpec(name, enabled, severity)
+    debounce = num("debounce_s", dflt.debounce_s, 0.0, 3600.0, False) or 0.0
+    window = num("window_s", dflt.window_s, 0.1, 3600.0, False) if d.kind == "rate" else None
+    lo, hi = d.bounds
+    raise_at = num("raise_at", dflt.raise_at, lo, hi, d.kind != "rate")
+    clear_at = num("clear_at", dflt.clear_at, lo, hi, True)
+    upper = d.kind != "low"
+    if raw.get("clear_at") is None and "raise_at" in raw and raise_at is not None \
+            and raise_at != dflt.raise_at:
+        # Only raise_at was moved: keep the default hysteresis width.
+        g = _gap(d, raise_at)
+        clear_at = max(lo, raise_at - g) if upper else min(hi, raise_at + g)
+    if raise_at is None:
+        if raw.get("clear_at") is not None:
+            bad(f"{name}.clear_at", "has no effect while raise_at is null",
+                f"set {name}.raise_at too, or remove clear_at")
+        clear_at = None
+    elif clear_at is None:
+        clear_at = raise_at
+    elif (clear_at > raise_at) if upper else (clear_at < raise_at):
+        side, other = ("above", "below") if upper else ("below", "above")
+        g = _gap(d, raise_at) or 1.0
+        example = raise_at - g if upper else raise_at + g
+        bad(f"{name}.clear_at",
+            f"{_fmt(clear_at)} is {side} raise_at {_fmt(raise_at)}, but {name} is "
+            f"{'an upper' if upper else 'a lower'} limit: it must clear {other} where it "
+            "raises", f"set clear_at {other} {_fmt(raise_at)}, e.g. clear_at: {_fmt(example)}")
+        raise_at, clear_at = dflt.raise_at, dflt.clear_at
+    return RuleSpec(name, enabled, severity, raise_at, clear_at, debounce, window)
+
+
+# ---------------------------------------------------------------- engine
+
+
+@dataclass(slots=True)
+class _Inst:
+    """One fault instance: pending (timer running) or active (raised)."""
+
+    code: str
+    severity: Severity
+    source: Literal["bms", "gateway"]
+    title: str  # "cell 12 over voltage": the message without the numbers
+    cell: int | None = None
+    sensor: int | None = None
+    active: bool = False
+    pending: float | None = None  # frame time the opposite condition started
+    since: float = 0.0
+    value: Value = None
+    limit: Value = None
+    message: str = ""
+
+
+@dataclass(slots=True)
+class _Rule:
+    spec: RuleSpec
+    d: _Def
+    upper: bool
+    index: int  # FIELD_INDEX of d.field, -1 if none
+    limit_index: int  # FIELD_INDEX of d.limit_field, -1 if none
+    insts: dict[int, _Inst] = field(default_factory=dict)  # key: cell/sensor number, 0 = whole
+
+
+_I_CURRENT = FIELD_INDEX["current_a"]
+_I_VMAX_ID = FIELD_INDEX["cell_v_max_id"]
+_I_VMIN_ID = FIELD_INDEX["cell_v_min_id"]
+_BUS_CODES = ("can_bus_lost", "can_error_passive", "can_bus_off", "can_error_frames")
+
+
+def _num(v: Value) -> float | None:
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+class FaultEngine:
+    """Fault state of one pack. Events accumulate in `events`; the daemon drains it."""
+
+    def __init__(self, pack_id: str, rules: dict[str, RuleSpec],
+                 bms_faults: tuple[BmsFault, ...], stale_after_s: float) -> None:
+        self.pack_id = pack_id
+        self.events: list[FaultEvent] = []
+        self.stale_after_s = stale_after_s
+        self._bms_faults = bms_faults
+        specs = default_rules()
+        specs.update({k: v for k, v in rules.items() if k in specs})
+        self._specs = specs
+        self._rules: dict[str, _Rule] = {}
+        for name, d in RULES.items():
+            s = specs[name]
+            self._rules[name] = _Rule(s, d, d.kind != "low",
+                                      FIELD_INDEX[d.field] if d.field else -1,
+                                      FIELD_INDEX[d.limit_field] if d.limit_field else -1)
+        live = [r for r in self._rules.values() if r.spec.enabled
+                and r.d.kind in ("high", "low")
+                and (r.spec.raise_at is not None or r.d.limit_field is not None)]
+        self._element_rules = [r for r in live if r.d.element is not None]
+        self._scalar_rules = [r for r in live if r.d.element is None]
+        self._bms: dict[int, _Inst] = {}
+        self._simple: dict[str, _Inst] = {}  # comm_lost and the CAN bus problems
+        self._dec: deque[tuple[float, int, int]] = deque()
+        self._impl_last: dict[str, int] | None = None
+        self._impl: deque[tuple[float, dict[str, int]]] = deque()
+
+    # -- BMS flags, comm and bus: raise/clear at once, one event per change
+
+    def bms_flag(self, index: int, ts: float, active: bool, raw: float) -> None:
+        if not 0 <= index < len(self._bms_faults):
+            return
+        f = self._bms_faults[index]
+        inst = self._bms.get(index)
+        title = f.text or f.code.replace("_", " ")
+        if active and inst is None:
+            inst = _Inst(f.code, f.severity, "bms", title, active=True, since=ts, value=raw,
+                         message=title)
+            self._bms[index] = inst
+            self._emit(ts, inst, "raised", title, value=raw, limit=None)
+        elif not active and inst is not None:
+            del self._bms[index]
+            self._emit(ts, inst, "cleared", f"{title} cleared", value=raw, limit=None)
+
+    def _simple_event(self, ts: float, code: str, active: bool, title: str, *,
+                      detail: str, limit: Value = None) -> None:
+        spec = self._specs.get(code)
+        if spec is not None and not spec.enabled:
+            return
+        inst = self._simple.get(code)
+        if active and inst is None:
+            msg = f"{title}: {detail}" if detail else title
+            inst = _Inst(code, spec.severity if spec else "warning", "gateway", title,
+                         active=True, since=ts, limit=limit, message=msg)
+            self._simple[code] = inst
+            self._emit(ts, inst, "raised", msg, value=None, limit=limit)
+        elif not active and inst is not None:
+            del self._simple[code]
+            msg = f"{title} cleared" + (f": {detail}" if detail else "")
+            self._emit(ts, inst, "cleared", msg, value=None, limit=limit)
+
+    def comm(self, ts: float, online: bool) -> None:
+        """`ts` is when the pack went stale (last frame + stale_after_s), or the frame
+        that brought it back."""
+        self._simple_event(ts, "comm_lost", not online, RULES["comm_lost"].label,
+                           detail="" if online else f"no frames for {_fmt(self.stale_after_s)} s",
+                           limit=self.stale_after_s)
+
+    def bus_problem(self, ts: float, code: str, active: bool, detail: str) -> None:
+        d = RULES.get(code)
+        title = d.label if d is not None and d.kind == "event" else code.replace("_", " ")
+        self._simple_event(ts, code, active, title, detail=detail)
+
+    # -- windowed rules
+
+    def decode_errors(self, ts: float, errors: int, frames: int) -> None:
+        r = self._rules["decode_error_rate"]
+        if not r.spec.enabled or r.spec.raise_at is None:
+            return
+        dq = self._dec
+        if dq and (errors < dq[-1][1] or frames < dq[-1][2]):
+            dq.clear()  # counters restarted
+        dq.append((ts, errors, frames))
+        cutoff = ts - (r.spec.window_s or 10.0)
+        while len(dq) >= 2 and dq[1][0] <= cutoff:
+            dq.popleft()
+        _, e0, f0 = dq[0]
+        n = frames - f0
+        if n < _MIN_FRAMES:
+            return
+        pct = min(100.0, 100.0 * (errors - e0) / n)
+        self._step(r, 0, ts, pct, rl=r.spec.raise_at, cl=r.spec.clear_at, can_raise=True)
+
+    def implausible(self, ts: float, counts: dict[str, int]) -> None:
+        r = self._rules["implausible_values"]
+        if not r.spec.enabled or r.spec.raise_at is None:
+            return
+        last, self._impl_last = self._impl_last, dict(counts)
+        if last is None:
+            return  # first call: a baseline, not growth
+        grown = {k: c - last.get(k, 0) for k, c in counts.items() if c > last.get(k, 0)}
+        if grown:
+            self._impl.append((ts, grown))
+        self._implausible_step(r, ts)
+
+    def _implausible_step(self, r: _Rule, ts: float) -> None:
+        dq = self._impl
+        cutoff = ts - (r.spec.window_s or 10.0)
+        while dq and dq[0][0] <= cutoff:
+            dq.popleft()
+        total = sum(sum(g.values()) for _, g in dq)
+        if total > (r.spec.raise_at or 0.0) or r.insts:
+            self._step(r, 0, ts, float(total), rl=r.spec.raise_at or 0.0, cl=r.spec.clear_at,
+                       can_raise=True)
+
+    # -- threshold rules on the normalized state
+
+    def evaluate(self, ts: float, state: PackState) -> None:
+        vals = state.values
+        cur = _num(vals[_I_CURRENT])
+        charging = None if cur is None else cur > CHARGING_A
+        for r in self._scalar_rules:
+            v = _num(vals[r.index])
+            if v is None:
+                continue
+            if r.d.negate:
+                v = -v
+            rl, cl = r.spec.raise_at, r.spec.clear_at
+            if rl is None:  # over current following the BMS's own limit
+                bl = _num(vals[r.limit_index])
+                if bl is None:
+                    continue
+                cl = abs(bl)
+                rl = max(cl * 1.1, cl + _LIMIT_MARGIN_A)
+            if not r.insts and not (v > rl if r.upper else v < rl):
+                continue
+            self._step(r, 0, ts, v, rl=rl, cl=cl, can_raise=True)
+        for r in self._element_rules:
+            gate = r.d.gate
+            can_raise = (True if gate is None else charging if gate == "charge"
+                         else None if charging is None else not charging)
+            items = state.cell_v if r.d.element == "cell" else state.cell_t
+            self._elements(r, ts, vals, items, bool(can_raise))
+        imp = self._rules["implausible_values"]
+        if imp.insts:
+            self._implausible_step(imp, ts)
+
+    def _elements(self, r: _Rule, ts: float, vals: list[Value],
+                  items: list[float | None], can_raise: bool) -> None:
+        rl = r.spec.raise_at
+        if rl is None:
+            return
+        cl = rl if r.spec.clear_at is None else r.spec.clear_at
+        upper, insts = r.upper, r.insts
+        extreme = _num(vals[r.index])
+        populated = any(v is not None for v in items) if items else False
+        if not populated or 0 in insts:
+            # No per-element values (or an instance from before they appeared): judge
+            # the extreme field; once elements exist it may only clear.
+            if extreme is not None and (0 in insts or (can_raise and not populated and (
+                    extreme > rl if upper else extreme < rl))):
+                cell = None
+                if r.d.element == "cell":
+                    cid = _num(vals[_I_VMAX_ID if upper else _I_VMIN_ID])
+                    cell = int(cid) if cid is not None else None
+                self._step(r, 0, ts, extreme, rl=rl, cl=cl, can_raise=can_raise and not populated,
+                           cell=cell, aggregate=True)
+            if not populated:
+                return
+        if not insts and (not can_raise or (extreme is not None
+                          and (extreme <= cl if upper else extreme >= cl))):
+            return  # common case: nothing near a limit, nothing pending
+        for i, v in enumerate(items):
+            if v is None:
+                continue
+            n = i + 1
+            if n in insts or (can_raise and (v > rl if upper else v < rl)):
+                self._step(r, n, ts, v, rl=rl, cl=cl, can_raise=can_raise)
+
+    def _step(self, r: _Rule, key: int, ts: float, v: float, *, rl: float, cl: float | None,
+              can_raise: bool, cell: int | None = None, aggregate: bool = False) -> None:
+        insts = r.insts
+        inst = insts.get(key)
+        upper = r.upper
+        debounce = r.spec.debounce_s - _EPS
+        if inst is None or not inst.active:
+            if not (can_raise and (v > rl if upper else v < rl)):
+                if inst is not None:
+                    del insts[key]
+                return
+            if inst is None:
+                inst = insts[key] = self._new_inst(r, key, cell, aggregate)
+            if inst.pending is None:
+                inst.pending = ts
+            if ts - inst.pending < debounce:
+                return
+            inst.active, inst.pending, inst.since = True, None, ts
+            inst.value, inst.limit = v, rl
+            inst.message = self._message(r, inst.title, v, rl, "raised")
+            self._emit(ts, inst, "raised", inst.message, value=v, limit=rl)
+            return
+        clear_at = rl if cl is None else cl
+        if not (v <= clear_at if upper else v >= clear_at):
+            inst.pending = None
+            return
+        if inst.pending is None:
+            inst.pending = ts
+        if ts - inst.pending < debounce:
+            return
+        del insts[key]
+        self._emit(ts, inst, "cleared", self._message(r, inst.title, v, clear_at, "cleared"),
+                   value=v, limit=clear_at)
+
+    def _new_inst(self, r: _Rule, key: int, cell: int | None, aggregate: bool) -> _Inst:
+        d = r.d
+        sensor = None
+        if not aggregate:
+            if d.element == "cell":
+                cell = key
+            elif d.element == "sensor":
+                sensor = key
+        title = d.label
+        if cell is not None:
+            title = f"cell {cell} {title}"
+        elif sensor is not None:
+            title = f"sensor {sensor} {title}"
+        return _Inst(r.spec.name, r.spec.severity, "gateway", title, cell=cell, sensor=sensor)
+
+    def _message(self, r: _Rule, title: str, v: float, lim: float,
+                 state: Literal["raised", "cleared"]) -> str:
+        unit = f" {r.d.unit}" if r.d.unit else ""
+        prec = FIELD_BY_NAME[r.d.field].precision if r.d.field in FIELD_BY_NAME else 2
+        shown = str(clean(round(v, max(prec, 1))))
+        if state == "raised":
+            op = ">" if r.upper else "<"
+            msg = f"{title}: {shown}{unit} {op} {_fmt(lim)}{unit}"
+        else:
+            op = "<=" if r.upper else ">="
+            msg = f"{title} cleared: {shown}{unit} {op} {_fmt(lim)}{unit}"
+        if r.d.kind == "rate" and r.spec.window_s:
+            msg += f" in {_fmt(r.spec.window_s)} s"
+        if r.d.limit_field is not None and r.spec.raise_at is None:
+            msg += " (BMS limit + 10 %)" if state == "raised" else " (BMS limit)"
+        return msg
+
+    def _emit(self, ts: float, inst: _Inst, state: Literal["raised", "cleared"], message: str,
+              *, value: Value, limit: Value) -> None:
+        self.events.append(FaultEvent(ts, self.pack_id, inst.code, inst.severity, state,
+                                      inst.source, message, value, limit, inst.cell,
+                                      inst.sensor))
+
+    # -- snapshot and teardown
+
+    def _all_active(self) -> list[_Inst]:
+        out = [i for r in self._rules.values() for i in r.insts.values() if i.active]
+        out.extend(self._bms.values())
+        out.extend(self._simple.values())
+        return out
+
+    def active(self) -> list[dict[str, Any]]:
+        rows = sorted(self._all_active(), key=lambda i: (
+            i.code, i.cell if i.cell is not None else i.sensor if i.sensor is not None else 0,
+            i.source))
+        out: list[dict[str, Any]] = []
+        for i in rows:
+            row: dict[str, Any] = {"code": i.code, "severity": i.severity, "source": i.source,
+                                   "since": iso_ts(i.since), "value": clean(i.value),
+                                   "limit": clean(i.limit)}
+            if i.cell is not None:
+                row["cell"] = i.cell
+            if i.sensor is not None:
+                row["sensor"] = i.sensor
+            row["message"] = i.message
+            out.append(row)
+        return out
+
+    def clear_all(self, ts: float) -> None:
+        """Clear everything (the pack was removed by a reload)."""
+        for i in sorted(self._all_active(), key=lambda i: (i.code, i.cell or i.sensor or 0)):
+            self._emit(ts, i, "cleared", f"{i.title} cleared: pack removed", value=None,
+                       limit=None)
+        for r in self._rules.values():
+            r.insts.clear()
+        self._bms.clear()
+        self._simple.clear()
+        self._dec.clear()
+        self._impl.clear()
+        self._impl_last = None
