@@ -8,9 +8,13 @@ import faulthandler
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import ConfigError, GatewayConfig, load_config
+
+if TYPE_CHECKING:
+    from .simulate import Scenario
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -129,6 +133,91 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(main())
 
 
+def _sim_setup(args: argparse.Namespace, mqtt: str | None = None) -> tuple[
+        GatewayConfig, Scenario | None] | int:
+    """Config and scenario for simulate/demo, or an exit code after printing the problems."""
+    from .simulate import load_scenario
+
+    cfg = _load(args, mqtt)
+    if cfg is None:
+        return EXIT_CONFIG
+    _setup_logging(args.log_level or cfg.log_level)
+    try:
+        scenario = load_scenario(args.scenario) if args.scenario else None
+    except ConfigError as e:
+        print(f"scenario error{'s' if len(e.problems) > 1 else ''}:", file=sys.stderr)
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+        return EXIT_CONFIG
+    return cfg, scenario
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import can
+
+    from .simulate import FIXED_START, Simulator, find_pack, log_channel, write_candump
+    from .source import open_bus
+
+    got = _sim_setup(args)
+    if isinstance(got, int):
+        return got
+    cfg, scenario = got
+    try:
+        pack = find_pack(cfg, args.pack)
+        sim = Simulator(pack, scenario=scenario, seed=args.seed)
+    except ConfigError as e:
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.out is not None:
+        start = FIXED_START if args.start is None else args.start
+        n = write_candump(sim.frames(start, args.duration or 60.0, args.period), args.out,
+                          log_channel(cfg, pack))
+        log.info("wrote %d frames (%.0f s of pack %s) to %s", n, args.duration or 60.0, pack.id,
+                 args.out)
+        return EXIT_OK
+    if args.interface is not None:
+        bus_cfg = next(b for b in cfg.buses if b.name == pack.bus)
+        bus_cfg = type(bus_cfg)(bus_cfg.name, args.interface, args.channel or "0", None)
+    else:
+        bus_cfg = next(b for b in cfg.buses if b.name == pack.bus)
+    if bus_cfg.interface == "virtual":
+        log.warning("the virtual bus only reaches this process: use `bms-gateway demo` to run "
+                    "the gateway with the simulator, or --out to write a log")
+    try:
+        bus = open_bus(bus_cfg)
+    except (can.CanError, OSError, ValueError, ImportError) as e:
+        log.error("cannot open %s:%s: %s", bus_cfg.interface, bus_cfg.channel, e)
+        return EXIT_RUNTIME
+    log.info("simulating pack %s (%s, %d cells) on %s:%s", pack.id, pack.profile.name, sim.cells,
+             bus_cfg.interface, bus_cfg.channel)
+    try:
+        n = asyncio.run(sim.run_on_bus(bus, args.speed, args.duration, period=args.period,
+                                       t0=args.start))
+        log.info("sent %d frames", n)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        bus.shutdown()
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .outbox import OutboxError
+    from .simulate import run_demo
+
+    got = _sim_setup(args, args.mqtt)
+    if isinstance(got, int):
+        return got
+    cfg, scenario = got
+    try:
+        return asyncio.run(run_demo(cfg, scenario=scenario, duration=args.duration,
+                                    seed=args.seed, pack_id=args.pack))
+    except (ConfigError, OutboxError) as e:
+        log.error("%s", e)
+        return EXIT_CONFIG
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bms-gateway", description=__doc__)
     ap.add_argument("--version", action="version", version=f"bms-gateway {__version__}")
@@ -155,6 +244,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate config, profiles and DBCs together")
     common(p)
     p.set_defaults(func=cmd_check_config)
+    p = sub.add_parser("simulate", help="a virtual BMS sending the frames of a pack's profile")
+    common(p)
+    p.add_argument("--pack", help="pack id from the config (default: the first)")
+    p.add_argument("--interface", help="python-can interface (default: the pack's bus)")
+    p.add_argument("--channel", help="channel for --interface")
+    p.add_argument("--scenario", type=Path, help="timed injections (docs/simulate.md)")
+    p.add_argument("--duration", type=float, help="seconds (default: forever; 60 with --out)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--speed", type=float, default=1.0, help="factor of real time (default 1)")
+    p.add_argument("--period", type=float, default=0.1, help="simulation step in s (0.1)")
+    p.add_argument("--start", type=float,
+                   help="epoch of the first frame (default: now; with --out 2026-01-01)")
+    p.add_argument("--out", type=Path, help="write a candump -l log instead of sending")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("demo", help="simulator and gateway in one process on a virtual bus")
+    common(p)
+    p.add_argument("--pack", help="simulate only this pack (default: all)")
+    p.add_argument("--scenario", type=Path, help="timed injections (docs/simulate.md)")
+    p.add_argument("--duration", type=float, help="seconds (default: until Ctrl-C)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--mqtt", help="broker URL overriding mqtt.url; '-' prints to stdout")
+    p.set_defaults(func=cmd_demo)
     return ap
 
 
