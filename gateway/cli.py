@@ -218,6 +218,131 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
 
 
+def cmd_watch(args: argparse.Namespace) -> int:
+    from .source import LogError
+    from .watch import WatchError, require_rich, watch_bus, watch_log, watch_mqtt
+
+    try:
+        require_rich()
+    except WatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    # log lines would tear the full-screen display: only errors, unless asked for
+    _setup_logging(args.log_level or "error")
+    limits = {"ok_mv": args.ok_mv, "warn_mv": args.warn_mv}
+    try:
+        if args.mqtt is not None:
+            asyncio.run(watch_mqtt(args.mqtt, args.prefix or "bms", ca_file=args.ca_file,
+                                   **limits))
+            return EXIT_OK
+        cfg = _load(args)
+        if cfg is None:
+            return EXIT_CONFIG
+        if args.log is not None:
+            asyncio.run(watch_log(cfg, args.log, speed=args.speed, **limits))
+        else:
+            asyncio.run(watch_bus(cfg, **limits))
+    except KeyboardInterrupt:
+        return EXIT_OK  # Ctrl-C is how one leaves the dashboard
+    except ConfigError as e:
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (WatchError, LogError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    return EXIT_OK
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from .export import Progress, Summary, events_path, records, write_csv, write_jsonl
+    from .source import LogError
+
+    cfg = _load(args)
+    if cfg is None:
+        return EXIT_CONFIG
+    _setup_logging(args.log_level or "warning")
+    if not args.log_level:  # fault events are the output here, not news for stderr
+        logging.getLogger("gateway.pipeline").setLevel(logging.ERROR)
+    if args.format == "jsonl" and args.events is not None:
+        print("error: --events is for --format csv (jsonl has the events inline)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    summary = Summary()
+    files = []
+    try:
+        out = sys.stdout
+        if args.out is not None:
+            out = args.out.open("w", encoding="utf-8", newline="")
+            files.append(out)
+        with Progress(args.log) as progress:
+            recs = records(cfg, args.log, every=args.every_frame_time, summary=summary,
+                           progress=progress)
+            if args.format == "jsonl":
+                write_jsonl(recs, out)
+            else:
+                ev_path = args.events or (events_path(args.out) if args.out else None)
+                ev = None
+                if ev_path is not None:
+                    ev = ev_path.open("w", encoding="utf-8", newline="")
+                    files.append(ev)
+                lost = write_csv(recs, out, ev)
+                if lost:
+                    log.warning("%d fault events not written: give --events FILE (or --out) "
+                                "for the events CSV", lost)
+    except ConfigError as e:
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (LogError, ValueError, OSError) as e:
+        if isinstance(e, BrokenPipeError):  # `| head`: the reader has what it wanted
+            return EXIT_OK
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    finally:
+        for f in files:
+            f.close()
+    c, st = summary.counts, summary.stats
+    log.info("%d frames (%d malformed lines): %d state, %d cells, %d availability, %d faults, "
+             "%d event records", st.frames, st.bad_lines, c["state"], c["cells"],
+             c["availability"], c["faults"], c["event"])
+    return EXIT_OK
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .export import Progress, collect, plot, records
+    from .source import LogError
+
+    if args.out.suffix.lower() not in (".png", ".svg", ".pdf"):
+        print(f"error: --out {args.out}: use a .png, .svg or .pdf file", file=sys.stderr)
+        return EXIT_USAGE
+    cfg = _load(args)
+    if cfg is None:
+        return EXIT_CONFIG
+    _setup_logging(args.log_level or "warning")
+    if not args.log_level:
+        logging.getLogger("gateway.pipeline").setLevel(logging.ERROR)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("error: plot needs matplotlib, an optional extra: "
+              "pip install 'bms-gateway[plot]'", file=sys.stderr)
+        return EXIT_RUNTIME
+    try:
+        with Progress(args.log) as progress:
+            series = collect(records(cfg, args.log, progress=progress), args.pack)
+        plot(series, args.out, title=f"{args.log.name}: pack {series.pack_id}")
+    except ConfigError as e:
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (LogError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    log.info("wrote %s", args.out)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bms-gateway", description=__doc__)
     ap.add_argument("--version", action="version", version=f"bms-gateway {__version__}")
@@ -267,6 +392,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--mqtt", help="broker URL overriding mqtt.url; '-' prints to stdout")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("watch", help="live terminal dashboard (from MQTT, a log or the buses)")
+    common(p)
+    p.add_argument("--mqtt", metavar="URL",
+                   help="watch any gateway on this broker: mqtt[s]://[user:pass@]host[:port]")
+    p.add_argument("--prefix", help="topic prefix with --mqtt (default: bms)")
+    p.add_argument("--ca-file", help="CA bundle for mqtts:// with --mqtt")
+    p.add_argument("--log", type=Path, help="replay this log through the pipeline (no broker)")
+    p.add_argument("--speed", type=_speed, default=1.0,
+                   help="with --log: factor of real time (default 1) or 'max'")
+    p.add_argument("--ok-mv", type=float, default=5.0,
+                   help="cells within this many mV of the mean are green (default 5)")
+    p.add_argument("--warn-mv", type=float, default=20.0,
+                   help="yellow up to this many mV from the mean, red beyond (default 20)")
+    p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("decode", help="a log as the time series and fault events MQTT would get")
+    p.add_argument("log", type=Path, help="candump -l, .asc, .blf, .trc, .csv, .mf4, SLCAN .raw")
+    common(p)
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl",
+                   help="jsonl (default): every record; csv: one row per state")
+    p.add_argument("--out", type=Path, help="output file (default: stdout)")
+    p.add_argument("--events", type=Path,
+                   help="csv: the fault events file (default: <out>.events.csv)")
+    p.add_argument("--every-frame-time", type=float, metavar="S",
+                   help="resample state and cells every S seconds of frame time")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("plot", help="plot a log: pack values, cell heatmap, fault markers")
+    p.add_argument("log", type=Path, help="candump -l, .asc, .blf, .trc, .csv, .mf4, SLCAN .raw")
+    common(p)
+    p.add_argument("--out", type=Path, required=True, help="image file: .png, .svg or .pdf")
+    p.add_argument("--pack", help="pack id (default: the first that published)")
+    p.set_defaults(func=cmd_plot)
     return ap
 
 
