@@ -19,6 +19,7 @@ from typing import Any
 
 from . import __version__
 from .config import ConfigError, GatewayConfig, load_config
+from .homeassistant import Discovery
 from .model import Publication
 from .notify import Notifier, watchdog_interval
 from .outbox import Outbox
@@ -55,6 +56,13 @@ class Runtime:
         self._rate_t = time.monotonic()
         self._rate_n = 0
         self.frames_per_s = 0.0
+        # HA discovery (also when disabled: it clears what an earlier run announced).
+        # Set up before MqttSink, which copies an empty subscriptions dict.
+        self.discovery: Discovery | None = None
+        if not self.stdout_mode:
+            self.discovery = Discovery(cfg, pipeline.topics)
+            self.extra_on_connect.append(self.discovery.on_connect)
+            self.subscriptions.update(self.discovery.subscriptions())
         if self.stdout_mode:
             self.sink = StdoutSink(stdout)
         else:
@@ -73,6 +81,8 @@ class Runtime:
 
     def ship(self) -> None:
         pubs, events = self.pipeline.drain()
+        if self.discovery is not None:
+            pubs.extend(self.discovery.learn(self.pipeline))
         if events:
             stored = self.outbox.append(events)
             if self.stdout_mode:
@@ -162,6 +172,14 @@ async def replay(cfg: GatewayConfig, log_path: str | Path, *, speed: float | Non
     rt.log_stats = stats
     batches = read_log(log_path, stats)  # raises LogError before anything is published
     pacer = Pacer(speed)
+    sink = rt.sink
+    if isinstance(sink, MqttSink):
+        sink.coalesce = False
+
+    async def pause() -> None:
+        if isinstance(sink, MqttSink):
+            await sink.backpressure()
+        await asyncio.sleep(0)
 
     async def body() -> None:
         try:
@@ -169,7 +187,7 @@ async def replay(cfg: GatewayConfig, log_path: str | Path, *, speed: float | Non
                 if pacer.speed is None:
                     pipeline.feed_log(batch)
                     rt.ship()
-                    await asyncio.sleep(0)
+                    await pause()
                     continue
                 start = 0
                 for i, fr in enumerate(batch):
@@ -181,7 +199,7 @@ async def replay(cfg: GatewayConfig, log_path: str | Path, *, speed: float | Non
                         await asyncio.sleep(d)
                 pipeline.feed_log(batch[start:])
                 rt.ship()
-                await asyncio.sleep(0)
+                await pause()
         finally:
             pipeline.finish()
             rt.ship()
@@ -266,44 +284,24 @@ class Daemon:
                 f"{self.rt.outbox.depth()}" + (f", bus lost: {','.join(lost)}" if lost else ""))
 
     async def _poller(self) -> None:
-        """Send the profile's request frames for packs that allow transmission."""
-        jobs: list[tuple[float, int, int, bytes, bool]] = []
-        for pc in self.cfg.packs:
-            if not pc.transmit or not pc.profile.poll:
-                continue
-            bus = next(i for i, b in enumerate(self.cfg.buses) if b.name == pc.bus)
-            for req in pc.profile.poll:
-                can_id, ext, data = self._request_frame(pc, req)
-                jobs.append((req.period_s, bus, can_id, data, ext))
-        if not jobs:
-            return
-        next_due = [0.0] * len(jobs)
-        while not self.stop_event.is_set():
-            now = time.monotonic()
-            for j, (period, bus, can_id, data, ext) in enumerate(jobs):
-                if now >= next_due[j]:
-                    next_due[j] = now + period
-                    if bus < len(self.rt.sources):
-                        self.rt.sources[bus].send(can_id, data, ext)
-            await asyncio.sleep(max(0.005, min(next_due) - time.monotonic()))
+        """Request frames and ISO-TP exchanges (gateway/poll.py); only packs with
+        `transmit: true` ever send."""
+        from .poll import Poller
+
+        self.poller = Poller(self.pipeline, self._send)
+        await self.poller.run(self.stop_event)
+
+    def _send(self, bus: int, can_id: int, data: bytes, extended: bool) -> bool:
+        if bus >= len(self.rt.sources):
+            return False
+        return self.rt.sources[bus].send(can_id, data, extended)
 
     @staticmethod
     def _request_frame(pc: Any, req: Any) -> tuple[int, bool, bytes]:
         from .normalize import DbcCache
+        from .poll import load_extras, request_frame
 
-        if req.can_id is not None:
-            return req.can_id + pc.id_offset, req.extended, req.data or bytes(8)
-        cache = DbcCache()
-        for d in pc.profile.dbc:
-            db = cache.get(str(d))
-            try:
-                msg = db.get_message_by_name(req.message)
-            except KeyError:
-                continue
-            data = req.data or bytes(msg.length)
-            return msg.frame_id + pc.id_offset, msg.is_extended_frame, data
-        msg_ = f"poll message {req.message!r} not in the profile's DBCs"
-        raise ValueError(msg_)
+        return request_frame(pc, req, DbcCache(), load_extras(pc.profile, []).id_offset_shift)
 
     # -- signals and reload
     def _install_signals(self) -> None:
@@ -350,6 +348,9 @@ class Daemon:
         self.pipeline = pipeline
         self.rt.pipeline = pipeline
         self.rt.cfg = new
+        if self.rt.discovery is not None:
+            for p in self.rt.discovery.reconfigure(new):
+                self.rt.sink.snapshot(p)
         log.info("reload: config %s applied (%d packs)", new.path, len(new.packs))
         self.notifier.ready()
         return True

@@ -105,7 +105,7 @@ class BitField:
         raw = f"(({src} >> {self.shift}) & {self.mask:#x})" if self.shift else f"({src} & {self.mask:#x})"
         if self.float_fmt is not None:
             size = self.length // 8
-            raw = f"_unpack({self.float_fmt!r}, {raw}.to_bytes({size}, 'big'))[0]"
+            raw = f"_unpack({self.float_fmt!r}, {raw}.to_bytes({size}, 'big'))"
         elif self.signed:
             sb = 1 << (self.length - 1)
             raw = f"(({raw} ^ {sb:#x}) - {sb:#x})"
@@ -191,7 +191,7 @@ def compile_message(msg: Message) -> Callable[[bytes], dict[str, float | int]]:
             children.setdefault(s.multiplexer_signal, []).append(s)
     lines = [
         "def decode(data):",
-        "    n = len(data)",
+        "    n = _len(data)",
         "    le = _fb(data, 'little')",
         "    be = _fb(data, 'big')",
         f"    if n < {msg.length}:",
@@ -241,6 +241,7 @@ def compile_message(msg: Message) -> Callable[[bytes], dict[str, float | int]]:
     namespace: dict[str, Any] = {
         "__builtins__": {},
         "_fb": int.from_bytes,
+        "_len": len,
         "_unpack": unpack_float,
         "_N": tuple(names),
         "_S": tuple(id_sets),

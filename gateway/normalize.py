@@ -464,7 +464,7 @@ class _Compiler:
             arr = {"voltages": "CV", "temps": "CT", "balancing": "CB"}[kind]
             ensure = {"voltages": "st.ensure_cells", "temps": "st.ensure_temps",
                       "balancing": "st.ensure_balancing"}[kind]
-            changed = "st.cells_changed = True"
+            changed = "st.cells_changed = st.changed = True"  # derived fields follow cells
             for slot, bf, inv in plan:
                 if src_.order == "name":
                     idx = f"{slot}" if base is None else f"{base} + {slot}"

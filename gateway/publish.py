@@ -16,6 +16,7 @@ import random
 import ssl
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -204,6 +205,11 @@ class MqttSink:
         self.on_connect = on_connect
         self.subscriptions = subscriptions or {}
         self.pending: dict[str, Publication] = {}
+        # Replays keep every snapshot in order (byte-identical output at any speed);
+        # live mode keeps only the newest per topic while the broker is slow or away.
+        self.coalesce = True
+        self.queue: deque[Publication] = deque()
+        self.space = asyncio.Event()
         self.wake = asyncio.Event()
         self.connected = asyncio.Event()
         self.stopping = False
@@ -220,9 +226,18 @@ class MqttSink:
             log.warning("payload for %s is %d bytes > max_payload %d: not published",
                         pub.topic, len(pub.payload), self.cfg.max_payload)
             return
-        self.pending.pop(pub.topic, None)  # keep insertion order = order of last update
-        self.pending[pub.topic] = pub
+        if not self.coalesce:
+            self.queue.append(pub)
+        else:
+            self.pending.pop(pub.topic, None)  # keep insertion order = order of last update
+            self.pending[pub.topic] = pub
         self.wake.set()
+
+    async def backpressure(self, limit: int = 2000) -> None:
+        """In replay (no coalescing), wait while too much is queued for the broker."""
+        while len(self.queue) > limit:
+            self.space.clear()
+            await self.space.wait()
 
     def flush(self) -> None:
         self.wake.set()
@@ -289,6 +304,14 @@ class MqttSink:
                     await client.publish(topic, payload, qos=1, retain=False, timeout=15)
                     self.ack(seq)
                     self.events_published += 1
+            while self.queue:
+                pub = self.queue[0]
+                await client.publish(pub.topic, pub.payload, qos=pub.qos, retain=pub.retain,
+                                     timeout=15)
+                self.queue.popleft()
+                self.published += 1
+                if len(self.queue) < 1000:
+                    self.space.set()
             while self.pending:
                 topic, pub = next(iter(self.pending.items()))
                 await client.publish(pub.topic, pub.payload, qos=pub.qos, retain=pub.retain,
@@ -300,7 +323,7 @@ class MqttSink:
             if self.stopping:
                 return
             self.wake.clear()
-            if self.next_events() or self.pending:
+            if self.next_events() or self.pending or self.queue:
                 continue
             await self.wake.wait()
 
@@ -320,10 +343,13 @@ class MqttSink:
         deadline = time.monotonic() + timeout
         self.wake.set()
         while time.monotonic() < deadline:
-            if self.connected.is_set() and not self.pending and not self.next_events():
+            if self.connected.is_set() and not self._undelivered():
                 return True
             await asyncio.sleep(0.02)
-        return not self.pending and not self.next_events()
+        return not self._undelivered()
+
+    def _undelivered(self) -> bool:
+        return bool(self.pending or self.queue or self.next_events())
 
 
 def _first_mqtt_error(e: BaseException, kind: type[BaseException]) -> BaseException:

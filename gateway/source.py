@@ -201,7 +201,7 @@ def sniff_format(path: Path) -> str:
         msg = f"{path}: cannot read log: {e.strerror or e}"
         raise LogError(msg) from e
     lines = [h.strip() for h in head if h.strip()]
-    if lines and all(ln.startswith("(") and "#" in ln for ln in lines[:3]):
+    if lines and sum(ln.startswith("(") and "#" in ln for ln in lines) > len(lines) // 2:
         return "candump"
     if (path.suffix.lower() in (".raw", ".slcan", ".txt") and lines
             and all(ln[0] in "tTrR" for ln in lines)):

@@ -1,0 +1,539 @@
+"""Polling: periodic request frames and a small ISO-TP client, for BMSes that must be asked.
+
+Two kinds of request come from a profile:
+
+- `poll:` entries (config.PollRequest): one frame, a DBC message or a raw id/data,
+  every `period_s`. With `reply:` the reply message is watched, so each request is
+  matched to its answer and unanswered requests are counted.
+- ISO-TP requests (`isotp:`): a single-frame request, then the response reassembled
+  from a First Frame and Consecutive Frames, with our Flow Control in between, the
+  sequence numbers checked and a timeout. The payload goes to a decoder the profile
+  describes (today: a run of fixed-width cell values at a byte offset).
+
+Nothing is written to a bus unless the pack has `transmit: true`. Without it the
+ISO-TP client still listens: if another tool asks the BMS, we reassemble the answer
+without sending anything. A BMS that stops answering simply stops producing frames,
+so the pipeline's normal `stale_after_s` handling marks it offline.
+
+Frames reach this module through taps on the pipeline's per-bus handler tables, so the
+hot path is unchanged for every other identifier.
+
+`isotp` and `poll_id_offset_shift` are not yet keys of the profile schema in
+config.py; until they are, they are read here from the profile file, at the top level
+or under `notes:` (see docs/profiles.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .config import PackConfig, PollRequest, Problem, Profile
+from .decode import EXTENDED_FLAG, frame_key
+from .model import FIELD_INDEX, PackState
+from .normalize import CELL_VALID, DbcCache
+
+log = logging.getLogger("gateway.poll")
+
+SendFn = Callable[[int, int, bytes, bool], bool]  # (bus index, arbitration id, data, extended)
+Handler = Callable[[float, bytes], None]
+CellKind = Literal["voltages", "temps"]
+
+
+# ---------------------------------------------------------------- profile parts
+
+
+@dataclass(frozen=True, slots=True)
+class CellBlock:
+    """Cells packed back to back in a reassembled payload."""
+
+    kind: CellKind
+    offset: int  # byte offset of the first cell in the payload
+    count: int
+    width: int  # bytes per cell
+    scale: float
+    signed: bool = False
+    big_endian: bool = True
+    first: int = 0  # index of the first cell in the pack (0-based)
+
+
+@dataclass(frozen=True, slots=True)
+class IsoTpRequest:
+    key: str
+    request_id: int
+    response_id: int
+    request: bytes  # the single frame's bytes, PCI included, before padding
+    period_s: float
+    timeout_s: float
+    extended: bool
+    padding: int
+    block_size: int
+    st_min: int
+    cells: CellBlock | None
+
+
+@dataclass(frozen=True, slots=True)
+class PollExtras:
+    isotp: tuple[IsoTpRequest, ...] = ()
+    id_offset_shift: int = 0
+
+
+def _extra(raw: dict[str, Any], name: str) -> Any:
+    if name in raw:
+        return raw[name]
+    notes = raw.get("notes")
+    return notes.get(name) if isinstance(notes, dict) else None
+
+
+def load_extras(profile: Profile, problems: list[Problem]) -> PollExtras:
+    """Read the polling keys the profile schema does not know yet from the profile file."""
+    file = str(profile.path)
+    try:
+        raw = yaml.safe_load(Path(profile.path).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        problems.append(Problem(file, "-", f"cannot read the profile again: {e}"))
+        return PollExtras()
+    if not isinstance(raw, dict):
+        return PollExtras()
+    shift = _extra(raw, "poll_id_offset_shift") or 0
+    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= 28:
+        problems.append(Problem(file, "poll_id_offset_shift",
+                                f"must be a whole number 0..28, got {shift!r}"))
+        shift = 0
+    items = _extra(raw, "isotp") or []
+    if not isinstance(items, list):
+        problems.append(Problem(file, "isotp", "must be a list of requests"))
+        return PollExtras((), shift)
+    reqs = [r for i, item in enumerate(items)
+            if (r := _isotp(file, f"isotp[{i}]", item, problems)) is not None]
+    return PollExtras(tuple(reqs), shift)
+
+
+_ISOTP_KEYS = {"request_id", "response_id", "request", "period_s", "timeout_s", "extended",
+               "padding", "block_size", "st_min", "cells"}
+_CELL_KEYS = {"kind", "offset", "count", "bytes", "scale", "signed", "byte_order", "first"}
+
+
+def _int(v: Any, lo: int, hi: int) -> int | None:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        return None
+    return v
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def _isotp(file: str, key: str, obj: Any, problems: list[Problem]) -> IsoTpRequest | None:
+    def bad(k: str, what: str, fix: str = "") -> None:
+        problems.append(Problem(file, f"{key}.{k}" if k else key, what, fix))
+
+    if not isinstance(obj, dict):
+        bad("", "must be a mapping", "e.g. {request_id: 0x79B, response_id: 0x7BB, ...}")
+        return None
+    for k in obj:
+        if k not in _ISOTP_KEYS:
+            bad(str(k), "unknown key", f"allowed keys: {', '.join(sorted(_ISOTP_KEYS))}")
+    ext = obj.get("extended", False)
+    top = 0x1FFFFFFF if ext else 0x7FF
+    req_id, resp_id = _int(obj.get("request_id"), 0, top), _int(obj.get("response_id"), 0, top)
+    if req_id is None or resp_id is None:
+        bad("", f"request_id and response_id must be CAN ids 0..{top:#x}")
+        return None
+    try:
+        request = bytes.fromhex(str(obj.get("request", "")))
+    except ValueError:
+        request = b""
+    if not 2 <= len(request) <= 8 or request[0] >> 4 != 0 or (request[0] & 0xF) != len(request) - 1:
+        bad("request", f"{obj.get('request')!r} is not an ISO-TP single frame",
+            "hex bytes with the length first, e.g. '022102' (2 bytes: 21 02)")
+        return None
+    period = _num(obj.get("period_s", 1.0))
+    timeout = _num(obj.get("timeout_s", 1.0))
+    if period is None or period < 0.05 or timeout is None or timeout <= 0:
+        bad("period_s", "period_s (>= 0.05) and timeout_s (> 0) must be numbers of seconds")
+        return None
+    padding, bs, st = (_int(obj.get(k, d), 0, 255) for k, d in
+                       (("padding", 0xFF), ("block_size", 0), ("st_min", 0)))
+    if padding is None or bs is None or st is None:
+        bad("", "padding, block_size and st_min must be bytes (0..255)")
+        return None
+    cells = None
+    if obj.get("cells") is not None:
+        c = obj["cells"]
+        if not isinstance(c, dict):
+            bad("cells", "must be a mapping", "e.g. {offset: 2, count: 96, bytes: 2, scale: 0.001}")
+            return None
+        for k in c:
+            if k not in _CELL_KEYS:
+                bad(f"cells.{k}", "unknown key", f"allowed keys: {', '.join(sorted(_CELL_KEYS))}")
+        kind = c.get("kind", "voltages")
+        off, count, width = (_int(c.get(k, d), lo, hi) for k, d, lo, hi in
+                             (("offset", 0, 0, 4095), ("count", None, 1, 1024),
+                              ("bytes", 2, 1, 4)))
+        scale = _num(c.get("scale", 1.0))
+        first = _int(c.get("first", 0), 0, 1023)
+        order = c.get("byte_order", "big_endian")
+        if (kind not in ("voltages", "temps") or off is None or count is None or width is None
+                or scale is None or first is None or order not in ("big_endian", "little_endian")):
+            bad("cells", "needs kind (voltages|temps), offset, count, bytes (1-4), scale, "
+                "byte_order (big_endian|little_endian)")
+            return None
+        cells = CellBlock(kind, off, count, width, scale, bool(c.get("signed", False)),
+                          order == "big_endian", first)
+    return IsoTpRequest(key, req_id, resp_id, request, period, timeout, bool(ext), padding, bs,
+                        st, cells)
+
+
+def request_frame(pc: PackConfig, req: PollRequest, cache: DbcCache,
+                  shift: int = 0) -> tuple[int, bool, bytes]:
+    """(arbitration id, extended, data) of one `poll:` entry for this pack.
+
+    The pack's id_offset is shifted by the profile's `poll_id_offset_shift`: a BMS address
+    sits in a different byte of request and reply IDs (Daly: 0x18<cmd><bms>40 vs
+    0x18<cmd>40<bms>)."""
+    offset = pc.id_offset << shift
+    if req.can_id is not None:
+        return req.can_id + offset, req.extended or req.can_id > 0x7FF, req.data or bytes(8)
+    for d in pc.profile.dbc:
+        db = cache.get(str(d))
+        try:
+            msg = db.get_message_by_name(req.message or "")
+        except KeyError:
+            continue
+        return msg.frame_id + offset, bool(msg.is_extended_frame), req.data or bytes(msg.length)
+    text = f"{pc.profile.path}: {req.key}: poll message {req.message!r} not in the profile's DBCs"
+    raise ValueError(text)
+
+
+def reply_key(pc: PackConfig, req: PollRequest, cache: DbcCache) -> int | None:
+    """Frame key of the reply message (with the pack's id_offset), if the entry names one."""
+    if req.reply is None:
+        return None
+    for d in pc.profile.dbc:
+        try:
+            msg = cache.get(str(d)).get_message_by_name(req.reply)
+        except KeyError:
+            continue
+        return frame_key(msg.frame_id, bool(msg.is_extended_frame)) + pc.id_offset
+    return None
+
+
+def decode_cells(block: CellBlock, payload: bytes) -> list[float | None]:
+    """The block's cells from a reassembled payload; None where the payload is too short."""
+    out: list[float | None] = []
+    order: Literal["big", "little"] = "big" if block.big_endian else "little"
+    for i in range(block.count):
+        a = block.offset + i * block.width
+        chunk = payload[a:a + block.width]
+        if len(chunk) < block.width:
+            out.append(None)
+            continue
+        out.append(int.from_bytes(chunk, order, signed=block.signed) * block.scale)
+    return out
+
+
+# ---------------------------------------------------------------- ISO-TP client
+
+
+@dataclass(slots=True)
+class IsoTpStats:
+    requests: int = 0
+    responses: int = 0
+    timeouts: int = 0
+    sequence_errors: int = 0
+    negative: int = 0  # UDS negative responses (0x7F)
+    passive: int = 0  # responses to someone else's request, reassembled without sending
+
+
+class IsoTpClient:
+    """One request/response pair on one bus: a minimal ISO 15765-2 receiver.
+
+    `send` is None when the pack may not transmit: the client then only listens.
+    """
+
+    def __init__(self, req: IsoTpRequest, send: Callable[[int, bytes, bool], bool] | None,
+                 deliver: Callable[[float, bytes], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.req = req
+        self.send = send
+        self.deliver = deliver
+        self.clock = clock
+        self.stats = IsoTpStats()
+        # the positive response starts with the service id + 0x40 and the request's data
+        self.expect = bytes([req.request[1] + 0x40]) + req.request[2:]
+        self.buf = bytearray()
+        self.length = 0
+        self.next_sn = 0
+        self.in_block = 0
+        self.receiving = False
+        self.deadline = 0.0
+        self.waiting = False  # a request of ours is outstanding
+        self.next_due = 0.0
+
+    def _pad(self, data: bytes) -> bytes:
+        return data + bytes([self.req.padding]) * (8 - len(data))
+
+    def _flow_control(self) -> None:
+        if self.send is not None:
+            self.send(self.req.request_id,
+                      self._pad(bytes([0x30, self.req.block_size, self.req.st_min])),
+                      self.req.extended)
+
+    def poll(self, now: float) -> float:
+        """Send the request when due; expire a stalled exchange. Returns the next wake-up."""
+        if (self.waiting or self.receiving) and now >= self.deadline:
+            self.stats.timeouts += 1
+            if self.stats.timeouts in (1, 10, 100) or self.stats.timeouts % 1000 == 0:
+                log.warning("ISO-TP %s: no complete answer on %#x within %.1f s (%d so far)",
+                            self.req.key, self.req.response_id, self.req.timeout_s,
+                            self.stats.timeouts)
+            self._reset()
+        if self.send is not None and now >= self.next_due and not self.receiving:
+            self.next_due = now + self.req.period_s
+            if self.send(self.req.request_id, self._pad(self.req.request), self.req.extended):
+                self.stats.requests += 1
+                self.waiting = True
+                self.deadline = now + self.req.timeout_s
+        wake = self.next_due if self.send is not None else now + 1.0
+        if self.waiting or self.receiving:
+            wake = min(wake, self.deadline)
+        return wake
+
+    def _reset(self) -> None:
+        self.receiving = False
+        self.waiting = False
+        self.buf.clear()
+
+    def on_frame(self, ts: float, data: bytes) -> None:
+        if not data:
+            return
+        pci = data[0] >> 4
+        now = self.clock()
+        if pci == 0:  # single frame
+            n = data[0] & 0x0F
+            self._complete(ts, bytes(data[1:1 + n]))
+        elif pci == 1:  # first frame
+            if len(data) < 8:
+                return
+            length = ((data[0] & 0x0F) << 8) | data[1]
+            if not bytes(data[2:8]).startswith(self.expect[:6]):
+                return  # an answer to a different request
+            self.length = length
+            self.buf = bytearray(data[2:8])
+            self.next_sn = 1
+            self.in_block = 0
+            self.receiving = True
+            self.deadline = now + self.req.timeout_s
+            if not self.waiting:
+                self.stats.passive += 1
+            if self.waiting:  # only a request of ours gets our flow control
+                self._flow_control()
+        elif pci == 2 and self.receiving:  # consecutive frame
+            sn = data[0] & 0x0F
+            if sn != self.next_sn:
+                self.stats.sequence_errors += 1
+                log.debug("ISO-TP %s: sequence %d, expected %d: dropped", self.req.key, sn,
+                          self.next_sn)
+                self._reset()
+                return
+            self.next_sn = (sn + 1) & 0x0F
+            self.buf += data[1:8]
+            self.deadline = now + self.req.timeout_s
+            if len(self.buf) >= self.length:
+                payload = bytes(self.buf[:self.length])
+                self._reset()
+                self._deliver(ts, payload)
+                return
+            self.in_block += 1
+            if self.req.block_size and self.in_block >= self.req.block_size and self.waiting:
+                self.in_block = 0
+                self._flow_control()
+        # flow control frames (pci 3) on the response id are not for us
+
+    def _complete(self, ts: float, payload: bytes) -> None:
+        if payload[:1] == b"\x7f":
+            self.stats.negative += 1
+            self._reset()
+            return
+        if not payload.startswith(self.expect):
+            return
+        if not self.waiting:
+            self.stats.passive += 1
+        self._reset()
+        self._deliver(ts, payload)
+
+    def _deliver(self, ts: float, payload: bytes) -> None:
+        self.stats.responses += 1
+        self.deliver(ts, payload)
+
+
+def cell_writer(state: PackState, block: CellBlock,
+                implausible: list[int]) -> Callable[[float, bytes], None]:
+    """A deliver function that writes a block of cells into the pack state."""
+    lo, hi = CELL_VALID[block.kind]
+    slot = len(FIELD_INDEX) + (0 if block.kind == "voltages" else 1)
+
+    def deliver(ts: float, payload: bytes) -> None:
+        values = decode_cells(block, payload)
+        arr = state.cell_v if block.kind == "voltages" else state.cell_t
+        n = block.first + len(values)
+        if block.kind == "voltages":
+            state.ensure_cells(n)
+        else:
+            state.ensure_temps(n)
+        for i, v in enumerate(values, block.first):
+            if v is not None and not lo <= v <= hi:
+                implausible[slot] += 1
+                v = None
+            if arr[i] != v:
+                arr[i] = v
+                state.cells_changed = True
+        state.last_seen = ts
+        state.last_ts = ts
+    return deliver
+
+
+# ---------------------------------------------------------------- the poller
+
+
+@dataclass(slots=True)
+class PollJob:
+    pack: str
+    key: str
+    bus: int
+    can_id: int
+    extended: bool
+    data: bytes
+    period_s: float
+    reply: int | None
+    next_due: float = 0.0
+    sent: int = 0
+    answered: int = 0
+    unanswered: int = 0
+    pending: bool = False
+
+
+@dataclass(slots=True)
+class Poller:
+    """All requests of all packs of one gateway; `run()` is the daemon's poller task."""
+
+    pipeline: Any  # gateway.pipeline.Pipeline (not imported: it imports the fault stage)
+    send: SendFn
+    clock: Callable[[], float] = time.monotonic
+    jobs: list[PollJob] = field(default_factory=list)
+    clients: list[tuple[str, int, IsoTpClient]] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        cfg = self.pipeline.cfg
+        cache = DbcCache()
+        buses = {b.name: i for i, b in enumerate(cfg.buses)}
+        runtimes = {rt.compiled.cfg.id: rt for rt in self.pipeline.packs}
+        for pc in cfg.packs:
+            rt = runtimes.get(pc.id)
+            if rt is None:
+                continue
+            bus = buses.get(pc.bus, 0)
+            extras = load_extras(pc.profile, self.problems)
+            if pc.transmit:
+                for req in pc.profile.poll:
+                    try:
+                        can_id, ext, data = request_frame(pc, req, cache, extras.id_offset_shift)
+                    except ValueError as e:
+                        self.problems.append(Problem(str(pc.profile.path), req.key, str(e)))
+                        continue
+                    job = PollJob(pc.id, req.key, bus, can_id, ext, data, req.period_s,
+                                  reply_key(pc, req, cache))
+                    self.jobs.append(job)
+                    if job.reply is not None:
+                        self._tap(bus, job.reply, self._answered(job))
+            for ireq in extras.isotp:
+                send = self._sender(bus) if pc.transmit else None
+                deliver = (cell_writer(rt.compiled.state, ireq.cells, rt.compiled.implausible)
+                           if ireq.cells is not None else (lambda ts, payload: None))
+                client = IsoTpClient(ireq, send, deliver, self.clock)
+                self.clients.append((pc.id, bus, client))
+                key = frame_key(ireq.response_id, ireq.extended)
+                self._tap(bus, key, client.on_frame)
+        for p in self.problems:
+            log.error("polling: %s", p)
+
+    def _sender(self, bus: int) -> Callable[[int, bytes, bool], bool]:
+        def send(can_id: int, data: bytes, ext: bool) -> bool:
+            return self.send(bus, can_id, data, ext)
+        return send
+
+    @staticmethod
+    def _answered(job: PollJob) -> Callable[[float, bytes], None]:
+        def seen(ts: float, data: bytes) -> None:
+            if job.pending:
+                job.pending = False
+                job.answered += 1
+        return seen
+
+    def _tap(self, bus: int, key: int, fn: Handler) -> None:
+        """Run `fn` for frames with this key, before the pipeline's own handler (if any)."""
+        table: dict[int, Handler] = self.pipeline.tables[bus]
+        inner = table.get(key)
+        if inner is None:
+            table[key] = fn
+            return
+
+        def both(ts: float, data: bytes) -> None:
+            fn(ts, data)
+            inner(ts, data)
+        table[key] = both
+
+    @property
+    def active(self) -> bool:
+        return bool(self.jobs) or any(c.send is not None for _, _, c in self.clients)
+
+    def step(self, now: float) -> float:
+        """Send whatever is due at `now`; return when to look again."""
+        wake = now + 1.0
+        for job in self.jobs:
+            if now >= job.next_due:
+                job.next_due = now + job.period_s
+                if job.pending:
+                    job.unanswered += 1
+                if self.send(job.bus, job.can_id, job.data, job.extended):
+                    job.sent += 1
+                    job.pending = job.reply is not None
+            wake = min(wake, job.next_due)
+        for _, _, client in self.clients:
+            wake = min(wake, client.poll(now))
+        return wake
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not self.active:
+            return  # listen-only taps stay installed; nothing to send
+        while not stop.is_set():
+            wake = self.step(self.clock())
+            await asyncio.sleep(max(0.005, min(wake - self.clock(), 0.5)))
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for j in self.jobs:
+            out[f"{j.pack}:{j.key}"] = {"id": f"{j.can_id & ~EXTENDED_FLAG:#x}", "sent": j.sent,
+                                        "answered": j.answered, "unanswered": j.unanswered}
+        for pack, _, c in self.clients:
+            s = c.stats
+            out[f"{pack}:{c.req.key}"] = {
+                "requests": s.requests, "responses": s.responses, "timeouts": s.timeouts,
+                "sequence_errors": s.sequence_errors, "negative": s.negative,
+                "passive": s.passive}
+        return out
+
+
+__all__ = ["CellBlock", "IsoTpClient", "IsoTpRequest", "Poller", "decode_cells",
+           "load_extras", "request_frame"]
