@@ -391,7 +391,8 @@ def cell_writer(state: PackState, block: CellBlock,
             state.ensure_cells(n)
         else:
             state.ensure_temps(n)
-        for i, v in enumerate(values, block.first):
+        for i, raw in enumerate(values, block.first):
+            v = raw
             if v is not None and not lo <= v <= hi:
                 implausible[slot] += 1
                 v = None
