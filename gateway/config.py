@@ -165,6 +165,7 @@ class Profile:
     cell_count: int | None
     stale_after_s: float | None
     extras: dict[str, ValueSpec]
+    chemistry: str | None = None
 
 
 # ---------------------------------------------------------------- gateway schema
@@ -219,6 +220,7 @@ class PackConfig:
     cell_count: int | None
     publish: PublishPolicy
     rules: dict[str, dict[str, Any]]  # raw per-rule overrides, validated in faults
+    chemistry: str = "lfp"  # picks the default cell voltage limits
 
 
 @dataclass(frozen=True, slots=True)
@@ -515,7 +517,8 @@ def available_profiles() -> list[str]:
 
 
 _PROFILE_KEYS = {"name", "description", "dbc", "fields", "cells", "faults", "poll",
-                 "cell_count", "stale_after_s", "extras", "notes"}
+                 "cell_count", "stale_after_s", "extras", "notes", "chemistry", "isotp"}
+CHEMISTRIES = ("lfp", "nmc", "nca", "lmo", "lto", "sodium", "other")
 
 
 def load_profile(path: Path, problems: list[Problem]) -> Profile | None:
@@ -596,7 +599,17 @@ def load_profile(path: Path, problems: list[Problem]) -> Profile | None:
         description=str(top.get("description", "")), dbc=dbcs, fields=fields, cells=cells,
         faults=tuple(faults), poll=tuple(polls), cell_count=cc,
         stale_after_s=r.num(top, "", "stale_after_s", None, lo=0.1), extras=extras,
+        chemistry=_chemistry(r, top, "chemistry"),
     )
+
+
+def _chemistry(r: _Reader, obj: dict[str, Any], key: str) -> str | None:
+    chem = r.str_(obj, "", "chemistry", None)
+    if chem is not None and chem.lower() not in CHEMISTRIES:
+        r.bad(key, f"unknown chemistry {chem!r}",
+              nearest(chem.lower(), CHEMISTRIES) or f"one of {', '.join(CHEMISTRIES)}")
+        return None
+    return chem.lower() if chem else None
 
 
 # ---------------------------------------------------------------- gateway parsing
@@ -605,7 +618,7 @@ _TOP_KEYS = {"gateway_id", "state_dir", "log_level", "can", "packs", "mqtt", "pu
              "homeassistant", "outbox", "shutdown_timeout_s", "prometheus", "rules"}
 _CAN_KEYS = {"name", "interface", "channel", "bitrate", "fd", "data_bitrate", "options"}
 _PACK_KEYS = {"id", "profile", "dbc", "bus", "id_offset", "transmit", "stale_after_s",
-              "cell_count", "publish", "rules"}
+              "cell_count", "publish", "rules", "chemistry"}
 _MQTT_KEYS = {"url", "topic_prefix", "client_id", "username", "password", "password_file",
               "password_env", "protocol", "keepalive", "tls", "max_payload"}
 _PUBLISH_KEYS = {"state", "cells", "deadband", "cell_deadband_v", "per_value_topics"}
@@ -829,13 +842,18 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
             r.bad(f"{k}.bus", f"no bus named {bus!r}",
                   nearest(bus, {b.name for b in buses}) or "name one of the `can:` entries")
         stale = r.num(spec, k, "stale_after_s", profile.stale_after_s or 10.0, lo=0.1)
-        rules = {**global_rules, **r.mapping(spec.get("rules"), f"{k}.rules")}
+        rules = dict(global_rules)
+        for name, ov in r.mapping(spec.get("rules"), f"{k}.rules").items():
+            base_rule = rules.get(name)  # a pack's keys refine the global rule, key by key
+            rules[name] = ({**base_rule, **ov} if isinstance(base_rule, dict)
+                           and isinstance(ov, dict) else ov)
         packs.append(PackConfig(
             id=pid, profile=profile, bus=bus, id_offset=r.int_(spec, k, "id_offset", 0) or 0,
             transmit=r.bool_(spec, k, "transmit", False), stale_after_s=stale or 10.0,
             cell_count=r.int_(spec, k, "cell_count", profile.cell_count, lo=1),
             publish=_publish_policy(r, f"{k}.publish", spec.get("publish"), publish),
             rules=rules,
+            chemistry=_chemistry(r, spec, f"{k}.chemistry") or profile.chemistry or "lfp",
         ))
     mqtt = _mqtt(r, top.get("mqtt"), base)
     if mqtt_url is not None:

@@ -43,6 +43,7 @@ Choices worth knowing:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import deque
 from collections.abc import Callable
@@ -162,9 +163,24 @@ _KEYS: dict[Kind, frozenset[str]] = {
 }
 
 
-def default_rules() -> dict[str, RuleSpec]:
-    return {n: RuleSpec(n, True, d.severity, d.raise_at, d.clear_at, d.debounce_s,
-                        d.window_s) for n, d in RULES.items()}
+# Cell voltage limits by chemistry (raise, clear); the pack's or profile's `chemistry`
+# picks them, YAML rule overrides still win.
+CHEMISTRY: dict[str, dict[str, tuple[float, float]]] = {
+    "lfp": {"cell_over_voltage": (3.65, 3.55), "cell_under_voltage": (2.8, 2.95)},
+    "nmc": {"cell_over_voltage": (4.25, 4.15), "cell_under_voltage": (3.0, 3.15)},
+    "nca": {"cell_over_voltage": (4.25, 4.15), "cell_under_voltage": (2.9, 3.05)},
+    "lmo": {"cell_over_voltage": (4.25, 4.15), "cell_under_voltage": (3.0, 3.15)},
+    "lto": {"cell_over_voltage": (2.8, 2.7), "cell_under_voltage": (1.7, 1.85)},
+    "sodium": {"cell_over_voltage": (4.0, 3.9), "cell_under_voltage": (1.5, 1.7)},
+}
+
+
+def default_rules(chemistry: str = "lfp") -> dict[str, RuleSpec]:
+    out = {n: RuleSpec(n, True, d.severity, d.raise_at, d.clear_at, d.debounce_s,
+                       d.window_s) for n, d in RULES.items()}
+    for name, (ra, ca) in CHEMISTRY.get(chemistry, {}).items():
+        out[name] = dataclasses.replace(out[name], raise_at=ra, clear_at=ca)
+    return out
 
 
 # ---------------------------------------------------------------- parsing
@@ -185,7 +201,7 @@ def _gap(d: _Def, raise_at: float) -> float:
 
 
 def parse_rules(overrides: dict[str, dict[str, Any]], file: str, key: str,
-                problems: list[Problem]) -> dict[str, RuleSpec]:
+                problems: list[Problem], chemistry: str = "lfp") -> dict[str, RuleSpec]:
     """Defaults for every rule merged with the YAML overrides under `key`.
 
     Problems are appended (never raised); a rule with a bad value keeps that value's
@@ -205,7 +221,7 @@ def parse_rules(overrides: dict[str, dict[str, Any]], file: str, key: str,
         if name not in RULES:
             bad(str(name), "unknown rule",
                 nearest(str(name), list(RULES)) or f"rules are: {', '.join(RULES)}")
-    out = default_rules()
+    out = default_rules(chemistry)
     for name, d in RULES.items():
         if name in raw_all:
             out[name] = _parse_one(name, d, raw_all[name], out[name], bad)

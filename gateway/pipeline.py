@@ -65,7 +65,8 @@ class Pipeline:
             {} for _ in cfg.buses]
         for i, pc in enumerate(cfg.packs):
             compiled = compile_pack(pc, cache, problems)
-            rules = parse_rules(pc.rules, str(cfg.path), f"packs[{i}].rules", problems)
+            rules = parse_rules(pc.rules, str(cfg.path), f"packs[{i}].rules", problems,
+                                pc.chemistry)
             if compiled is None:
                 continue
             engine = FaultEngine(pc.id, rules, pc.profile.faults, pc.stale_after_s)
