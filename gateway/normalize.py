@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import fnmatch
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -230,7 +231,7 @@ class _Compiler:
             g.emit(ind, f"v = {expr}")
             if is_int:
                 g.emit(ind, "v = int(v)")
-            g.emit(ind, f"if {lo!r} <= v <= {hi!r}:")
+            g.emit(ind, f"if {_lit(lo)} <= v <= {_lit(hi)}:")
             g.emit(ind + 1, f"if V[{slot}] != v:")
             g.emit(ind + 2, f"V[{slot}] = v")
             g.emit(ind + 2, "st.changed = True")
@@ -254,7 +255,7 @@ class _Compiler:
 
         def gen(g: _Codegen, ind: int, mux_var: str) -> None:
             g.emit(ind, f"v = {self.value_expr(spec, msg, g)}")
-            g.emit(ind, f"if {lo!r} <= v <= {hi!r}:")
+            g.emit(ind, f"if {_lit(lo)} <= v <= {_lit(hi)}:")
             g.emit(ind + 1, f"if X.get({name!r}) != v:")
             g.emit(ind + 2, f"X[{name!r}] = v")
             g.emit(ind + 2, "st.changed = True")
@@ -503,7 +504,7 @@ class _Compiler:
                     cond.append(f"{raw_inv} == {src_.invalid_value}")
                 if kind != "balancing":
                     lo, hi = kind_valid
-                    cond.append(f"not ({lo!r} <= v <= {hi!r})")
+                    cond.append(f"not ({_lit(lo)} <= v <= {_lit(hi)})")
                 if cond:
                     g.emit(ind + 1, f"if {' or '.join(cond)}:")
                     if kind != "balancing":
@@ -587,7 +588,7 @@ class _Compiler:
                 lines.append(f"    m = {bitfield(msg, muxer).expr('le', 'be')}")
             src = "\n".join(lines) + "\n" + code + "\n"
             ns: dict[str, Any] = {
-                "_fb": int.from_bytes, "_unpack": unpack_float, "st": state, "V": state.values,
+                "_fb": int.from_bytes, "_unpack": unpack_float, "_INF": math.inf, "st": state, "V": state.values,
                 "CV": state.cell_v, "CT": state.cell_t, "CB": state.balancing,
                 "X": state.extras, "IMPL": impl, "CNT": self.counters, "FS": fault_state,
                 "FH": fault_hook, **g.consts,
@@ -619,6 +620,13 @@ def _bits_used(msg: Message, code: str) -> int:
         if pat in code:
             need = max(need, bf.min_bytes)
     return need
+
+
+def _lit(x: float) -> str:
+    """A number as Python source; infinities have no literal."""
+    if math.isinf(x):
+        return "_INF" if x > 0 else "-_INF"
+    return repr(x)
 
 
 def _flag_test(raw: str, bit: int | None, values: tuple[int, ...] | None) -> str:
