@@ -57,7 +57,7 @@ from .model import FIELD_BY_NAME, Value
 log = logging.getLogger("gateway.simulate")
 
 SimFrame = tuple[float, int, bytes, bool]  # (ts, arbitration id, data, extended)
-Chemistry = Literal["lfp", "nmc"]
+Chemistry = Literal["lfp", "nmc", "lto", "sodium"]  # OCV curves; nca and lmo use nmc
 
 DEFAULT_CELLS = 16
 SWEEP_S = 1.0  # a multiplexed / per-cell message sends all its frames once per sweep
@@ -73,9 +73,15 @@ _OCV: dict[Chemistry, tuple[tuple[float, ...], tuple[float, ...]]] = {
             (2.80, 3.05, 3.18, 3.24, 3.27, 3.29, 3.30, 3.31, 3.32, 3.33, 3.34, 3.37, 3.45)),
     "nmc": ((0, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100),
             (3.30, 3.45, 3.55, 3.62, 3.67, 3.72, 3.77, 3.83, 3.90, 3.97, 4.06, 4.12, 4.18)),
+    "lto": ((0, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100),
+            (1.80, 2.05, 2.15, 2.22, 2.26, 2.29, 2.32, 2.35, 2.38, 2.42, 2.50, 2.58, 2.68)),
+    "sodium": ((0, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 100),
+               (1.80, 2.40, 2.60, 2.80, 2.95, 3.05, 3.15, 3.25, 3.35, 3.50, 3.65, 3.75, 3.85)),
 }
-_CHARGE_V = {"lfp": 3.55, "nmc": 4.15}
-_DISCHARGE_V = {"lfp": 2.90, "nmc": 3.20}
+_CHEM_ALIAS: dict[str, Chemistry] = {"lfp": "lfp", "nmc": "nmc", "nca": "nmc", "lmo": "nmc",
+                                     "lto": "lto", "sodium": "sodium"}
+_CHARGE_V = {"lfp": 3.55, "nmc": 4.15, "lto": 2.70, "sodium": 3.85}
+_DISCHARGE_V = {"lfp": 2.90, "nmc": 3.20, "lto": 1.90, "sodium": 1.80}
 # Default current cycle: (amps, seconds), + = charging.
 DEFAULT_CYCLE: tuple[tuple[float, float], ...] = ((40.0, 60.0), (0.0, 15.0), (-60.0, 60.0),
                                                   (0.0, 15.0))
@@ -190,8 +196,8 @@ def parse_scenario(data: Any, file: str, problems: list[Problem]) -> Scenario:
         return float(v)
 
     chem = top.get("chemistry")
-    if chem is not None and chem not in ("lfp", "nmc"):
-        bad("chemistry", f"unknown chemistry {chem!r}", "one of lfp, nmc")
+    if chem is not None and chem not in _CHEM_ALIAS:
+        bad("chemistry", f"unknown chemistry {chem!r}", f"one of {', '.join(_CHEM_ALIAS)}")
         chem = None
     cycle: tuple[tuple[float, float], ...] | None = None
     if top.get("cycle") is not None:
@@ -288,7 +294,7 @@ def parse_scenario(data: Any, file: str, problems: list[Problem]) -> Scenario:
             events.append(Event(at, "bms_fault", for_s, code=code))
     events.sort(key=lambda e: e.at)
     return Scenario(
-        events=tuple(events), chemistry=chem, capacity_ah=number(top, "", "capacity_ah", 0.1),
+        events=tuple(events), chemistry=_CHEM_ALIAS[chem] if chem else None, capacity_ah=number(top, "", "capacity_ah", 0.1),
         soc=number(top, "", "soc", 0.0), ambient_c=number(top, "", "ambient_c", -40.0),
         cells=cells if isinstance(cells, int) and not isinstance(cells, bool) and cells > 0
         else None,
@@ -807,7 +813,7 @@ class Simulator:
         sc = self.scenario
         prof = pack.profile
         self.cells = sc.cells or pack.cell_count or prof.cell_count or DEFAULT_CELLS
-        self.chemistry: Chemistry = sc.chemistry or _guess_chemistry(pack)
+        self.chemistry: Chemistry = sc.chemistry or _CHEM_ALIAS.get(pack.chemistry, "lfp")
         self.capacity_ah = sc.capacity_ah or 100.0
         problems: list[Problem] = []
         if dbs is None:
@@ -991,12 +997,6 @@ class Simulator:
             if rest > 0:
                 await asyncio.sleep(rest)
         return sent
-
-
-def _guess_chemistry(pack: PackConfig) -> Chemistry:
-    rule = pack.rules.get("cell_over_voltage")
-    raise_at = rule.get("raise_at") if isinstance(rule, dict) else None
-    return "nmc" if isinstance(raise_at, (int, float)) and raise_at >= 3.9 else "lfp"
 
 
 def find_pack(cfg: GatewayConfig, pack_id: str | None) -> PackConfig:
