@@ -353,6 +353,7 @@ def plot(series: Series, out: Path, *, title: str = "") -> None:
     """Pack voltage, current, SoC, temperatures, a cell heatmap and fault markers."""
     plt = _require_matplotlib()
     import numpy as np
+    from matplotlib.colors import SymLogNorm
 
     if not series.t:
         msg = f"pack {series.pack_id}: no state was published from this log: nothing to plot"
@@ -390,15 +391,30 @@ def plot(series: Series, out: Path, *, title: str = "") -> None:
         grid = np.full((len(series.cells), width), np.nan)
         for i, c in enumerate(series.cells):
             grid[i, :len(c)] = c
-        dev = (grid - np.nanmean(grid, axis=1, keepdims=True)) * 1000.0
-        lim = max(5.0, float(np.nanmax(np.abs(dev))) if np.isfinite(dev).any() else 5.0)
+        # from the median, not the mean: one runaway cell must not tint all the others
+        dev = (grid - np.nanmedian(grid, axis=1, keepdims=True)) * 1000.0
+        lim = max(20.0, float(np.nanmax(np.abs(dev))) if np.isfinite(dev).any() else 20.0)
         ct = np.array(series.cells_t) - t0
         edges = np.append(ct, ct[-1] + (ct[-1] - ct[-2]))
+        # linear within the watch's green band (5 mV), logarithmic beyond: one runaway
+        # cell must not wash out the few-mV spread of the others
+        norm = SymLogNorm(linthresh=5.0, vmin=-lim, vmax=lim, base=10)
         mesh = ax.pcolormesh(edges, np.arange(width + 1) + 0.5, dev.T, cmap="coolwarm",
-                             vmin=-lim, vmax=lim, shading="flat")
-        fig.colorbar(mesh, ax=ax, label="cell - pack mean (mV)", pad=0.01)
+                             norm=norm, shading="flat")
+        ticks = [t for t in (-500, -100, -20, -5, 0, 5, 20, 100, 500) if abs(t) <= lim]
+        bar = fig.colorbar(mesh, ax=ax, label="cell - pack median (mV)", pad=0.01, ticks=ticks)
+        bar.ax.set_yticklabels([f"{t:+d}" if t else "0" for t in ticks])
         ax.set_ylabel("cell")
     axes[-1].set_xlabel(f"seconds since {iso_ts(t0)}")
+    # grey where the pack was silent (comm_lost): the flat lines there are held values
+    lost: float | None = None
+    for ts, state, code, _sev in [*series.events, (series.t[-1], "cleared", "comm_lost", "")]:
+        if code == "comm_lost" and state == "raised":
+            lost = ts
+        elif code == "comm_lost" and lost is not None:
+            for ax in axes:
+                ax.axvspan(lost - t0, ts - t0, color="0.88", zorder=0)
+            lost = None
     top = axes[0]
     for ts, state, code, sev in series.events:
         x = ts - t0
@@ -406,10 +422,12 @@ def plot(series: Series, out: Path, *, title: str = "") -> None:
         style = "--" if state == "raised" else ":"
         for ax in axes:
             ax.axvline(x, color=colour, ls=style, lw=1.0, alpha=0.8)
-        top.annotate(f"{'▲' if state == 'raised' else '▼'} {code}", (x, 1.0),
-                     xycoords=("data", "axes fraction"), xytext=(2, 2),
-                     textcoords="offset points", rotation=30, fontsize=7, color=colour,
-                     va="bottom", ha="left")
+        top.annotate(f"{'▲' if state == 'raised' else '▼'} {code}", (x, 0.97),
+                     xycoords=("data", "axes fraction"), xytext=(2, 0),
+                     textcoords="offset points", rotation=90, fontsize=7, color=colour,
+                     va="top", ha="left",
+                     bbox={"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none",
+                           "alpha": 0.7})
     fig.suptitle(title or f"pack {series.pack_id}")
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

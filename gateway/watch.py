@@ -411,6 +411,8 @@ def _compact_fits(p: PackView, inner: int, max_rows: int) -> bool:
 def _brief(p: PackView) -> Text:
     soc, v = p.num("soc_pct"), p.num("voltage_v")
     avail = p.availability or "?"
+    if not p.values and not p.cell_v:
+        return _line((p.pack_id, "bold"), f" {avail}  ", ("waiting for data…", "dim"))
     return _line((f"{p.pack_id}", "bold"), f" {avail}  SoC {_n(soc, '.1f', ' %')}  ",
                  f"{_n(v, '.2f', ' V')}  {_n(p.num('current_a'), '+.1f', ' A')}  ",
                  (f"{len(p.faults)} faults", "bold red") if p.faults else ("ok", "green"))
