@@ -10,8 +10,9 @@ Cells: a compact grid (`12*3.301▆▲`: number, `*` when balancing, voltage, a 
 height is the cell's place between the pack's min and max, `▲` max / `▼` min) when it
 fits the terminal; otherwise a dense mode of one glyph per cell, 16 to a group, with the
 min and max cells drawn as `▼`/`▲` and balancing cells on a blue background. Both colour
-each cell by its distance from the pack mean: green within `ok_mv`, yellow within
-`warn_mv`, red beyond. When the screen is short, the detail is cut in this order:
+each cell by its distance from the pack median (not the mean, which one runaway cell
+drags along, tinting all the others): green within `ok_mv`, yellow within `warn_mv`,
+red beyond. When the screen is short, the detail is cut in this order:
 faults list, compact grid, cell grid, extra lines, then whole packs.
 """
 
@@ -22,6 +23,7 @@ import contextlib
 import io
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -230,10 +232,10 @@ def _line(*parts: str | tuple[str, str]) -> Text:
     return t
 
 
-def _cell_style(v: float | None, mean: float, vm: ViewModel) -> str:
+def _cell_style(v: float | None, ref: float, vm: ViewModel) -> str:
     if v is None:
         return "dim"
-    dev = abs(v - mean) * 1000.0
+    dev = abs(v - ref) * 1000.0
     if dev <= vm.ok_mv:
         return "green"
     if dev <= vm.warn_mv:
@@ -252,6 +254,8 @@ class _Cells:
         self.lo = min(known) if known else None  # (voltage, index): first of equals
         self.hi = max(known, key=lambda k: (k[0], -k[1])) if known else None
         self.mean = sum(x for x, _ in known) / len(known) if known else 0.0
+        # colours measure from the median: one runaway cell must not tint all the others
+        self.ref = statistics.median(x for x, _ in known) if known else 0.0
         self.bal = [i for i, b in enumerate(p.balancing) if b]
         self.width = len(str(self.n)) if self.n else 1
 
@@ -281,7 +285,7 @@ class _Cells:
             parts: list[str | tuple[str, str]] = []
             for i in range(start, min(self.n, start + cols)):
                 x = self.v[i]
-                style = _cell_style(x, self.mean, vm)
+                style = _cell_style(x, self.ref, vm)
                 mark = self.mark(i)
                 parts.append((f"{i + 1:>{self.width}}", "bold" if mark else "dim"))
                 parts.append((BAL_MARK, "bold magenta") if i in bal else " ")
@@ -305,7 +309,7 @@ class _Cells:
                 if i > start and (i - start) % DENSE_GROUP == 0:
                     parts.append(" ")
                 x = self.v[i]
-                style = _cell_style(x, self.mean, vm)
+                style = _cell_style(x, self.ref, vm)
                 mark = self.mark(i)
                 if i in bal:
                     style += " on blue"
@@ -434,7 +438,7 @@ def _title(p: PackView, vm: ViewModel) -> Text:
 
 def _legend(vm: ViewModel) -> Text:
     return _line(" ", ("■", "green"), f"±{vm.ok_mv:g} ", ("■", "yellow"), f"±{vm.warn_mv:g} ",
-                 ("■", "bold red"), f">{vm.warn_mv:g} mV from mean  ",
+                 ("■", "bold red"), f">{vm.warn_mv:g} mV from median  ",
                  f"{MAX_MARK}max {MIN_MARK}min {BAL_MARK}bal ")
 
 
