@@ -396,7 +396,7 @@ def _pack_lines(p: PackView, vm: ViewModel, inner: int, d: _Detail) -> list[Text
             age = fmt_age(vm.now - f.since) if f.since is not None else "?"
             sev = _SEV_SHORT.get(f.severity, f.severity.upper()[:4])
             lines.append(_line((f"{sev:<4}", _SEV_STYLE.get(f.severity, "")),
-                               f" {age:>6}  ", (f.code, "bold"), f"  {f.message}"))
+                               f" {age:>7}  ", (f.code, "bold"), f"  {f.message}"))
         if len(show) < len(faults):
             more = len(faults) - len(show)
             lines.append(_line((f"+{more} more fault{'s' * (more > 1)}"
