@@ -221,4 +221,4 @@ class Publication:
     topic: str
     payload: bytes
     retain: bool = True
-    qos: int = 0
+    qos: int = 1  # at least once: a subscriber that lags must still get every snapshot

@@ -428,6 +428,9 @@ class _Compiler:
         f, o = ValueSpec(key=src.key, unit=src.unit).factor_offset()
         scale = src.scale * f
         impl_slot = len(FIELD_INDEX) + (0 if kind == "voltages" else 1)
+        # Frames often carry more slots than the pack has cells (the last group of a
+        # sweep): with a known cell count, slots past it are ignored, not counted.
+        limit = self.cfg.cell_count if kind != "temps" and self.cfg.cell_count else MAX_CELLS
 
         plans: dict[int | None, list[tuple[int | None, BitField, BitField | None]]] = {}
         for mid, sigs in groups.items():
@@ -477,17 +480,18 @@ class _Compiler:
                     raw = bf.expr("le", "be")
                     g.emit(ind, f"bits = {raw}")
                     g.emit(ind, f"i0 = {idx}")
-                    g.emit(ind, f"if 0 <= i0 and i0 + {bf.length} <= {MAX_CELLS}:")
-                    g.emit(ind + 1, f"if len({arr}) < i0 + {bf.length}:")
-                    g.emit(ind + 2, f"{ensure}(i0 + {bf.length})")
-                    g.emit(ind + 1, f"for j in range({bf.length}):")
+                    g.emit(ind, f"n0 = min({bf.length}, {limit} - i0)")
+                    g.emit(ind, "if 0 <= i0 and n0 > 0:")
+                    g.emit(ind + 1, f"if len({arr}) < i0 + n0:")
+                    g.emit(ind + 2, f"{ensure}(i0 + n0)")
+                    g.emit(ind + 1, "for j in range(n0):")
                     g.emit(ind + 2, "b = bool((bits >> j) & 1)")
                     g.emit(ind + 2, f"if {arr}[i0 + j] is not b:")
                     g.emit(ind + 3, f"{arr}[i0 + j] = b")
                     g.emit(ind + 3, changed)
                     continue
                 g.emit(ind, f"i = {idx}")
-                g.emit(ind, f"if 0 <= i < {MAX_CELLS}:")
+                g.emit(ind, f"if 0 <= i < {limit}:")
                 if kind == "balancing":
                     g.emit(ind + 1, f"v = bool({bf.expr('le', 'be')})")
                 else:
@@ -497,26 +501,26 @@ class _Compiler:
                     if o:
                         e = f"({e} + {o!r})"
                     g.emit(ind + 1, f"v = {e}")
-                cond = []
-                if inv is not None:
+                kw = "if"
+                if inv is not None:  # the BMS itself says the value is invalid: no count
                     raw_inv = BitField(inv.name, inv.big_endian, inv.shift, inv.mask, False, None,
                                        1, 0, inv.min_bytes, inv.length).expr("le", "be")
-                    cond.append(f"{raw_inv} == {src_.invalid_value}")
+                    g.emit(ind + 1, f"if {raw_inv} == {src_.invalid_value}:")
+                    g.emit(ind + 2, "v = None")
+                    kw = "elif"
                 if kind != "balancing":
                     lo, hi = kind_valid
-                    cond.append(f"not ({_lit(lo)} <= v <= {_lit(hi)})")
-                if cond:
-                    g.emit(ind + 1, f"if {' or '.join(cond)}:")
-                    if kind != "balancing":
-                        g.emit(ind + 2, f"IMPL[{impl_slot}] += 1")
+                    g.emit(ind + 1, f"{kw} not ({_lit(lo)} <= v <= {_lit(hi)}):")
+                    g.emit(ind + 2, f"IMPL[{impl_slot}] += 1")
                     g.emit(ind + 2, "v = None")
                 g.emit(ind + 1, f"if i >= len({arr}):")
                 g.emit(ind + 2, f"{ensure}(i + 1)")
                 g.emit(ind + 1, f"if {arr}[i] != v:")
                 g.emit(ind + 2, f"{arr}[i] = v")
                 g.emit(ind + 2, changed)
-                g.emit(ind, "else:")
-                g.emit(ind + 1, f"IMPL[{impl_slot}] += 1")
+                if limit == MAX_CELLS:  # a known cell count makes slots past it just unused
+                    g.emit(ind, "else:")
+                    g.emit(ind + 1, f"IMPL[{impl_slot}] += 1")
 
         if src.mux:
             assert muxer is not None
@@ -574,7 +578,7 @@ class _Compiler:
             used = _bits_used(msg, code)
             min_bytes = max([used, 1])
             L = msg.length
-            lines = ["def handler(ts, data):", "    n = len(data)",
+            lines = ["def handler(ts, data):", "    CNT.frames += 1", "    n = len(data)",
                      f"    if n < {min_bytes}:", "        CNT.short_frames += 1", "        return",
                      "    st.last_seen = ts", "    st.last_ts = ts"]
             if need_le or (muxer is not None and muxer.byte_order == "little_endian"):

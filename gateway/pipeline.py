@@ -39,7 +39,7 @@ class PackRuntime:
     faults: FaultEngine
     events_topic: str
     last_faults: bytes = b""
-    short_reported: int = 0
+    frames_reported: int = 0
     impl_reported: int = 0
 
 
@@ -163,6 +163,10 @@ class Pipeline:
             rt.publisher.tick(ts, out, force=force)
             if st.online:
                 eng.evaluate(ts, st)
+            pc = rt.compiled.counters
+            if pc.frames != rt.frames_reported:
+                rt.frames_reported = pc.frames
+                eng.decode_errors(ts, pc.short_frames, pc.frames)
             counts = rt.compiled.implausible
             total_impl = sum(counts)
             if total_impl != rt.impl_reported:
