@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import faulthandler
 import logging
 import sys
@@ -430,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    faulthandler.enable()  # a watchdog SIGABRT leaves the stuck stack in the journal
+    with contextlib.suppress(Exception):  # stderr without a file descriptor (embedding)
+        faulthandler.enable()  # a watchdog SIGABRT leaves the stuck stack in the journal
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "log_level", None) or "info")
     return int(args.func(args))

@@ -245,6 +245,9 @@ class MqttConfig:
 
     @property
     def host_port(self) -> tuple[str, int, bool]:
+        if "@" in (self.url or ""):
+            msg = "credentials in the URL are not supported: use mqtt.username and password_file"
+            raise ValueError(msg)
         m = re.match(r"^(mqtts?)://(\[[^\]]+\]|[^:/]+)(?::(\d+))?/?$", self.url or "")
         if not m:
             msg = f"bad MQTT url {self.url!r}"
@@ -753,8 +756,8 @@ def _mqtt(r: _Reader, obj: Any, base: Path) -> MqttConfig:
     if url is not None:
         try:
             _, _, is_tls = cfg.host_port
-        except ValueError:
-            r.bad("mqtt.url", f"cannot parse {url!r}",
+        except ValueError as e:
+            r.bad("mqtt.url", f"cannot parse {url!r}: {e}",
                   "use mqtt://host:1883 or mqtts://host:8883, or '-' for stdout")
         else:
             if is_tls and tls is None:

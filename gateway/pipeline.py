@@ -139,6 +139,17 @@ class Pipeline:
     # ----------------------------------------------------------- frame-time tick
 
     def tick(self, ts: float, *, force: bool = False) -> None:
+        # After a silent gap, first run the tick at the moment a pack went stale, so its
+        # `offline` is published at that frame time and not together with the `online`.
+        for rt in self.packs:
+            st = rt.compiled.state
+            if st.online and st.last_seen is not None:
+                deadline = st.last_seen + rt.compiled.cfg.stale_after_s + 1e-6
+                if self.clock < deadline < ts:
+                    self._tick(deadline, force=False)
+        self._tick(ts, force=force)
+
+    def _tick(self, ts: float, *, force: bool) -> None:
         self.clock = max(self.clock, ts)
         if self.first_ts is None:
             self.first_ts = ts
