@@ -80,23 +80,29 @@ class Runtime:
         return pubs
 
     def ship(self) -> None:
-        pubs, events = self.pipeline.drain()
+        out = self.pipeline.drain_ordered()
         if self.discovery is not None:
-            pubs.extend(self.discovery.learn(self.pipeline))
+            out.extend(self.discovery.learn(self.pipeline))
+        if not out:
+            return
+        events = [x for x in out if not isinstance(x, Publication)]
+        # one outbox transaction (one fsync) for the batch, before anything is published
+        stored = iter(self.outbox.append(events) if events else ())
+        sink = self.sink
+        for item in out:
+            if isinstance(item, Publication):
+                sink.snapshot(item)
+            elif isinstance(sink, StdoutSink):  # stdout: print in order, "acked" at once
+                seq, topic, payload = next(stored)
+                sink.snapshot(Publication(topic, payload, retain=False, qos=1))
+                self.outbox.ack(seq)
         if events:
-            stored = self.outbox.append(events)
-            if self.stdout_mode:
-                sink = self.sink
-                assert isinstance(sink, StdoutSink)
-                for seq, topic, payload in stored:
-                    sink.snapshot(Publication(topic, payload, retain=False, qos=1))
-                    self.outbox.ack(seq)
-            else:
-                self.sink.flush()
-        for p in pubs:
-            self.sink.snapshot(p)
+            sink.flush()
 
     def status(self) -> Publication:
+        return Publication(self.t_status, dumps(self.status_body()))
+
+    def status_body(self) -> dict[str, Any]:
         p = self.pipeline
         now = time.monotonic()
         received = sum(c.received for c in p.counters)
@@ -130,12 +136,14 @@ class Runtime:
             "published": getattr(sink, "published", getattr(sink, "count", 0)),
             "events_published": getattr(sink, "events_published", 0),
             "mqtt_reconnects": getattr(sink, "reconnects", 0),
+            "mqtt_connected": sink.connected.is_set() if isinstance(sink, MqttSink) else None,
+            "dropped_oversize": getattr(sink, "dropped_oversize", 0),
             "last_error": self.last_error or getattr(sink, "last_error", "") or None,
         }
         if self.log_stats is not None:
             body["log"] = {"frames": self.log_stats.frames, "bad_lines": self.log_stats.bad_lines,
                            "error_frames": self.log_stats.error_frames}
-        return Publication(self.t_status, dumps(body))
+        return body
 
     def close(self) -> None:
         self.outbox.close()
@@ -225,10 +233,16 @@ class Daemon:
         self.notifier = Notifier()
         self.stop_event = asyncio.Event()
         self.reload_requested = False
+        self.should_exit = False  # sticky, unlike stop_event, which each reload clears
         self.sigint_count = 0
         self.last_progress = time.monotonic()
         self.tasks: list[asyncio.Task[None]] = []
         self.exit_code = 0
+        self.metrics: Any = None
+        if cfg.prometheus is not None:
+            from .metrics import require
+
+            require(cfg.path)  # missing prometheus-client: a config problem, exit 3
 
     # -- sources
     def _start_sources(self, tg: asyncio.TaskGroup) -> None:
@@ -312,6 +326,7 @@ class Daemon:
 
     def _on_term(self) -> None:
         log.info("SIGTERM: stopping")
+        self.should_exit = True
         self.stop_event.set()
 
     def _on_int(self) -> None:
@@ -320,6 +335,7 @@ class Daemon:
             log.error("second SIGINT: exiting now")
             os._exit(130)
         log.info("SIGINT: stopping (again to force)")
+        self.should_exit = True
         self.stop_event.set()
 
     def _on_hup(self) -> None:
@@ -333,13 +349,22 @@ class Daemon:
             new = load_config(self.cfg.path)
             pipeline = Pipeline(new)
         except ConfigError as e:
-            log.error("reload: new config rejected, keeping the running one:\n%s", e)
+            # one line (one journal entry that greps well), however many problems
+            log.error("reload: new config rejected, keeping the running one: %s",
+                      "; ".join(str(p) for p in e.problems))
             self.notifier.ready()
             return False
         except Exception as e:
             log.error("reload: new config rejected, keeping the running one: %s", e)
             self.notifier.ready()
             return False
+        unapplied = [k for k, a, b in (
+            ("mqtt", self.cfg.mqtt, new.mqtt), ("gateway_id", self.cfg.gateway_id, new.gateway_id),
+            ("state_dir", self.cfg.state_dir, new.state_dir),
+            ("prometheus", self.cfg.prometheus, new.prometheus)) if a != b]
+        if unapplied:
+            log.warning("reload: changes to %s take effect only after a restart",
+                        ", ".join(unapplied))
         removed = {p.id for p in self.cfg.packs} - {p.id for p in new.packs}
         for rt in self.pipeline.packs:
             if rt.compiled.state.pack_id in removed:
@@ -362,17 +387,23 @@ class Daemon:
         sink_task = None
         if isinstance(sink, MqttSink):
             sink_task = asyncio.create_task(sink.run(), name="mqtt.run")
+        self._start_metrics()
         try:
             while True:
-                self.stop_event.clear()
+                # a stop that came before serve() ran, or during a reload, is not forgotten
+                if not self.should_exit:
+                    self.stop_event.clear()
                 self.tasks = []
                 async with asyncio.TaskGroup() as tg:
                     self._start_sources(tg)
                     self.tasks.append(tg.create_task(self._ticker(), name="ticker"))
                     self.tasks.append(tg.create_task(self._poller(), name="poller"))
-                    opened = [s.opened.wait() for s in rt.sources]
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.gather(*opened), timeout=5)
+                    # READY once every bus is open or known to be missing (can_bus_lost
+                    # raised): a pulled adapter must not hold start-up for the full 5 s.
+                    deadline = time.monotonic() + 5
+                    while (time.monotonic() < deadline and not all(
+                            s.opened.is_set() or s.lost for s in rt.sources)):
+                        await asyncio.sleep(0.02)
                     self.notifier.ready(self._status_line())
                     log.info("bms-gateway %s running: %d bus(es), %d pack(s), %s", __version__,
                              len(self.cfg.buses), len(self.cfg.packs),
@@ -382,7 +413,7 @@ class Daemon:
                         s.stop()
                     for t in self.tasks:
                         t.cancel()
-                if self.reload_requested:
+                if self.reload_requested and not self.should_exit:
                     self.reload_requested = False
                     self.reload()
                     continue
@@ -410,9 +441,25 @@ class Daemon:
                 sink_task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await sink_task
+            if self.metrics is not None:
+                self.metrics.stop()
             rt.close()
             self.notifier.close()
         return self.exit_code
+
+    def _start_metrics(self) -> None:
+        if self.cfg.prometheus is None:
+            return
+        from .metrics import MetricsServer
+
+        server = MetricsServer(self.cfg.prometheus, self.rt.status_body)
+        try:
+            server.start()
+        except OSError as e:  # port taken: monitoring must not take the gateway down
+            log.error("Prometheus endpoint %s not started: %s", self.cfg.prometheus,
+                      e.strerror or e)
+            return
+        self.metrics = server
 
 
 __all__ = ["Daemon", "LogError", "Runtime", "replay"]

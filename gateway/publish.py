@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from .config import MqttConfig, PackConfig
-from .model import FIELDS, PackState, Publication, Value, clean
+from .model import FIELDS, Output, PackState, Publication, Value, clean
 
 log = logging.getLogger("gateway.publish")
 
@@ -96,7 +96,7 @@ class PackPublisher:
                 return True
         return False
 
-    def tick(self, ts: float, out: list[Publication], force: bool = False) -> None:
+    def tick(self, ts: float, out: list[Output], force: bool = False) -> None:
         st = self.state
         if st.last_seen is None:
             return
@@ -123,7 +123,7 @@ class PackPublisher:
                 self.cells_count += 1
             st.cells_changed = False
 
-    def _emit_state(self, ts: float, out: list[Publication]) -> None:
+    def _emit_state(self, ts: float, out: list[Output]) -> None:
         st = self.state
         snap = st.snapshot()
         out.append(Publication(self.t_state, dumps(snap)))
@@ -218,13 +218,18 @@ class MqttSink:
         self.reconnects = 0
         self.last_error = ""
         self.dropped_oversize = 0
+        self._oversize_topics: set[str] = set()
         self._client: Any = None
 
     def snapshot(self, pub: Publication) -> None:
         if len(pub.payload) > self.cfg.max_payload:
             self.dropped_oversize += 1
-            log.warning("payload for %s is %d bytes > max_payload %d: not published",
-                        pub.topic, len(pub.payload), self.cfg.max_payload)
+            # once per topic: a topic that is too big is too big at every publication
+            if pub.topic not in self._oversize_topics:
+                self._oversize_topics.add(pub.topic)
+                log.warning("payload for %s is %d bytes > mqtt.max_payload %d: not published "
+                            "(counted in status dropped_oversize; logged once per topic)",
+                            pub.topic, len(pub.payload), self.cfg.max_payload)
             return
         if not self.coalesce:
             self.queue.append(pub)
@@ -280,7 +285,9 @@ class MqttSink:
                         tg.create_task(self._sender(client), name="mqtt.sender")
                         if self.subscriptions:
                             tg.create_task(self._receiver(client), name="mqtt.receiver")
-            except (aiomqtt.MqttError, ExceptionGroup) as e:
+            except (aiomqtt.MqttError, ExceptionGroup, OSError) as e:
+                # OSError: building the TLS context (unreadable or mismatched cert/key)
+                # happens here too; it must not end this task and leave the daemon mute
                 err = _first_mqtt_error(e, aiomqtt.MqttError)
                 self.connected.clear()
                 self._client = None
@@ -369,6 +376,8 @@ def _explain(e: BaseException) -> str:
     if "not authori" in low or "bad user name or password" in low or "code:5" in low \
             or "code:4" in low or "code:135" in low or "code:134" in low:
         return f"{text} (check mqtt.username and the password file)"
+    if "key values mismatch" in low or "pem lib" in low:
+        return f"{text} (check mqtt.tls.cert_file and mqtt.tls.key_file: they must be a pair)"
     if "certificate" in low or "ssl" in low:
         return f"{text} (check mqtt.tls.ca_file and that the broker's name matches its certificate)"
     return text

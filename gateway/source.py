@@ -386,12 +386,16 @@ class LiveSource:
                 self.lost = False
                 self.on_state("can_bus_lost", False, f"{self.cfg.name} reopened")
             self.opened.set()
-            err = await self._failed
-            if fd >= 0:
-                loop.remove_reader(fd)
-            self.bus = None
-            with contextlib.suppress(Exception):
-                bus.shutdown()
+            try:
+                err = await self._failed
+            finally:
+                # also when cancelled (the daemon cancels sources on SIGHUP): otherwise the
+                # old bus stays open, and its fd reader keeps feeding the reloaded pipeline
+                if fd >= 0:
+                    loop.remove_reader(fd)
+                self.bus = None
+                with contextlib.suppress(Exception):
+                    bus.shutdown()
             if thread is not None:
                 await asyncio.to_thread(thread.join, 1.0)
             if self._stop:
