@@ -1,0 +1,1 @@
+"""Benchmarks for issue 6: `python -m bench` (full) or `python -m bench --short --check`."""
