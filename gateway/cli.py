@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
-from .config import ConfigError, GatewayConfig, load_config
+from .config import BUILTIN_CONFIG, ConfigError, GatewayConfig, load_config
 
 if TYPE_CHECKING:
     from .simulate import Scenario
@@ -23,7 +23,7 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3  # start-up failure: systemd's RestartPreventExitStatus=3 stops the loop
 
 log = logging.getLogger("gateway")
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "gateway.example.yaml"
+DEFAULT_CONFIG = BUILTIN_CONFIG / "gateway.example.yaml"
 
 
 def _setup_logging(level: str, stream: object = None) -> None:

@@ -13,6 +13,7 @@ import difflib
 import os
 import re
 import socket
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,13 @@ import yaml
 from .model import FIELD_BY_NAME, SEVERITIES, Severity
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-BUILTIN_PROFILES = PROJECT_ROOT / "config" / "profiles"
-BUILTIN_DBC = PROJECT_ROOT / "dbc"
+# A checkout (or editable install) has config/ and dbc/ beside the package; a wheel
+# installs them under <prefix>/share/bms-gateway (setup.cfg data_files).
+_SHARE = Path(sys.prefix) / "share" / "bms-gateway"
+_IN_TREE = (PROJECT_ROOT / "config" / "profiles").is_dir()
+BUILTIN_PROFILES = PROJECT_ROOT / "config" / "profiles" if _IN_TREE else _SHARE / "profiles"
+BUILTIN_DBC = PROJECT_ROOT / "dbc" if _IN_TREE else _SHARE / "dbc"
+BUILTIN_CONFIG = PROJECT_ROOT / "config" if _IN_TREE else _SHARE / "config"
 TOPIC_SEGMENT_MAX = 64
 _SEGMENT_BAD = re.compile(r"[/+#\x00]")
 

@@ -361,7 +361,9 @@ class Daemon:
         unapplied = [k for k, a, b in (
             ("mqtt", self.cfg.mqtt, new.mqtt), ("gateway_id", self.cfg.gateway_id, new.gateway_id),
             ("state_dir", self.cfg.state_dir, new.state_dir),
-            ("prometheus", self.cfg.prometheus, new.prometheus)) if a != b]
+            ("prometheus", self.cfg.prometheus, new.prometheus),
+            ("log_level", self.cfg.log_level, new.log_level),
+            ("outbox", self.cfg.outbox, new.outbox)) if a != b]
         if unapplied:
             log.warning("reload: changes to %s take effect only after a restart",
                         ", ".join(unapplied))

@@ -120,9 +120,17 @@ def records(cfg: GatewayConfig, log_path: str | Path, *, every: float | None = N
     next_sample = float("-inf")
 
     def drain() -> Iterator[Record]:
-        pubs, events = pipeline.drain()
+        out = pipeline.drain_ordered()
         clock = pipeline.clock
-        for pub in pubs:
+        events = [x for x in out if not isinstance(x, Publication)]
+        stored = iter(outbox.append(events) if events else ())
+        for item in out:
+            if isinstance(item, Publication):
+                pub = item
+            else:
+                seq, topic, payload = next(stored)
+                outbox.ack(seq)
+                pub = Publication(topic, payload, retain=False, qos=1)
             rec = classify.record(pub, clock)
             if rec is None:
                 continue
@@ -130,12 +138,6 @@ def records(cfg: GatewayConfig, log_path: str | Path, *, every: float | None = N
                 held[rec.topic] = rec
                 continue
             yield rec
-        if events:
-            for seq, topic, payload in outbox.append(events):
-                outbox.ack(seq)
-                rec = classify.record(Publication(topic, payload, retain=False, qos=1), clock)
-                if rec is not None:
-                    yield rec
 
     def sample(t: float) -> Iterator[Record]:
         stamp = iso_ts(t)

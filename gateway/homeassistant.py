@@ -151,7 +151,6 @@ class Discovery:
         self.cells: dict[str, int] = {}  # announced cell voltage sensors per pack
         self.temps: dict[str, int] = {}
         self.adopted: dict[str, set[str]] = {}  # node -> keys kept from the last registry
-        self.faults_sent: set[str] = set()
         self.enabled = False
         self.prefix = "homeassistant"
         self.packs: dict[str, PackConfig] = {}
@@ -393,13 +392,6 @@ class Discovery:
             pid = st.pack_id
             if pid not in self.packs:
                 continue
-            if pid not in self.faults_sent and st.last_seen is not None:
-                # The pipeline only publishes the faults list when a fault comes or goes:
-                # without this the fault entities would stay "unknown" on a healthy pack
-                # (or show the previous run's list).
-                self.faults_sent.add(pid)
-                if not rt.last_faults:
-                    out.append(rt.publisher.faults(rt.faults.active()))
             n_cells, n_temps = len(st.cell_v), len(st.cell_t)
             if n_cells > self.cells.get(pid, 0) or n_temps > self.temps.get(pid, 0):
                 old = {e.key for e in self.pack_entities(pid)}
@@ -421,7 +413,6 @@ class Discovery:
         old_prefix = self.prefix
         old = self._topics(self.announced(), old_prefix)
         self._apply(cfg)
-        self.faults_sent.clear()
         now = self._topics(self.announced(), self.prefix)
         return [*(self._clear(t) for t in sorted(old - now)), *self.configs(), self.registry()]
 

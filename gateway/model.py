@@ -222,3 +222,7 @@ class Publication:
     payload: bytes
     retain: bool = True
     qos: int = 1  # at least once: a subscriber that lags must still get every snapshot
+
+
+# What the pipeline hands to the publisher, in frame-time order.
+Output = Publication | tuple[FaultEvent, str]

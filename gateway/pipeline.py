@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from .config import GatewayConfig, Problem
 from .faults import FaultEngine, parse_rules
-from .model import FaultEvent, Publication
+from .model import FaultEvent, Output, Publication
 from .normalize import CompiledPack, DbcCache, compile_pack
 from .publish import PackPublisher, Topics, dumps
 from .source import Frame
@@ -87,8 +87,8 @@ class Pipeline:
             self.bus_lookup[b.name] = i
             self.bus_lookup[b.channel] = i
         self.counters = [BusCounters() for _ in cfg.buses]
-        self.out: list[Publication] = []
-        self.events: list[tuple[FaultEvent, str]] = []
+        # Snapshots and fault events in the order they happened in frame time.
+        self.out: list[Output] = []
         self.clock = float("-inf")
         self.next_tick = float("-inf")
         self.first_ts: float | None = None
@@ -170,6 +170,9 @@ class Pipeline:
                     st.online = True
                     out.append(rt.publisher.availability(True))
                     eng.comm(ts, True)
+                    if not rt.last_faults:  # replace a previous run's retained list at once
+                        rt.last_faults = dumps(eng.active())
+                        out.append(Publication(rt.publisher.t_faults, rt.last_faults))
                     log.info("pack %s: frames arriving: online", st.pack_id)
             rt.publisher.tick(ts, out, force=force)
             if st.online:
@@ -190,7 +193,7 @@ class Pipeline:
         if not eng.events:
             return
         for ev in eng.events:
-            self.events.append((ev, rt.events_topic))
+            self.out.append((ev, rt.events_topic))
             log.log(logging.WARNING if ev.state == "raised" else logging.INFO,
                     "pack %s: %s %s (%s): %s", ev.pack_id, ev.code, ev.state, ev.severity,
                     ev.message)
@@ -218,10 +221,15 @@ class Pipeline:
     def offline(self) -> list[Publication]:
         return [rt.publisher.availability(False) for rt in self.packs]
 
+    def drain_ordered(self) -> list[Output]:
+        out, self.out = self.out, []
+        return out
+
     def drain(self) -> tuple[list[Publication], list[tuple[FaultEvent, str]]]:
-        out, ev = self.out, self.events
-        self.out, self.events = [], []
-        return out, ev
+        """Snapshots and events separately (each list in order)."""
+        out = self.drain_ordered()
+        return ([x for x in out if isinstance(x, Publication)],
+                [x for x in out if not isinstance(x, Publication)])
 
     def short_frames(self) -> int:
         return sum(rt.compiled.counters.short_frames for rt in self.packs)

@@ -203,7 +203,8 @@ class MqttSink:
         self.next_events = next_events
         self.ack = ack
         self.on_connect = on_connect
-        self.subscriptions = subscriptions or {}
+        # the same dict object: handlers registered after construction are honoured
+        self.subscriptions = subscriptions if subscriptions is not None else {}
         self.pending: dict[str, Publication] = {}
         # Replays keep every snapshot in order (byte-identical output at any speed);
         # live mode keeps only the newest per topic while the broker is slow or away.
@@ -281,6 +282,10 @@ class MqttSink:
                     self.connected.set()
                     for pub in self.on_connect():
                         self.snapshot(pub)
+                    # subscribe before anything is sent: replies to our own on-connect
+                    # messages (e.g. the discovery registry) must not be missed
+                    for topic in self.subscriptions:
+                        await client.subscribe(topic, qos=1)
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._sender(client), name="mqtt.sender")
                         if self.subscriptions:
@@ -335,8 +340,6 @@ class MqttSink:
             await self.wake.wait()
 
     async def _receiver(self, client: Any) -> None:
-        for topic in self.subscriptions:
-            await client.subscribe(topic, qos=0)
         async for msg in client.messages:
             handler = self.subscriptions.get(str(msg.topic))
             if handler is not None:

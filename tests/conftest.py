@@ -150,8 +150,9 @@ class Subscriber:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
-                if pred(self.messages):  # type: ignore[operator]
-                    return True
+                snapshot = list(self.messages)
+            if pred(snapshot):  # type: ignore[operator]
+                return True
             time.sleep(0.02)
         return False
 
