@@ -233,6 +233,7 @@ class Daemon:
         self.notifier = Notifier()
         self.stop_event = asyncio.Event()
         self.reload_requested = False
+        self._pending: tuple[GatewayConfig, Pipeline] | None = None
         self.should_exit = False  # sticky, unlike stop_event, which each reload clears
         self.sigint_count = 0
         self.last_progress = time.monotonic()
@@ -339,11 +340,8 @@ class Daemon:
         self.stop_event.set()
 
     def _on_hup(self) -> None:
-        self.reload_requested = True
-        self.stop_event.set()
-
-    def reload(self) -> bool:
-        """Validate the config again; switch to it only if it is good."""
+        # Validate first, while the buses keep running: a rejected config must not cost
+        # even a short gap in reception. Only a good one stops the sources to swap.
         self.notifier.reloading()
         try:
             new = load_config(self.cfg.path)
@@ -353,11 +351,21 @@ class Daemon:
             log.error("reload: new config rejected, keeping the running one: %s",
                       "; ".join(str(p) for p in e.problems))
             self.notifier.ready()
-            return False
+            return
         except Exception as e:
             log.error("reload: new config rejected, keeping the running one: %s", e)
             self.notifier.ready()
+            return
+        self._pending = (new, pipeline)
+        self.reload_requested = True
+        self.stop_event.set()
+
+    def reload(self) -> bool:
+        """Switch to the config `_on_hup` validated."""
+        if self._pending is None:
             return False
+        new, pipeline = self._pending
+        self._pending = None
         unapplied = [k for k, a, b in (
             ("mqtt", self.cfg.mqtt, new.mqtt), ("gateway_id", self.cfg.gateway_id, new.gateway_id),
             ("state_dir", self.cfg.state_dir, new.state_dir),

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -174,3 +175,13 @@ def subscriber_factory() -> Iterator[object]:
     for s in made:
         with contextlib.suppress(Exception):
             s.close()
+
+
+async def started(d: Any, timeout: float = 10.0) -> None:
+    """Until a Daemon's serve() has made its sources and every bus is open."""
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while not (d.rt.sources and all(s.opened.is_set() for s in d.rt.sources)):
+        assert time.monotonic() < deadline, "the daemon's buses did not open"
+        await asyncio.sleep(0.02)

@@ -34,7 +34,7 @@ from gateway.config import load_config
 from gateway.daemon import Daemon
 from gateway.model import Publication
 from gateway.publish import MqttSink
-from tests.conftest import REPO, Broker, free_port
+from tests.conftest import REPO, Broker, free_port, started
 
 DB = cantools.database.load_file(str(REPO / "dbc" / "example-bms.dbc"))
 PACK_STATUS = DB.get_message_by_name("PackStatus")
@@ -175,14 +175,6 @@ def retained(broker: Broker, subscriber_factory: Any, topics: list[str]) -> dict
 
 def no_traceback(text: str) -> None:
     assert "Traceback" not in text, text
-
-
-async def started(d: Daemon, timeout: float = 10.0) -> None:
-    """Until serve() has made its sources and every bus is open."""
-    deadline = time.monotonic() + timeout
-    while not (d.rt.sources and all(s.opened.is_set() for s in d.rt.sources)):
-        assert time.monotonic() < deadline, "the daemon's buses did not open"
-        await asyncio.sleep(0.02)
 
 
 # ---------------------------------------------------------------- 1. SIGTERM / SIGINT

@@ -21,7 +21,7 @@ import pytest
 
 from gateway.config import load_config
 from gateway.daemon import Daemon, replay
-from tests.conftest import REPO, Broker, shared
+from tests.conftest import REPO, Broker, shared, started
 
 ORION_PROFILE = """\
 name: orion-shared-test
@@ -184,7 +184,7 @@ def test_live_virtual_bus_reaches_mqtt(tmp_path: Path, broker: Broker,
     async def scenario() -> None:
         d = Daemon(load_config(cfg_path))
         task = asyncio.create_task(d.serve())
-        await asyncio.wait_for(asyncio.gather(*(s.opened.wait() for s in d.rt.sources)), 10)
+        await started(d)
         msg = db.get_message_by_name("PackStatus")
         tx = can.Bus(interface="virtual", channel="live-e2e")
         try:
