@@ -431,6 +431,7 @@ class _Compiler:
         # Frames often carry more slots than the pack has cells (the last group of a
         # sweep): with a known cell count, slots past it are ignored, not counted.
         limit = self.cfg.cell_count if kind != "temps" and self.cfg.cell_count else MAX_CELLS
+        presized = limit != MAX_CELLS  # compile_pack sizes these lists to the cell count
 
         plans: dict[int | None, list[tuple[int | None, BitField, BitField | None]]] = {}
         for mid, sigs in groups.items():
@@ -464,13 +465,15 @@ class _Compiler:
 
         def write_cells(g: _Codegen, ind: int, plan: list[tuple[int | None, BitField,
                                                                  BitField | None]],
-                        base: str | None) -> None:
+                        base: str | None, relative: bool = False) -> None:
             arr = {"voltages": "CV", "temps": "CT", "balancing": "CB"}[kind]
             ensure = {"voltages": "st.ensure_cells", "temps": "st.ensure_temps",
                       "balancing": "st.ensure_balancing"}[kind]
             changed = "st.cells_changed = st.changed = True"  # derived fields follow cells
             for slot, bf, inv in plan:
-                if src_.order == "name":
+                if relative:
+                    idx = f"{base} + {slot}" if slot else f"{base}"
+                elif src_.order == "name":
                     idx = f"{slot}" if base is None else f"{base} + {slot}"
                 elif base is None:
                     idx = f"{src_.first + src_.offset + (slot or 0)}"
@@ -513,8 +516,9 @@ class _Compiler:
                     g.emit(ind + 1, f"{kw} not ({_lit(lo)} <= v <= {_lit(hi)}):")
                     g.emit(ind + 2, f"IMPL[{impl_slot}] += 1")
                     g.emit(ind + 2, "v = None")
-                g.emit(ind + 1, f"if i >= len({arr}):")
-                g.emit(ind + 2, f"{ensure}(i + 1)")
+                if not presized:
+                    g.emit(ind + 1, f"if i >= len({arr}):")
+                    g.emit(ind + 2, f"{ensure}(i + 1)")
                 g.emit(ind + 1, f"if {arr}[i] != v:")
                 g.emit(ind + 2, f"{arr}[i] = v")
                 g.emit(ind + 2, changed)
@@ -525,8 +529,22 @@ class _Compiler:
         if src.mux:
             assert muxer is not None
 
+            uniform = _uniform_mux(plans, src_)
+
             def gen_mux(g: _Codegen, ind: int, mux_var: str) -> None:
-                # one branch per mux value, found by dict lookup on the mux value
+                if uniform is not None:
+                    # every group has the same layout (the usual case): one code path
+                    # with the first cell computed from the mux value, not a branch
+                    # per group
+                    mids, a, b, rel = uniform
+                    lo, hi = min(mids), max(mids)
+                    cond = (f"{lo} <= {mux_var} <= {hi}" if len(mids) == hi - lo + 1
+                            else f"{mux_var} in {g.const(frozenset(mids), 'mux')}")
+                    g.emit(ind, f"if {cond}:")
+                    start = f"{mux_var} * {a}" if a != 1 else mux_var
+                    g.emit(ind + 1, f"b0 = {start} + {b}" if b else f"b0 = {start}")
+                    write_cells(g, ind + 1, rel, "b0", relative=True)
+                    return
                 first = True
                 for mid, plan in sorted(plans.items(), key=lambda kv: kv[0] or 0):
                     base = None if src_.order == "name" else \
@@ -626,6 +644,55 @@ def _bits_used(msg: Message, code: str) -> int:
     return need
 
 
+Plan = list[tuple[int | None, BitField, BitField | None]]
+
+
+def _uniform_mux(plans: dict[int | None, Plan], src: CellSource,
+                 ) -> tuple[list[int], int, int, Plan] | None:
+    """If every mux group has the same bit layout and its cells start at a*mux + b,
+    return (mux values, a, b, the layout with cell offsets relative to the start)."""
+    groups = sorted((mid, plan) for mid, plan in plans.items() if mid is not None)
+    if len(groups) < 2 or len(groups) != len(plans):
+        return None
+
+    def absolute(mid: int, plan: Plan) -> list[tuple[int, BitField, BitField | None]]:
+        out = []
+        for slot, bf, inv in plan:
+            idx = slot if src.order == "name" else mid * src.stride + src.offset + (slot or 0)
+            out.append((idx or 0, bf, inv))
+        return out
+
+    def layout(bf: BitField | None) -> tuple[object, ...] | None:
+        if bf is None:
+            return None
+        return (bf.big_endian, bf.shift, bf.mask, bf.signed, bf.float_fmt, bf.scale,
+                bf.offset, bf.length)
+
+    ref_mid, ref_plan = groups[0]
+    ref = absolute(ref_mid, ref_plan)
+    if not ref:
+        return None
+    (m1, p1) = groups[1]
+    starts = [a[0] for a in absolute(m1, p1)]
+    if not starts:
+        return None
+    a_num = starts[0] - ref[0][0]
+    if (m1 - ref_mid) == 0 or a_num % (m1 - ref_mid):
+        return None
+    a = a_num // (m1 - ref_mid)
+    b = ref[0][0] - a * ref_mid
+    rel = [(idx - ref[0][0], bf, inv) for idx, bf, inv in ref]
+    for mid, plan in groups:
+        cells = absolute(mid, plan)
+        if len(cells) != len(ref) or cells[0][0] != a * mid + b:
+            return None
+        for (idx, bf, inv), (ridx, rbf, rinv) in zip(cells, ref, strict=True):
+            if (idx - cells[0][0] != ridx - ref[0][0] or layout(bf) != layout(rbf)
+                    or layout(inv) != layout(rinv)):
+                return None
+    return [m for m, _ in groups], a, b, [(d, bf, inv) for d, bf, inv in rel]
+
+
 def _lit(x: float) -> str:
     """A number as Python source; infinities have no literal."""
     if math.isinf(x):
@@ -717,6 +784,8 @@ def compile_pack(cfg: PackConfig, cache: DbcCache, problems: list[Problem]) -> C
         state.mapped[FIELD_INDEX[name]] = True
     if cfg.cell_count:
         state.ensure_cells(cfg.cell_count)
+        if prof.cells.get("balancing"):
+            state.ensure_balancing(cfg.cell_count)
     impl = [0] * (len(FIELD_INDEX) + 3)
     fault_state = [False] * len(prof.faults)
     hook: list[FaultHook | None] = [None]
