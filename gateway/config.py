@@ -172,6 +172,9 @@ class Profile:
     stale_after_s: float | None
     extras: dict[str, ValueSpec]
     chemistry: str | None = None
+    # Polling details that poll.py validates (ISO-TP blocks are its own small schema).
+    isotp: tuple[dict[str, Any], ...] = ()
+    poll_id_offset_shift: int = 0
 
 
 # ---------------------------------------------------------------- gateway schema
@@ -526,7 +529,8 @@ def available_profiles() -> list[str]:
 
 
 _PROFILE_KEYS = {"name", "description", "dbc", "fields", "cells", "faults", "poll",
-                 "cell_count", "stale_after_s", "extras", "notes", "chemistry", "isotp"}
+                 "cell_count", "stale_after_s", "extras", "notes", "chemistry", "isotp",
+                 "poll_id_offset_shift"}
 CHEMISTRIES = ("lfp", "nmc", "nca", "lmo", "lto", "sodium", "other")
 
 
@@ -609,7 +613,19 @@ def load_profile(path: Path, problems: list[Problem]) -> Profile | None:
         faults=tuple(faults), poll=tuple(polls), cell_count=cc,
         stale_after_s=r.num(top, "", "stale_after_s", None, lo=0.1), extras=extras,
         chemistry=_chemistry(r, top, "chemistry"),
+        isotp=_isotp_list(r, top.get("isotp")),
+        poll_id_offset_shift=r.int_(top, "", "poll_id_offset_shift", 0, lo=0) or 0,
     )
+
+
+def _isotp_list(r: _Reader, obj: Any) -> tuple[dict[str, Any], ...]:
+    if obj is None:
+        return ()
+    if not isinstance(obj, list) or not all(isinstance(x, dict) for x in obj):
+        r.bad("isotp", "must be a list of ISO-TP requests (mappings)",
+              "see docs/profiles.md, e.g. [{request_id: 0x79B, response_id: 0x7BB, ...}]")
+        return ()
+    return tuple(obj)
 
 
 def _chemistry(r: _Reader, obj: dict[str, Any], key: str) -> str | None:

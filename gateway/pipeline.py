@@ -30,6 +30,7 @@ class BusCounters:
     unknown: int = 0
     decoded: int = 0
     unknown_ids: dict[int, int] = field(default_factory=dict)
+    handler_errors: int = 0
 
 
 @dataclass(slots=True)
@@ -111,7 +112,13 @@ class Pipeline:
                 u = c.unknown_ids
                 u[key] = u.get(key, 0) + 1
                 continue
-            h(ts, data)
+            try:
+                h(ts, data)
+            except Exception as e:  # a bug in a profile's handler must not lose the batch
+                c.handler_errors += 1
+                if c.handler_errors in (1, 10, 100, 1000) or c.handler_errors % 100_000 == 0:
+                    log.error("frame %#x on bus %s: handler failed (%d so far): %s: %s", key,
+                              self.bus_names[bus], c.handler_errors, type(e).__name__, e)
         c.received += len(frames)
         c.unknown += unknown
         c.decoded += len(frames) - unknown

@@ -18,9 +18,8 @@ so the pipeline's normal `stale_after_s` handling marks it offline.
 Frames reach this module through taps on the pipeline's per-bus handler tables, so the
 hot path is unchanged for every other identifier.
 
-`isotp` and `poll_id_offset_shift` are not yet keys of the profile schema in
-config.py; until they are, they are read here from the profile file, at the top level
-or under `notes:` (see docs/profiles.md).
+config.py parses the profile's `isotp` and `poll_id_offset_shift` keys; the ISO-TP
+blocks are checked here, where their meaning lives (see docs/profiles.md).
 """
 
 from __future__ import annotations
@@ -30,10 +29,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 from .config import PackConfig, PollRequest, Problem, Profile
 from .decode import EXTENDED_FLAG, frame_key
@@ -85,34 +81,16 @@ class PollExtras:
     id_offset_shift: int = 0
 
 
-def _extra(raw: dict[str, Any], name: str) -> Any:
-    if name in raw:
-        return raw[name]
-    notes = raw.get("notes")
-    return notes.get(name) if isinstance(notes, dict) else None
-
-
 def load_extras(profile: Profile, problems: list[Problem]) -> PollExtras:
-    """Read the polling keys the profile schema does not know yet from the profile file."""
+    """The profile's ISO-TP requests (parsed by config.py, checked here) and id shift."""
     file = str(profile.path)
-    try:
-        raw = yaml.safe_load(Path(profile.path).read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        problems.append(Problem(file, "-", f"cannot read the profile again: {e}"))
-        return PollExtras()
-    if not isinstance(raw, dict):
-        return PollExtras()
-    shift = _extra(raw, "poll_id_offset_shift") or 0
-    if isinstance(shift, bool) or not isinstance(shift, int) or not 0 <= shift <= 28:
+    reqs = [r for i, item in enumerate(profile.isotp)
+            if (r := _isotp(file, f"isotp[{i}]", item, problems)) is not None]
+    shift = profile.poll_id_offset_shift
+    if not 0 <= shift <= 28:
         problems.append(Problem(file, "poll_id_offset_shift",
                                 f"must be a whole number 0..28, got {shift!r}"))
         shift = 0
-    items = _extra(raw, "isotp") or []
-    if not isinstance(items, list):
-        problems.append(Problem(file, "isotp", "must be a list of requests"))
-        return PollExtras((), shift)
-    reqs = [r for i, item in enumerate(items)
-            if (r := _isotp(file, f"isotp[{i}]", item, problems)) is not None]
     return PollExtras(tuple(reqs), shift)
 
 
