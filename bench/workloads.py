@@ -139,7 +139,6 @@ def orion(tmp: Path, shared: Path) -> Workload | None:
         return None
     w = tmp / "orion"
     w.mkdir(parents=True, exist_ok=True)
-    (w / "profile.yaml").write_text(ORION_PROFILE.format(dbc=dbc))
     cfg = w / "gateway.yaml"
     cfg.write_text(textwrap.dedent(f"""\
         gateway_id: bench
@@ -148,29 +147,9 @@ def orion(tmp: Path, shared: Path) -> Workload | None:
         homeassistant: {{discovery: false}}
         mqtt: {{topic_prefix: bms}}
         packs:
-          - {{id: ev, profile: profile.yaml, stale_after_s: 5}}
+          - {{id: ev, profile: orion-inverter, dbc: {dbc}, chemistry: nmc, stale_after_s: 5}}
         """))
     with log.open() as f:
         n = sum(1 for _ in f)
     return Workload("orion", log, cfg, n, (), note=str(log))
 
-
-ORION_PROFILE = """\
-name: orion-bench
-dbc: [{dbc}]
-fields:
-  voltage_v: {{message: MSGID_0X356, signal: Pack_Inst_Voltage}}
-  current_a: {{message: MSGID_0X356, signal: Pack_Current}}
-  temp_max_c: {{message: MSGID_0X356, signal: High_Temperature}}
-  soc_pct: {{message: MSGID_0X355, signal: Pack_SOC}}
-  soh_pct: {{message: MSGID_0X355, signal: Pack_Health}}
-  charge_current_limit_a: {{message: MSGID_0X351, signal: Pack_CCL}}
-  discharge_current_limit_a: {{message: MSGID_0X351, signal: Pack_DCL}}
-  charge_voltage_limit_v: {{message: MSGID_0X351, signal: Maximum_Pack_Voltage}}
-  discharge_voltage_limit_v: {{message: MSGID_0X351, signal: Minimum_Pack_Voltage}}
-cells:
-  voltages:
-    - {{message: MSGID_0X36_CELLBCAST, index: CellId, signals: [CellVoltage]}}
-  balancing:
-    - {{message: MSGID_0X36_CELLBCAST, index: CellId, signals: [CellBalancing]}}
-"""

@@ -415,15 +415,7 @@ class _Compiler:
             idx_sig = self.signal(f"{src.key}.index", msg, src.index_signal)
             if idx_sig is None:
                 return
-        # group by mux value (None = not multiplexed)
-        groups: dict[int | None, list[Signal]] = {}
-        inv_groups: dict[int | None, list[Signal]] = {}
-        for target, sigs in ((groups, values), (inv_groups, invalid)):
-            for s in sigs:
-                mids: list[int | None] = (
-                    [*s.multiplexer_ids] if src.mux and s.multiplexer_ids else [None])
-                for mid in mids:
-                    target.setdefault(mid, []).append(s)
+        groups, inv_groups = group_by_mux(src, values, invalid)
         kind_valid = src.valid or CELL_VALID.get(kind, (float("-inf"), float("inf")))
         f, o = ValueSpec(key=src.key, unit=src.unit).factor_offset()
         scale = src.scale * f
@@ -642,6 +634,20 @@ def _bits_used(msg: Message, code: str) -> int:
         if pat in code:
             need = max(need, bf.min_bytes)
     return need
+
+
+def group_by_mux(src: CellSource, values: list[Signal], invalid: list[Signal],
+                 ) -> tuple[dict[int | None, list[Signal]], dict[int | None, list[Signal]]]:
+    """A cell source's value and invalid-flag signals by mux value (None: not muxed)."""
+    out: tuple[dict[int | None, list[Signal]], dict[int | None, list[Signal]]] = ({}, {})
+    for target, sigs in zip(out, (values, invalid), strict=True):
+        for s in sigs:
+            mids: list[int | None] = [None]
+            if src.mux and s.multiplexer_ids:
+                mids = [int(x) for x in s.multiplexer_ids]
+            for mid in mids:
+                target.setdefault(mid, []).append(s)
+    return out
 
 
 Plan = list[tuple[int | None, BitField, BitField | None]]

@@ -53,6 +53,7 @@ from .config import (
 )
 from .decode import load_dbc, mux_signal
 from .model import FIELD_BY_NAME, Value
+from .normalize import group_by_mux
 
 log = logging.getLogger("gateway.simulate")
 
@@ -670,15 +671,7 @@ class _Builder:
             idx_sig = self.signal(f"{src.key}.index", msg, src.index_signal)
             if idx_sig is None:
                 return
-        groups: dict[int | None, list[Signal]] = {}
-        inv_groups: dict[int | None, list[Signal]] = {}
-        for target, sigs in ((groups, values), (inv_groups, invalid)):
-            for s in sigs:
-                mids: list[int | None] = [None]
-                if src.mux and s.multiplexer_ids:
-                    mids = [int(x) for x in s.multiplexer_ids]
-                for mid in mids:
-                    target.setdefault(mid, []).append(s)
+        groups, inv_groups = group_by_mux(src, values, invalid)
         # per group: (slot number as normalize computes it, value signal, invalid signal)
         plans: dict[int | None, list[tuple[int, Signal, Signal | None]]] = {}
         for mid, sigs in groups.items():

@@ -23,30 +23,19 @@ from gateway.config import load_config
 from gateway.daemon import Daemon, replay
 from tests.conftest import REPO, Broker, shared, started
 
-ORION_PROFILE = """\
-name: orion-shared-test
-dbc: [{dbc}]
-fields:
-  voltage_v: {{message: MSGID_0X356, signal: Pack_Inst_Voltage}}
-  current_a: {{message: MSGID_0X356, signal: Pack_Current}}
-  temp_max_c: {{message: MSGID_0X356, signal: High_Temperature}}
-  soc_pct: {{message: MSGID_0X355, signal: Pack_SOC}}
-  soh_pct: {{message: MSGID_0X355, signal: Pack_Health}}
-  charge_current_limit_a: {{message: MSGID_0X351, signal: Pack_CCL}}
-  discharge_current_limit_a: {{message: MSGID_0X351, signal: Pack_DCL}}
-  charge_voltage_limit_v: {{message: MSGID_0X351, signal: Maximum_Pack_Voltage}}
-  discharge_voltage_limit_v: {{message: MSGID_0X351, signal: Minimum_Pack_Voltage}}
-cells:
-  voltages:
-    - {{message: MSGID_0X36_CELLBCAST, index: CellId, signals: [CellVoltage]}}
-  balancing:
-    - {{message: MSGID_0X36_CELLBCAST, index: CellId, signals: [CellBalancing]}}
-"""
+
+# The shipped profile for an Orion BMS 2 in inverter mode, pointed at the user's DBC
+# (here the third-party one from the shared data); the pack is NMC (4.06 V cells).
+def orion_pack(dbc: Path) -> str:
+    return f", dbc: {dbc}, chemistry: nmc"
 
 
 def write_config(tmp: Path, *, profile: str, url: str | None, extra: str = "",
                  can_cfg: str = "{interface: virtual, channel: e2e}", pack_extra: str = "") -> Path:
-    (tmp / "profile.yaml").write_text(profile)
+    """`profile` is a built-in profile's name, or the text of a profile to write."""
+    if "\n" in profile:
+        (tmp / "profile.yaml").write_text(profile)
+        profile = "profile.yaml"
     mqtt = f"mqtt: {{url: '{url}', topic_prefix: bms}}" if url else "mqtt: {topic_prefix: bms}"
     cfg = tmp / "gateway.yaml"
     cfg.write_text(textwrap.dedent(f"""\
@@ -54,10 +43,8 @@ def write_config(tmp: Path, *, profile: str, url: str | None, extra: str = "",
         state_dir: {tmp / 'state'}
         can: {can_cfg}
         packs:
-          - {{id: ev, profile: profile.yaml, stale_after_s: 5{pack_extra}}}
+          - {{id: ev, profile: {profile}, stale_after_s: 5{pack_extra}}}
         {mqtt}
-        rules:
-          cell_over_voltage: {{raise_at: 4.25, clear_at: 4.2}}
         """) + extra)
     return cfg
 
@@ -102,7 +89,8 @@ def test_orion_replay_matches_cantools_and_is_byte_identical(
         tmp_path: Path, broker: Broker, subscriber_factory: Any) -> None:
     asc = shared("orion-we-ev/candump1_can0.asc")
     dbc = shared("orion-we-ev/Orion_CANBUS.dbc")
-    cfg_path = write_config(tmp_path, profile=ORION_PROFILE.format(dbc=dbc), url=broker.url)
+    cfg_path = write_config(tmp_path, profile="orion-inverter", url=broker.url,
+                            pack_extra=orion_pack(dbc))
     want, want_cells = expected_orion(asc, dbc)
     assert 60 <= len(want_cells) <= 80, "the log carries about 70 cells"
 
@@ -154,7 +142,8 @@ def test_replay_same_payloads_at_any_speed(tmp_path: Path) -> None:
                 break
             ident = f"{m.arbitration_id:08X}" if m.is_extended_id else f"{m.arbitration_id:03X}"
             f.write(f"({m.timestamp:.6f}) can0 {ident}#{bytes(m.data).hex().upper()}\n")
-    cfg_path = write_config(tmp_path, profile=ORION_PROFILE.format(dbc=dbc), url=None)
+    cfg_path = write_config(tmp_path, profile="orion-inverter", url=None,
+                            pack_extra=orion_pack(dbc))
     outs = []
     for speed in (None, 1.0):
         r = subprocess.run([sys.executable, "-m", "gateway", "replay", str(short), "-c",
@@ -315,7 +304,8 @@ def test_unreadable_log_is_a_clear_error(tmp_path: Path) -> None:
 def test_stdout_mode_prints_topic_and_payload(tmp_path: Path) -> None:
     asc = shared("orion-we-ev/candump1_can0.asc")
     dbc = shared("orion-we-ev/Orion_CANBUS.dbc")
-    cfg_path = write_config(tmp_path, profile=ORION_PROFILE.format(dbc=dbc), url=None)
+    cfg_path = write_config(tmp_path, profile="orion-inverter", url=None,
+                            pack_extra=orion_pack(dbc))
     t0 = time.monotonic()
     r = run_cli("replay", str(asc), "-c", str(cfg_path))
     assert r.returncode == 0, r.stderr
