@@ -44,7 +44,8 @@ class Problem:
 
     def __str__(self) -> str:
         fix = f" Fix: {self.fix}" if self.fix else ""
-        return f"{self.file}: {self.key}: {self.what}.{fix}"
+        end = "" if self.what.endswith((".", "?", "!")) else "."
+        return f"{self.file}: {self.key}: {self.what}{end}{fix}"
 
 
 class ConfigError(Exception):

@@ -311,13 +311,6 @@ class Daemon:
             return False
         return self.rt.sources[bus].send(can_id, data, extended)
 
-    @staticmethod
-    def _request_frame(pc: Any, req: Any) -> tuple[int, bool, bytes]:
-        from .normalize import DbcCache
-        from .poll import load_extras, request_frame
-
-        return request_frame(pc, req, DbcCache(), load_extras(pc.profile, []).id_offset_shift)
-
     # -- signals and reload
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -12,7 +12,8 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .config import GatewayConfig, Problem
+from .config import GatewayConfig, PackConfig, Problem
+from .decode import DbcError
 from .faults import FaultEngine, parse_rules
 from .model import FaultEvent, Output, Publication
 from .normalize import CompiledPack, DbcCache, compile_pack
@@ -51,6 +52,19 @@ def _fanout(handlers: list[Callable[[float, bytes], None]]) -> Callable[[float, 
     return fan
 
 
+def _check_polling(pc: PackConfig, cache: DbcCache, problems: list[Problem]) -> None:
+    """Poll requests and ISO-TP blocks are checked with the rest, so check-config sees
+    them (the poller itself only runs in the live daemon)."""
+    from .poll import load_extras, request_frame
+
+    shift = load_extras(pc.profile, problems).id_offset_shift
+    for req in pc.profile.poll:
+        try:
+            request_frame(pc, req, cache, shift)
+        except (ValueError, DbcError) as e:
+            problems.append(Problem(str(pc.profile.path), req.key, str(e)))
+
+
 class Pipeline:
     def __init__(self, cfg: GatewayConfig, *, cache: DbcCache | None = None) -> None:
         """Compile every pack; raise ConfigError listing every problem found."""
@@ -68,6 +82,7 @@ class Pipeline:
             compiled = compile_pack(pc, cache, problems)
             rules = parse_rules(pc.rules, str(cfg.path), f"packs[{i}].rules", problems,
                                 pc.chemistry)
+            _check_polling(pc, cache, problems)
             if compiled is None:
                 continue
             engine = FaultEngine(pc.id, rules, pc.profile.faults, pc.stale_after_s)
@@ -226,6 +241,9 @@ class Pipeline:
         self.tick(t, force=True)
 
     def offline(self) -> list[Publication]:
+        """The gateway stops: every pack's availability goes offline."""
+        for rt in self.packs:
+            rt.compiled.state.online = False
         return [rt.publisher.availability(False) for rt in self.packs]
 
     def drain_ordered(self) -> list[Output]:

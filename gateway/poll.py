@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .config import PackConfig, PollRequest, Problem, Profile
+from .config import PackConfig, PollRequest, Problem, Profile, nearest
 from .decode import EXTENDED_FLAG, frame_key
 from .model import FIELD_INDEX, PackState
 from .normalize import CELL_VALID, DbcCache
@@ -189,7 +189,10 @@ def request_frame(pc: PackConfig, req: PollRequest, cache: DbcCache,
         except KeyError:
             continue
         return msg.frame_id + offset, bool(msg.is_extended_frame), req.data or bytes(msg.length)
-    text = f"{pc.profile.path}: {req.key}: poll message {req.message!r} not in the profile's DBCs"
+    names = [m.name for d in pc.profile.dbc for m in cache.get(str(d)).messages]
+    hint = nearest(req.message or "", names)
+    text = f"poll message {req.message!r} is not in the profile's DBCs" + (
+        f"; {hint}" if hint else "")
     raise ValueError(text)
 
 
