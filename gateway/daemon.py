@@ -183,6 +183,8 @@ async def replay(cfg: GatewayConfig, log_path: str | Path, *, speed: float | Non
     sink = rt.sink
     if isinstance(sink, MqttSink):
         sink.coalesce = False
+        # never take over the live daemon's MQTT session (same gateway_id, same broker)
+        sink.client_id = f"{sink.client_id}-replay-{os.getpid()}"
 
     async def pause() -> None:
         if isinstance(sink, MqttSink):

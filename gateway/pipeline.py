@@ -23,6 +23,7 @@ from .source import Frame
 log = logging.getLogger("gateway.pipeline")
 
 TICK_S = 0.1  # frame-time granularity of publishing, rules and staleness
+MAX_UNKNOWN_IDS = 4096  # distinct unknown ids counted one by one (all are counted in total)
 
 
 @dataclass(slots=True)
@@ -125,7 +126,11 @@ class Pipeline:
             if h is None:
                 unknown += 1
                 u = c.unknown_ids
-                u[key] = u.get(key, 0) + 1
+                seen = u.get(key)
+                if seen is not None:
+                    u[key] = seen + 1
+                elif len(u) < MAX_UNKNOWN_IDS:  # a noisy bus must not grow this forever
+                    u[key] = 1
                 continue
             try:
                 h(ts, data)
