@@ -214,6 +214,7 @@ class MqttSink:
         self.queue: deque[Publication] = deque()
         self.space = asyncio.Event()
         self.wake = asyncio.Event()
+        self.events_dirty = True  # the outbox may hold events from before (a crash)
         self.connected = asyncio.Event()
         self.stopping = False
         self.published = 0
@@ -248,6 +249,8 @@ class MqttSink:
             await self.space.wait()
 
     def flush(self) -> None:
+        """New events are in the outbox."""
+        self.events_dirty = True
         self.wake.set()
 
     def _client_kwargs(self) -> dict[str, Any]:
@@ -283,6 +286,7 @@ class MqttSink:
                         log.info("MQTT connected to %s", self.cfg.url)
                     state = "up"
                     self.connected.set()
+                    self.events_dirty = True  # unacknowledged events go out first
                     for pub in self.on_connect():
                         self.snapshot(pub)
                     # subscribe before anything is sent: replies to our own on-connect
@@ -313,12 +317,16 @@ class MqttSink:
 
     async def _sender(self, client: Any) -> None:
         while True:
-            # events first: they are the ones that must never be lost
-            while batch := self.next_events():
-                for seq, topic, payload in batch:
-                    await client.publish(topic, payload, qos=1, retain=False, timeout=15)
-                    self.ack(seq)
-                    self.events_published += 1
+            # events first: they are the ones that must never be lost. The outbox is only
+            # asked when something was appended (flush) or after a (re)connect, not on
+            # every wake-up: a query per snapshot cost latency on a busy bus.
+            if self.events_dirty:
+                self.events_dirty = False
+                while batch := self.next_events():
+                    for seq, topic, payload in batch:
+                        await client.publish(topic, payload, qos=1, retain=False, timeout=15)
+                        self.ack(seq)
+                        self.events_published += 1
             while self.queue:
                 pub = self.queue[0]
                 await client.publish(pub.topic, pub.payload, qos=pub.qos, retain=pub.retain,
@@ -338,7 +346,7 @@ class MqttSink:
             if self.stopping:
                 return
             self.wake.clear()
-            if self.next_events() or self.pending or self.queue:
+            if self.events_dirty or self.pending or self.queue:
                 continue
             await self.wake.wait()
 
