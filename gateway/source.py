@@ -308,6 +308,24 @@ BatchSink = Callable[[list[Frame]], None]
 StateSink = Callable[[str, bool, str], None]  # (condition, active, detail)
 
 
+def _nonblocking_recv(bus: can.BusABC) -> Callable[[], can.Message | None]:
+    """`bus.recv(0)` without BusABC.recv's timing loop: 5.1 -> 3.7 us per frame on the
+    virtual bus, the draining loop's whole cost. Software filters still apply, and a
+    filtered-out frame does not end the drain (recv(0) returns None on one)."""
+    internal = getattr(bus, "_recv_internal", None)
+    matches = getattr(bus, "_matches_filters", None)
+    if internal is None or matches is None:
+        return lambda: bus.recv(0)
+
+    def recv0() -> can.Message | None:
+        while True:
+            msg, already_filtered = internal(0)
+            if msg is None or already_filtered or matches(msg):
+                return msg  # type: ignore[no-any-return]
+
+    return recv0
+
+
 class LiveSource:
     """Reads one bus into the pipeline; survives the interface going away.
 
@@ -331,6 +349,7 @@ class LiveSource:
         self._failed: asyncio.Future[BaseException] | None = None
         self.last_error = ""
         self.tx_count = 0
+        self._poll: Callable[[], can.Message | None] = lambda: None
 
     def _to_frame(self, m: can.Message, out: list[Frame]) -> None:
         if m.is_error_frame:
@@ -347,13 +366,13 @@ class LiveSource:
             self._failed.set_result(e)
 
     def _on_readable(self) -> None:
-        bus = self.bus
-        if bus is None:
+        if self.bus is None:
             return
+        poll = self._poll
         batch: list[Frame] = []
         try:
             for _ in range(BATCH):
-                m = bus.recv(0)
+                m = poll()
                 if m is None:
                     break
                 self._to_frame(m, batch)
@@ -366,6 +385,7 @@ class LiveSource:
     def _thread_reader(self, loop: asyncio.AbstractEventLoop, bus: can.BusABC) -> None:
         last = 0.0
         busy = False
+        poll = _nonblocking_recv(bus)
         while not self._stop and self.bus is bus:
             batch: list[Frame] = []
             try:
@@ -382,7 +402,7 @@ class LiveSource:
                 if gap < COALESCE_S:
                     time.sleep(COALESCE_S - gap)
                 for _ in range(BATCH):
-                    m = bus.recv(0)
+                    m = poll()
                     if m is None:
                         break
                     self._to_frame(m, batch)
@@ -422,6 +442,7 @@ class LiveSource:
                 await self._sleep_backoff()
                 continue
             self.bus = bus
+            self._poll = _nonblocking_recv(bus)
             self._failed = loop.create_future()
             fd = -1
             with contextlib.suppress(Exception):

@@ -114,3 +114,25 @@ def test_unknown_suffix_and_missing_file(tmp_path: Path) -> None:
         read_log(odd, SourceStats())
     with pytest.raises(LogError, match="not found"):
         read_log(tmp_path / "missing.log", SourceStats())
+
+
+def test_nonblocking_recv_honours_filters() -> None:
+    from gateway.source import _nonblocking_recv
+
+    tx = can.Bus(interface="virtual", channel="nb-recv")
+    plain = can.Bus(interface="virtual", channel="nb-recv")
+    filtered = can.Bus(interface="virtual", channel="nb-recv",
+                       can_filters=[{"can_id": 0x400, "can_mask": 0x7FF}])
+    try:
+        for aid in (0x400, 0x401, 0x400):
+            tx.send(can.Message(arbitration_id=aid, data=b"\x01", is_extended_id=False))
+        got_plain, got_filtered = [], []
+        for bus, out in ((plain, got_plain), (filtered, got_filtered)):
+            recv0 = _nonblocking_recv(bus)
+            while (m := recv0()) is not None:
+                out.append(m.arbitration_id)
+        assert got_plain == [0x400, 0x401, 0x400]
+        assert got_filtered == [0x400, 0x400]
+    finally:
+        for b in (tx, plain, filtered):
+            b.shutdown()
