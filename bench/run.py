@@ -161,10 +161,10 @@ def child_pipeline(a: dict[str, Any]) -> dict[str, Any]:
 def child_e2e(a: dict[str, Any]) -> dict[str, Any]:
     """(b) `replay()` of the candump log to the real mosquitto, default publishing policy."""
     from gateway.config import load_config
-    from gateway.daemon import replay
+    from gateway.daemon import replay, run_loop
     cfg = load_config(a["config"], mqtt_url=a["url"])
     t, w = time.process_time(), time.perf_counter()
-    rt = asyncio.run(replay(cfg, a["log"], speed=None))
+    rt = run_loop(replay(cfg, a["log"], speed=None))
     n = sum(c.received for c in rt.pipeline.counters)
     sink = rt.sink
     return result(n, time.process_time() - t, time.perf_counter() - w,
@@ -255,7 +255,7 @@ def child_live(a: dict[str, Any]) -> dict[str, Any]:
     import can
 
     from gateway.config import load_config
-    from gateway.daemon import Daemon
+    from gateway.daemon import Daemon, run_loop
 
     rate, duration = a["rate"], a["duration"]
     chan = f"bench-live-{os.getpid()}"
@@ -326,7 +326,7 @@ def child_live(a: dict[str, Any]) -> dict[str, Any]:
         return {"cpu": cpu, "wall": wall, "received": received}
 
     try:
-        got = asyncio.run(run())
+        got = run_loop(run())
     finally:
         out, _ = sub.communicate("\n", timeout=30)
     msgs = json.loads(out.strip().splitlines()[-1].split(" ", 1)[1])["got"]
@@ -357,7 +357,7 @@ def child_live(a: dict[str, Any]) -> dict[str, Any]:
 def child_memory(a: dict[str, Any]) -> dict[str, Any]:
     """(d) RSS after warm-up vs after `count` frames through pipeline + MQTT, one process."""
     from gateway.config import load_config
-    from gateway.daemon import Runtime, _with_sink
+    from gateway.daemon import Runtime, _with_sink, run_loop
     from gateway.pipeline import Pipeline
     from gateway.publish import MqttSink
 
@@ -393,7 +393,7 @@ def child_memory(a: dict[str, Any]) -> dict[str, Any]:
         samples["end_cpu"] = time.process_time()
 
     t, w = time.process_time(), time.perf_counter()
-    asyncio.run(_with_sink(rt, body, 30.0))
+    run_loop(_with_sink(rt, body, 30.0))
     rt.close()
     n = sum(c.received for c in pipe.counters)
     return result(n, time.process_time() - t, time.perf_counter() - w,
@@ -594,7 +594,7 @@ def _ms(v: float | None) -> str:
 def machine() -> dict[str, str]:
     from importlib.metadata import version
     libs = {}
-    for p in ("python-can", "cantools", "aiomqtt", "paho-mqtt"):
+    for p in ("python-can", "cantools", "aiomqtt", "paho-mqtt", "uvloop"):
         with contextlib.suppress(Exception):
             libs[p] = version(p)
     try:

@@ -83,7 +83,7 @@ def _speed(text: str) -> float | None:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .daemon import replay
+    from .daemon import replay, run_loop
     from .source import LogError
 
     cfg = _load(args, args.mqtt)
@@ -91,7 +91,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     _setup_logging(args.log_level or cfg.log_level)
     try:
-        rt = asyncio.run(replay(cfg, args.log, speed=args.speed))
+        rt = run_loop(replay(cfg, args.log, speed=args.speed), args.loop)
     except ConfigError as e:
         for p in e.problems:
             print(f"  {p}", file=sys.stderr)
@@ -111,7 +111,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import Daemon
+    from .daemon import Daemon, run_loop
     from .outbox import OutboxError
 
     cfg = _load(args, args.mqtt)
@@ -131,7 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         return await d.serve()
 
-    return asyncio.run(main())
+    return run_loop(main(), args.loop)
 
 
 def _sim_setup(args: argparse.Namespace, mqtt: str | None = None) -> tuple[
@@ -354,9 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"gateway config (default: {DEFAULT_CONFIG.name})")
         p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
+    def loop_opt(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                       help="event loop: uvloop when installed (auto), or force one")
+
     p = sub.add_parser("run", help="run the daemon on live CAN buses")
     common(p)
     p.add_argument("--mqtt", help="broker URL overriding mqtt.url; '-' prints to stdout")
+    loop_opt(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("replay", help="feed a recorded log through the same pipeline")
@@ -365,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", type=_speed, default=None,
                    help="'max' (default) or a factor of real time (1 = as recorded)")
     p.add_argument("--mqtt", help="broker URL overriding mqtt.url; '-' prints to stdout")
+    loop_opt(p)
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("check-config", help="validate config, profiles and DBCs together")
