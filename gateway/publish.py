@@ -242,7 +242,7 @@ class MqttSink:
             self.pending[pub.topic] = pub
         self.wake.set()
 
-    async def backpressure(self, limit: int = 2000) -> None:
+    async def backpressure(self, limit: int = 256) -> None:
         """In replay (no coalescing), wait while too much is queued for the broker."""
         while len(self.queue) > limit:
             self.space.clear()
@@ -333,7 +333,7 @@ class MqttSink:
                                      timeout=15)
                 self.queue.popleft()
                 self.published += 1
-                if len(self.queue) < 1000:
+                if len(self.queue) < 128:
                     self.space.set()
             while self.pending:
                 topic, pub = next(iter(self.pending.items()))
