@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import faulthandler
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -441,7 +442,13 @@ def main(argv: list[str] | None = None) -> int:
         faulthandler.enable()  # a watchdog SIGABRT leaves the stuck stack in the journal
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "log_level", None) or "info")
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        # `bms-gateway replay ... | head`: the reader left; that is not an error
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":
