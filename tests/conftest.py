@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -60,8 +61,13 @@ class Broker:
             listener = f"listener {self.port} 127.0.0.1\nallow_anonymous true\n"
         else:
             listener = ""
+        # Started as root, mosquitto drops to the `mosquitto` user, which cannot write
+        # our temporary directory: persistence (the sessions a broker restart must keep)
+        # and the log would be lost silently.
+        user = ("user root\n" if os.geteuid() == 0
+                and not re.search(r"^user ", self.extra_conf, re.M) else "")
         c.write_text(
-            f"{listener}"
+            f"{listener}{user}"
             f"persistence true\npersistence_location {self.workdir}/\n"
             "autosave_interval 1\n"
             f"log_dest file {self.log}\nlog_type error\nlog_type warning\nlog_type notice\n"

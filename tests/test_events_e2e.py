@@ -183,7 +183,9 @@ def test_broker_outage_loses_no_event(tmp_path: Path, broker: Broker,
                 f.write(f"({T0 + t:.6f}) can0 {fid:03X}#{data.hex().upper()}\n")
     cfg = write_config(tmp_path, broker.url)
     sub = subscriber_factory(broker.port, ["bms/p/events"], client_id="outage-sub", clean=False)
-    sub.client.reconnect_delay_set(0.2, 1)
+    # the subscriber comes back after the gateway: the events sent meanwhile wait in the
+    # broker for its persistent session
+    sub.client.reconnect_delay_set(3, 3)
 
     async def run() -> None:
         task = asyncio.create_task(replay(load_config(cfg), log, speed=1.0, drain_timeout=30))
