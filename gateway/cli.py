@@ -36,13 +36,17 @@ def _setup_logging(level: str, stream: object = None) -> None:
     )
 
 
+def _print_problems(e: ConfigError) -> None:
+    print(f"config error{'s' if len(e.problems) > 1 else ''}:", file=sys.stderr)
+    for p in e.problems:
+        print(f"  {p}", file=sys.stderr)
+
+
 def _load(args: argparse.Namespace, mqtt: str | None = None) -> GatewayConfig | None:
     try:
         return load_config(args.config, mqtt_url=mqtt)
     except ConfigError as e:
-        print(f"config error{'s' if len(e.problems) > 1 else ''}:", file=sys.stderr)
-        for p in e.problems:
-            print(f"  {p}", file=sys.stderr)
+        _print_problems(e)
         return None
 
 
@@ -55,9 +59,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         pipeline = Pipeline(cfg)
     except ConfigError as e:
-        print(f"config error{'s' if len(e.problems) > 1 else ''}:", file=sys.stderr)
-        for p in e.problems:
-            print(f"  {p}", file=sys.stderr)
+        _print_problems(e)
         return EXIT_CONFIG
     print(f"{cfg.path}: OK")
     for rt in pipeline.packs:
@@ -94,8 +96,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     try:
         rt = run_loop(replay(cfg, args.log, speed=args.speed), args.loop)
     except ConfigError as e:
-        for p in e.problems:
-            print(f"  {p}", file=sys.stderr)
+        _print_problems(e)
         return EXIT_CONFIG
     except LogError as e:
         print(f"error: {e}", file=sys.stderr)
