@@ -99,12 +99,22 @@ def active_codes(p: Pipeline, i: int = 0) -> set[str]:
 # ------------------------------------------------------------------ Orion
 
 
-def test_orion_inverter_against_real_log(tmp_path: Path) -> None:
-    dbc = shared("orion-we-ev/Orion_CANBUS.dbc")
+@pytest.mark.parametrize(("profile", "own_dbc"), [
+    ("orion-bms2", False),       # as shipped: our DBC
+    ("orion-inverter", True),    # the user's own Orion utility export
+])
+def test_orion_against_real_log(tmp_path: Path, profile: str, own_dbc: bool) -> None:
+    dbc = shared("orion-we-ev/Orion_CANBUS.dbc")  # the oracle in both cases
     log = shared("orion-we-ev/candump1_can0.asc")
     db = load_db(dbc)
-    frames = asc_frames(log, {0x351, 0x355, 0x356, 0x35A, 0x35B, 0x36})
-    st = run(pipeline_for(tmp_path, f"{{id: orion, profile: orion-inverter, dbc: {dbc}}}"), frames)
+    frames = asc_frames(log)
+    pack = f"{{id: orion, profile: {profile}, dbc: {dbc}}}" if own_dbc else \
+        f"{{id: orion, profile: {profile}}}"
+    p = pipeline_for(tmp_path, pack)
+    st = run(p, frames)
+    # what the shipped orion-bms2 profile published before: 0x6B0 read as a 7.2 V pack,
+    # -16.7 A and a false under-temperature alarm
+    assert not active_codes(p) & {"under_temperature", "bms_malfunction_indicator"}
     v356, v355, v351 = (last_decoded(db, frames, i) for i in (0x356, 0x355, 0x351))
     assert st.get("voltage_v") == pytest.approx(v356["Pack_Inst_Voltage"])
     assert 292.0 <= st.get("voltage_v") <= 293.0  # SOURCES.md: 292.4-292.5 V
@@ -129,7 +139,7 @@ def test_orion_inverter_against_real_log(tmp_path: Path) -> None:
     assert 4.05 <= st.get("cell_v_min") <= st.get("cell_v_max") <= 4.07
 
 
-def test_orion_bms2_cells_from_log_and_encoded_custom_messages(tmp_path: Path) -> None:
+def test_orion_bms2_6b0_cells_from_log_and_encoded_custom_messages(tmp_path: Path) -> None:
     log = shared("orion-we-ev/candump1_can0.asc")
     db = load_db(REPO / "dbc" / "orion-bms2.dbc")
     frames = asc_frames(log, {0x36})
@@ -142,7 +152,7 @@ def test_orion_bms2_cells_from_log_and_encoded_custom_messages(tmp_path: Path) -
                                                   "HighTemperature": 31,
                                                   "LowTemperature": -5}, 1e10 + 0.01),
     ]
-    p = pipeline_for(tmp_path, "{id: orion, profile: orion-bms2}")
+    p = pipeline_for(tmp_path, "{id: orion, profile: orion-bms2-6b0}")
     st = run(p, frames)
     ps = last_decoded(db, frames, 0x6B0)
     assert st.get("current_a") == pytest.approx(-ps["PackCurrent"])  # Orion: + = discharge
@@ -158,8 +168,8 @@ def test_orion_bms2_cells_from_log_and_encoded_custom_messages(tmp_path: Path) -
             d = db.decode_message(0x36, data, decode_choices=False)
             newest[d["CellId"]] = d
     for cid, d in newest.items():
-        assert st.cell_v[cid] == pytest.approx(d["CellInstantVoltage"] / 1000)
-        assert st.balancing[cid] is bool(d["CellShunting"])
+        assert st.cell_v[cid] == pytest.approx(d["CellVoltage"])
+        assert st.balancing[cid] is bool(d["CellBalancing"])
     assert "bms_malfunction_indicator" in active_codes(p)
 
 
