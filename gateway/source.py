@@ -35,6 +35,17 @@ log = logging.getLogger("gateway.source")
 Frame = tuple[float, int, bytes, str]
 BATCH = 512
 COALESCE_S = 0.002  # reader thread: at most one hand-off to the event loop per this long
+# A frame time must be a real date: NaN, inf, 1e20 or -1e18 in a log would reach
+# datetime.fromtimestamp (OverflowError) long after the line was read.
+TS_MAX = 253402300799.0  # 9999-12-31T23:59:59Z
+# The candump parser caches id and channel texts; hostile or huge logs (millions of
+# distinct ids) must not grow them without bound, so they are emptied when this full.
+CACHE_MAX = 4096
+
+
+def ts_ok(ts: float) -> bool:
+    """A usable frame time: finite, not before 1970, not after 9999 (NaN fails too)."""
+    return 0.0 <= ts <= TS_MAX
 
 
 class LogError(Exception):
@@ -79,14 +90,21 @@ def _candump_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
                 ident, payload = frame.split(b"#")
                 key = keys.get(ident)
                 if key is None:
+                    if len(keys) >= CACHE_MAX:
+                        keys.clear()
                     key = keys[ident] = _candump_key(ident)
                 if key < 0:
                     stats.error_frames += 1
                     continue
                 c = chans.get(chan)
                 if c is None:
+                    if len(chans) >= CACHE_MAX:
+                        chans.clear()
                     c = chans[chan] = chan.decode(errors="replace")
-                append((float(ts_s[1:-1]), key, unhex(payload), c))
+                ts = float(ts_s[1:-1])
+                if not 0.0 <= ts <= TS_MAX:
+                    raise ValueError
+                append((ts, key, unhex(payload), c))
             except (ValueError, IndexError, binascii.Error):
                 got = _candump_slow(line.decode("ascii", errors="replace"), stats,
                                     f"{path}:{lineno}")
@@ -107,6 +125,8 @@ def _candump_key(ident: bytes) -> int:
     if len(ident) > 3 or can_id > 0x7FF:
         if can_id & 0x20000000:  # CAN_ERR_FLAG: candump prints error frames this way
             return -1
+        if can_id > 0x1FFFFFFF:
+            raise ValueError(f"id {ident[:16]!r} is wider than 29 bits")
         can_id |= EXTENDED_FLAG
     return can_id
 
@@ -130,7 +150,11 @@ def _candump_slow(line: str, stats: SourceStats, where: str) -> Frame | None:
         if key < 0:
             stats.error_frames += 1
             return None
-        return (float(ts_s[1:-1]), key, bytes.fromhex(payload), chan)
+        ts = float(ts_s[1:-1])
+        if not ts_ok(ts):
+            stats.bad(where, f"timestamp {ts_s} is not a date between 1970 and 9999")
+            return None
+        return (ts, key, bytes.fromhex(payload), chan)
     except ValueError:
         if line.strip() and not line.startswith("#"):
             stats.bad(where, f"not a candump -l line: {line.strip()[:60]!r}")
@@ -161,6 +185,8 @@ def _slcan_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
                     if len(data) != dlc:
                         raise ValueError(f"DLC {dlc} but {len(data)} data bytes")
                     rest = line[2 + n + 2 * dlc:]
+                    if len(rest) > 4:  # SLCAN stamps are 4 hex digits (ms, wrap at 60 s)
+                        raise ValueError(f"timestamp {rest[:12]!r} is not 4 hex digits")
                     ms = int(rest, 16) if rest else 0
                     if ms < last_ms:
                         wraps += 1
@@ -220,6 +246,10 @@ def _pycan_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
             if m.is_remote_frame:
                 stats.remote_frames += 1
                 continue
+            if not ts_ok(m.timestamp):
+                stats.bad(f"{path} (frame {count})",
+                          f"timestamp {m.timestamp!r} is not a date between 1970 and 9999")
+                continue
             key = m.arbitration_id | EXTENDED_FLAG if m.is_extended_id else m.arbitration_id
             batch.append((m.timestamp, key, bytes(m.data), str(m.channel)))
             if len(batch) >= BATCH:
@@ -261,6 +291,10 @@ def read_log(path: str | Path, stats: SourceStats) -> Iterator[list[Frame]]:
         return _candump_batches(p, stats)
     if fmt == "slcan":
         return _slcan_batches(p, stats)
+    if p.suffix.lower() in (".asc", ".trc"):
+        from .logtext import asc_batches, trc_batches  # imports this module
+
+        return (asc_batches if p.suffix.lower() == ".asc" else trc_batches)(p, stats)
     if p.suffix.lower() not in (".asc", ".blf", ".csv", ".db", ".log", ".mf4", ".trc"):
         msg = (f"{p}: unknown log format (suffix {p.suffix!r}); supported: candump -l, SLCAN "
                ".raw, .asc, .blf, .trc, .csv, .mf4, .db")

@@ -292,10 +292,11 @@ def test_malformed_log_lines_short_frames_and_unknown_ids_are_counted(tmp_path: 
 
 
 def test_unreadable_log_is_a_clear_error(tmp_path: Path) -> None:
-    trc = shared("orion-we-ev/candump-2025-11-22_161709.trc")
-    r = run_cli("replay", str(trc), "-c", "config/gateway.example.yaml", "--mqtt", "-")
+    csv = tmp_path / "other.csv"  # not python-can's CSV columns: refused with a fix
+    csv.write_text("a,b,c\n1,2,3\n")
+    r = run_cli("replay", str(csv), "-c", "config/gateway.example.yaml", "--mqtt", "-")
     assert r.returncode == 1
-    assert "candump-2025-11-22_161709.trc" in r.stderr and "Fix:" in r.stderr
+    assert "other.csv" in r.stderr and "Fix:" in r.stderr
     assert "Traceback" not in r.stderr
     r = run_cli("replay", str(tmp_path / "missing.log"), "-c", "config/gateway.example.yaml")
     assert r.returncode == 1 and "not found" in r.stderr
