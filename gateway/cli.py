@@ -16,6 +16,7 @@ from . import __version__
 from .config import BUILTIN_CONFIG, ConfigError, GatewayConfig, load_config
 
 if TYPE_CHECKING:
+    from .pipeline import Pipeline
     from .simulate import Scenario
 
 EXIT_OK = 0
@@ -61,6 +62,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ConfigError as e:
         _print_problems(e)
         return EXIT_CONFIG
+    if args.show_code is not None:
+        return _show_code(pipeline, args.show_code)
     print(f"{cfg.path}: OK")
     for rt in pipeline.packs:
         pc = rt.compiled.cfg
@@ -68,6 +71,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
               f"{len(rt.compiled.handlers)} messages, DBC {', '.join(str(d) for d in pc.profile.dbc)}"
               f"{', transmit ON' if pc.transmit else ''}")
     print(f"  mqtt: {cfg.mqtt.url or 'stdout'}; state_dir: {cfg.state_dir}")
+    return EXIT_OK
+
+
+def _show_code(pipeline: Pipeline, pack: str) -> int:
+    """Print the generated handler source of one pack (each line names its profile key)."""
+    packs = {rt.compiled.cfg.id: rt.compiled for rt in pipeline.packs}
+    compiled = packs.get(pack)
+    if compiled is None:
+        print(f"error: no pack {pack!r} in the config; packs: {', '.join(packs)}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    for key in sorted(compiled.code):
+        print(compiled.code[key])
     return EXIT_OK
 
 
@@ -377,6 +393,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check-config", help="validate config, profiles and DBCs together")
     common(p)
+    p.add_argument("--show-code", metavar="PACK",
+                   help="print the Python generated for the pack's frame handlers")
     p.set_defaults(func=cmd_check_config)
     p = sub.add_parser("simulate", help="a virtual BMS sending the frames of a pack's profile")
     common(p)

@@ -10,10 +10,14 @@ tests hold every recipe equal to `cantools` `decode_message` on random payloads.
 
 from __future__ import annotations
 
+import linecache
 import re
 import struct
-from dataclasses import dataclass
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import cantools
 from cantools.database import Database
@@ -150,45 +154,244 @@ def mux_signal(msg: Message) -> Signal | None:
 
 
 
-# Imported here rather than at the head of the module so that this addition stays a
-# self-contained block at the end of the file (other work edits the head).
-from collections.abc import Callable  # noqa: E402
-from dataclasses import replace  # noqa: E402
-from typing import Any  # noqa: E402
+# ---------------------------------------------------------------- the message as data
+#
+# One description of a message (`MessageLayout`: each signal cantools reports, where its
+# bits are, and the multiplexer values that must hold for it to be present) and one
+# code generator (`Source`) that production's frame handlers (gateway/normalize.py) and
+# `compile_message` both use. Extended (nested) multiplexing is a path of several
+# `MuxStep`s: a signal is present only when every multiplexer on its path has one of
+# its listed values, which is how cantools decides.
+
+
+@dataclass(frozen=True, slots=True)
+class MuxStep:
+    """One multiplexer on a signal's path: the signal is present when its raw value is
+    one of `values` (compared raw, as DBC files write them)."""
+
+    muxer: str
+    values: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRead:
+    """One signal occurrence that cantools reports, and when it is present."""
+
+    name: str
+    field: BitField
+    path: tuple[MuxStep, ...]
+
+
+def _winners(signals: list[Signal]) -> list[Signal]:
+    """One signal per name, the one whose bits `cantools` reports.
+
+    Real DBCs repeat names (Orion's `Blank`). cantools unpacks a node's big-endian
+    signals in start-bit order and its little-endian ones in reverse, then keeps the
+    last value per name: so the first little-endian occurrence wins if there is one,
+    otherwise the last big-endian one. We report the same bits, scaled by that
+    occurrence's own factor and offset.
+    """
+    chosen: dict[str, Signal] = {}
+    for s in signals:
+        prev = chosen.get(s.name)
+        if prev is None or prev.byte_order == "big_endian":
+            chosen[s.name] = s
+    return [s for s in signals if chosen[s.name] is s]
+
+
+class MessageLayout:
+    """A message as data: the signals cantools reports (`reads`, in the order in which a
+    later one overrides an earlier one of the same name) and its multiplexers (raw field
+    and the path under which the multiplexer itself is present)."""
+
+    def __init__(self, msg: Message) -> None:
+        self.msg = msg
+        self.key = message_key(msg)
+        self.reads: list[SignalRead] = []
+        self.muxers: dict[str, tuple[BitField, tuple[MuxStep, ...]]] = {}
+        self._children: dict[str, list[Signal]] = {}
+        for s in msg.signals:
+            if s.multiplexer_signal is not None:
+                self._children.setdefault(s.multiplexer_signal, []).append(s)
+        self._walk([s for s in msg.signals if s.multiplexer_signal is None], ())
+        self.by_name: dict[str, list[SignalRead]] = {}
+        for r in self.reads:
+            self.by_name.setdefault(r.name, []).append(r)
+
+    def _walk(self, signals: list[Signal], path: tuple[MuxStep, ...]) -> None:
+        for s in _winners(signals):
+            bf = bitfield(self.msg, s)
+            if bf.shift >= 0:  # big-endian bits beyond msg.length have no aligned place
+                self.reads.append(SignalRead(s.name, bf, path))
+        for mux in signals:
+            kids = self._children.get(mux.name)
+            if not mux.is_multiplexer or not kids or mux.name in self.muxers:
+                continue
+            raw = replace(bitfield(self.msg, mux), scale=1, offset=0, float_fmt=None)
+            if raw.shift < 0:
+                continue
+            self.muxers[mux.name] = (raw, path)
+            groups: dict[frozenset[int], list[Signal]] = {}
+            for k in kids:
+                ids = frozenset(int(v) for v in k.multiplexer_ids or ())
+                groups.setdefault(ids, []).append(k)
+            for values, members in groups.items():
+                self._walk(members, (*path, MuxStep(mux.name, values)))
+
+
+def merge_paths(a: tuple[MuxStep, ...], b: tuple[MuxStep, ...]) -> tuple[MuxStep, ...] | None:
+    """The path under which signals on both paths are present together, or None when
+    no frame carries both (different branches of one multiplexer)."""
+    out: list[MuxStep] = []
+    for i in range(max(len(a), len(b))):
+        if i >= len(a) or i >= len(b):
+            out.extend((a if i < len(a) else b)[i:])
+            break
+        if a[i].muxer != b[i].muxer:
+            return None
+        both = a[i].values & b[i].values
+        if not both:
+            return None
+        out.append(MuxStep(a[i].muxer, both))
+    return tuple(out)
+
+
+Emit = Callable[["Source", int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A piece of generated code and when it runs: only when every multiplexer on `path`
+    has a listed value. `muxers` names multiplexers whose value the code itself reads
+    (through `Source.mux_var`); each must be present wherever `path` holds. `key` is the
+    profile key the code comes from: every line it emits says so in a comment."""
+
+    key: str
+    path: tuple[MuxStep, ...]
+    emit: Emit
+    muxers: tuple[str, ...] = ()
+
+
+class Source:
+    """One generated function's body: the lines (each tagged with the profile key it
+    comes from), the constants it closes over, and the frame length its reads need."""
+
+    def __init__(self, layout: MessageLayout) -> None:
+        self.layout = layout
+        self.limit = layout.msg.length  # reads past the DBC length get their own guard
+        self.lines: list[str] = []
+        self.consts: dict[str, Any] = {}
+        self.min_bytes = 0
+        self.uses: set[str] = set()  # "le" / "be": which frame integers the reads need
+        self._key = ""
+        self._n = 0
+        self._mux_vars = {name: f"m{i}" for i, name in enumerate(layout.muxers)}
+
+    def const(self, value: Any, hint: str = "k") -> str:
+        self._n += 1
+        name = f"_{hint}{self._n}"
+        self.consts[name] = value
+        return name
+
+    def emit(self, indent: int, line: str) -> None:
+        text = "    " * indent + line
+        if self._key:  # the profile key, where a traceback shows it
+            text = f"{text.ljust(56)}  # {self._key}"
+        self.lines.append(text)
+
+    def read(self, bf: BitField, *, raw: bool = False) -> str:
+        """Expression for a field's value (with `raw`: its integer, sign-extended if
+        signed, unscaled); the frame must then hold the field's bytes."""
+        if raw:
+            bf = replace(bf, float_fmt=None, scale=1, offset=0)
+        self.min_bytes = max(self.min_bytes, bf.min_bytes)
+        self.uses.add("be" if bf.big_endian else "le")
+        return bf.expr("le", "be")
+
+    def mux_var(self, muxer: str) -> str:
+        return self._mux_vars[muxer]
+
+    def items(self, items: list[Item], indent: int, *, checked: bool = False,
+              depth: int = 0) -> None:
+        """Emit `items`, grouped under one test per multiplexer value set, each
+        multiplexer read once. `checked`: a multiplexer the frame is too short to carry
+        selects nothing (for decoders without a length check up front)."""
+        here = [it for it in items if len(it.path) == depth]
+        deeper = [it for it in items if len(it.path) > depth]
+        needed = dict.fromkeys([*(it.path[depth].muxer for it in deeper),
+                                *(m for it in here for m in it.muxers)])
+        for name in needed:
+            field, _ = self.layout.muxers[name]
+            expr = self.read(field)
+            if checked:
+                expr = f"{expr} if n >= {field.min_bytes} else None"
+            self._key = f"multiplexer {name}"
+            self.emit(indent, f"{self.mux_var(name)} = {expr}")
+        for it in here:
+            self._key = it.key
+            start, outer, self.min_bytes = len(self.lines), self.min_bytes, 0
+            it.emit(self, indent)
+            if self.min_bytes > self.limit and not checked:
+                # a signal running past the DBC length (a DBC error, seen in real files):
+                # only frames long enough carry it; the rest of the message still decodes
+                self.lines[start:] = ["    " + ln for ln in self.lines[start:]]
+                self.lines.insert(start, "    " * indent + f"if n >= {self.min_bytes}:  # {it.key}")
+                self.min_bytes = self.limit
+            self.min_bytes = max(outer, self.min_bytes)
+        self._key = ""
+        branches: dict[MuxStep, list[Item]] = {}
+        for it in deeper:
+            branches.setdefault(it.path[depth], []).append(it)
+        for step, group in branches.items():
+            var = self.mux_var(step.muxer)
+            if len(step.values) == 1:
+                cond = f"{var} == {next(iter(step.values))}"
+            else:
+                cond = f"{var} in {self.const(step.values, 'S')}"
+            self._key = f"multiplexer {step.muxer}"
+            self.emit(indent, f"if {cond}:")
+            self._key = ""
+            before = len(self.lines)
+            self.items(group, indent + 1, checked=checked, depth=depth + 1)
+            if len(self.lines) == before:
+                self.emit(indent + 1, "pass")
+
+
+def compile_source(text: str, filename: str, namespace: dict[str, Any]) -> None:
+    """exec generated source, registered in `linecache` so tracebacks show its lines."""
+    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
+    exec(compile(text, filename, "exec"), namespace)
+
+
+def where_failed(exc: BaseException) -> str:
+    """`, at FILE line N: CODE` for the innermost generated line of a traceback (its
+    comment names the profile key), or "" if the error is not in generated code."""
+    for fr in reversed(traceback.extract_tb(exc.__traceback__)):
+        if fr.filename.startswith("<") and fr.filename in linecache.cache:
+            return f", at {fr.filename} line {fr.lineno}: {(fr.line or '').strip()}"
+    return ""
 
 
 def compile_message(msg: Message) -> Callable[[bytes], dict[str, float | int]]:
-    """One generated function decoding every signal of `msg` present in a frame.
+    """One function decoding every signal of `msg` present in a frame, from the same
+    layout and generator as production's handlers.
 
     Equals `db.decode_message(id, data, decode_choices=False)`, except that a short
     frame yields the signals it fully carries instead of raising, and a multiplexer
     value the DBC does not list yields only the signals outside that multiplexer.
-    Multiplexer values are compared raw (as DBC files write them); cantools compares
-    the scaled value, which differs only for a scaled multiplexer. Signal names reach
-    the function through a constant tuple, never through its source text.
+    Signal names reach the function through a constant tuple, never through its source.
     """
-    def _winners(signals: list[Signal]) -> list[Signal]:
-        """One signal per name, the one whose bits `cantools` reports.
+    layout = MessageLayout(msg)
+    body = Source(layout)
+    names = body.const(tuple(r.name for r in layout.reads), "N")
 
-        Real DBCs repeat names (Orion's `Blank`). cantools unpacks a node's big-endian
-        signals in start-bit order and its little-endian ones in reverse, then keeps the
-        last value per name: so the first little-endian occurrence wins if there is one,
-        otherwise the last big-endian one. We report the same bits, scaled by that
-        occurrence's own factor and offset.
-        """
-        chosen: dict[str, Signal] = {}
-        for s in signals:
-            prev = chosen.get(s.name)
-            if prev is None or prev.byte_order == "big_endian":
-                chosen[s.name] = s
-        return [s for s in signals if chosen[s.name] is s]
+    def item(i: int, r: SignalRead) -> Item:
+        def emit(g: Source, ind: int) -> None:
+            g.emit(ind, f"if n >= {r.field.min_bytes}:")
+            g.emit(ind + 1, f"out[{names}[{i}]] = {g.read(r.field)}")
+        return Item(r.name, r.path, emit)
 
-    names: list[str] = []
-    id_sets: list[frozenset[int]] = []
-    children: dict[str, list[Signal]] = {}
-    for s in msg.signals:
-        if s.multiplexer_signal is not None:
-            children.setdefault(s.multiplexer_signal, []).append(s)
+    body.items([item(i, r) for i, r in enumerate(layout.reads)], 1, checked=True)
     lines = [
         "def decode(data):",
         "    n = _len(data)",
@@ -199,53 +402,12 @@ def compile_message(msg: Message) -> Callable[[bytes], dict[str, float | int]]:
         f"    elif n > {msg.length}:",
         f"        be >>= (n - {msg.length}) * 8",
         "    out = {}",
+        *body.lines,
+        "    return out",
     ]
-
-    def emit_node(signals: list[Signal], ind: str, depth: int) -> None:
-        for s in _winners(signals):
-            bf = bitfield(msg, s)
-            if bf.shift < 0:  # big-endian bits beyond msg.length: no aligned place
-                continue
-            names.append(s.name)
-            lines.append(f"{ind}if n >= {bf.min_bytes}:")
-            lines.append(f"{ind}    out[_N[{len(names) - 1}]] = {bf.expr('le', 'be')}")
-        for mux in signals:
-            kids = children.get(mux.name)
-            if not mux.is_multiplexer or not kids:
-                continue
-            raw = replace(bitfield(msg, mux), scale=1, offset=0, float_fmt=None)
-            if raw.shift < 0:
-                continue
-            # Group mux values by the exact set of signals they select, so each
-            # branch is one cantools codec node (extended multiplexing allows
-            # ranges and signals shared between values).
-            groups: dict[tuple[int, ...], set[int]] = {}
-            for value in sorted({v for k in kids for v in (k.multiplexer_ids or ())}):
-                members = tuple(i for i, k in enumerate(kids) if value in (k.multiplexer_ids or ()))
-                groups.setdefault(members, set()).add(value)
-            var = f"m{depth}"
-            lines.append(f"{ind}if n >= {raw.min_bytes}:")
-            lines.append(f"{ind}    {var} = {raw.expr('le', 'be')}")
-            keyword = "if"
-            for members, values in groups.items():
-                id_sets.append(frozenset(values))
-                lines.append(f"{ind}    {keyword} {var} in _S[{len(id_sets) - 1}]:")
-                before = len(lines)
-                emit_node([kids[i] for i in members], ind + "        ", depth + 1)
-                if len(lines) == before:
-                    lines.append(f"{ind}        pass")
-                keyword = "elif"
-
-    emit_node([s for s in msg.signals if s.multiplexer_signal is None], "    ", 0)
-    lines.append("    return out")
-    namespace: dict[str, Any] = {
-        "__builtins__": {},
-        "_fb": int.from_bytes,
-        "_len": len,
-        "_unpack": unpack_float,
-        "_N": tuple(names),
-        "_S": tuple(id_sets),
-    }
-    exec(compile("\n".join(lines), f"<decode {message_key(msg):#x}>", "exec"), namespace)
+    namespace: dict[str, Any] = {"__builtins__": {}, "_fb": int.from_bytes, "_len": len,
+                                 "_unpack": unpack_float, **body.consts}
+    compile_source("\n".join(lines) + "\n", f"<decode {message_key(msg):#x} {msg.name}>",
+                   namespace)
     fn: Callable[[bytes], dict[str, float | int]] = namespace["decode"]
     return fn

@@ -17,14 +17,28 @@ import logging
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cantools.database import Database
 from cantools.database.can import Message, Signal
 
 from .config import CellSource, PackConfig, Problem, ValueSpec, nearest
-from .decode import BitField, DbcError, bitfield, load_dbc, message_key, mux_signal, unpack_float
+from .decode import (
+    BitField,
+    DbcError,
+    Item,
+    MessageLayout,
+    MuxStep,
+    SignalRead,
+    Source,
+    bitfield,
+    compile_source,
+    load_dbc,
+    merge_paths,
+    message_key,
+    unpack_float,
+)
 from .model import BMS_STATES, FIELD_BY_NAME, FIELD_INDEX, PackState, Value
 
 log = logging.getLogger("gateway.normalize")
@@ -63,28 +77,11 @@ class CompiledPack:
     implausible: list[int]  # per model slot; cells use the last three slots
     sources: dict[int, str]  # frame key -> message name, for `decode` and logs
     fault_hook: list[FaultHook | None]  # set by the fault stage; list so handlers see it
+    code: dict[int, str] = field(default_factory=dict)  # frame key -> generated source
 
     def implausible_counts(self) -> dict[str, int]:
         names = [*FIELD_INDEX, "cell_voltage", "cell_temp", "extra"]
         return {n: c for n, c in zip(names, self.implausible, strict=False) if c}
-
-
-class _Codegen:
-    """Accumulates one message's handler source and the constants it closes over."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.consts: dict[str, Any] = {}
-        self.n = 0
-
-    def const(self, value: Any, hint: str = "k") -> str:
-        self.n += 1
-        name = f"_{hint}{self.n}"
-        self.consts[name] = value
-        return name
-
-    def emit(self, indent: int, line: str) -> None:
-        self.lines.append("    " * indent + line)
 
 
 def _pos(bf: BitField, msg: Message) -> int:
@@ -111,8 +108,9 @@ class _Compiler:
         self.dbs = dbs
         self.problems = problems
         self.file = str(cfg.profile.path)
-        self.msgs: dict[str, list[tuple[str, Callable[[_Codegen, int, str], None]]]] = {}
+        self.msgs: dict[str, list[Item]] = {}
         self.msg_objs: dict[str, Message] = {}
+        self.layouts: dict[str, MessageLayout] = {}
         self.fault_count = 0
 
     # -- lookups with helpful errors
@@ -143,28 +141,80 @@ class _Compiler:
             or f"its signals: {', '.join(s.name for s in msg.signals[:12])}"))
         return None
 
-    def add(self, msg: Message, key: str, fn: Callable[[_Codegen, int, str], None]) -> None:
-        self.msgs.setdefault(msg.name, []).append((key, fn))
+    def layout(self, msg: Message) -> MessageLayout:
+        got = self.layouts.get(msg.name)
+        if got is None:
+            got = self.layouts[msg.name] = MessageLayout(msg)
+        return got
+
+    def add(self, msg: Message, key: str, path: tuple[MuxStep, ...], fn: Callable[[Source, int], None],
+            muxers: tuple[str, ...] = ()) -> None:
+        self.msgs.setdefault(msg.name, []).append(Item(key, path, fn, muxers))
+
+    def find_read(self, msg: Message, name: str) -> SignalRead | tuple[str, str]:
+        """The occurrence of signal `name` that cantools reports, or (problem, fix)."""
+        reads = self.layout(msg).by_name.get(name)
+        if reads and len(reads) == 1:
+            return reads[0]
+        if reads:
+            return (f"message {msg.name!r} has {len(reads)} signals named {name!r} in "
+                    "different multiplexer branches",
+                    "rename them apart in your copy of the DBC")
+        sig = next((s for s in msg.signals if s.name == name), None)
+        if sig is not None:
+            if sig.multiplexer_signal is not None and \
+                    sig.multiplexer_signal not in self.layout(msg).muxers:
+                return (f"signal {name!r} of {msg.name!r} is under multiplexer "
+                        f"{sig.multiplexer_signal!r}, which the message does not have or "
+                        "which lies beyond it: cantools never decodes it",
+                        "fix the multiplexer's name (or length) in the DBC")
+            return (f"signal {name!r} of {msg.name!r} lies beyond the message's "
+                    f"{msg.length} bytes", "fix the message length or the signal in the DBC")
+        return (f"message {msg.name!r} has no signal {name!r}",
+                nearest(name, [s.name for s in msg.signals])
+                or f"its signals: {', '.join(s.name for s in msg.signals[:12])}")
+
+    def read(self, key: str, msg: Message, name: str) -> SignalRead | None:
+        got = self.find_read(msg, name)
+        if isinstance(got, tuple):
+            self.problems.append(Problem(self.file, key, *got))
+            return None
+        return got
+
+    def together(self, key: str, msg: Message, reads: list[SignalRead]) -> tuple[MuxStep, ...] | None:
+        """The multiplexer path under which all `reads` are present (a problem if none)."""
+        path: tuple[MuxStep, ...] | None = ()
+        for r in reads:
+            assert path is not None
+            path = merge_paths(path, r.path)
+            if path is None:
+                self.problems.append(Problem(
+                    self.file, key, f"signals {', '.join(sorted({x.name for x in reads}))} of "
+                    f"{msg.name!r} are in different multiplexer branches: no frame carries "
+                    "them all", "read them in separate entries (cells: `mux: true`)"))
+                return None
+        return path
 
     # -- value expressions
-    def value_expr(self, spec: ValueSpec, msg: Message, g: _Codegen) -> str | None:
-        """Python expression for the spec's value in model units, or None on error."""
+    def value_expr(self, spec: ValueSpec, msg: Message, g: Source) -> tuple[str, tuple[MuxStep, ...]] | None:
+        """Python expression for the spec's value in model units and the multiplexer
+        path under which it is present, or None on error."""
         if spec.const is not None:
-            return repr(spec.const)
+            return repr(spec.const), ()
         if spec.signal is not None:
-            sig = self.signal(f"{spec.key}.signal", msg, spec.signal)
-            if sig is None:
+            r = self.read(f"{spec.key}.signal", msg, spec.signal)
+            if r is None:
                 return None
-            expr = bitfield(msg, sig).expr("le", "be")
+            expr, path = g.read(r.field), r.path
         else:
             assert spec.expr is not None
-            got = self.safe_expr(spec, msg)
+            got = self.safe_expr(spec, msg, g)
             if got is None:
                 return None
-            expr = got
-        return _linear(expr, spec)
+            expr, path = got
+        return _linear(expr, spec), path
 
-    def safe_expr(self, spec: ValueSpec, msg: Message) -> str | None:
+    def safe_expr(self, spec: ValueSpec, msg: Message, g: Source) -> tuple[str, tuple[MuxStep, ...]] | None:
         try:
             tree = ast.parse(spec.expr or "", mode="eval")
         except SyntaxError as e:
@@ -172,7 +222,7 @@ class _Compiler:
                                          f"not an expression: {e.msg}",
                                          "use signal names, numbers, + - * / and min/max/abs"))
             return None
-        names = {s.name: s for s in msg.signals}
+        used: list[SignalRead] = []
 
         def emit(node: ast.AST) -> str:
             if isinstance(node, ast.Expression):
@@ -181,11 +231,11 @@ class _Compiler:
                     and not isinstance(node.value, bool):
                 return repr(node.value)
             if isinstance(node, ast.Name):
-                if node.id not in names:
-                    hint = nearest(node.id, names)
-                    msg_ = f"message {msg.name!r} has no signal {node.id!r}"
-                    raise _ExprError(msg_, hint)
-                return bitfield(msg, names[node.id]).expr("le", "be")
+                got = self.find_read(msg, node.id)
+                if isinstance(got, tuple):
+                    raise _ExprError(*got)
+                used.append(got)
+                return g.read(got.field)
             if isinstance(node, ast.BinOp) and isinstance(
                     node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
                 op = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}[type(node.op)]
@@ -199,10 +249,12 @@ class _Compiler:
                              "only signal names, numbers, + - * /, min(), max(), abs()")
 
         try:
-            return emit(tree)
+            expr = emit(tree)
         except _ExprError as e:
             self.problems.append(Problem(self.file, f"{spec.key}.expr", e.args[0], e.args[1]))
             return None
+        path = self.together(f"{spec.key}.expr", msg, used)
+        return None if path is None else (expr, path)
 
     # -- profile parts
     def field(self, name: str, spec: ValueSpec) -> None:
@@ -220,15 +272,17 @@ class _Compiler:
         if info.kind == "bool":
             self.bool_field(slot, spec, msg)
             return
-        g0 = _Codegen()
-        if self.value_expr(spec, msg, g0) is None:
+        got = self.value_expr(spec, msg, Source(self.layout(msg)))
+        if got is None:
             return
+        path = got[1]
         lo, hi = spec.valid or DEFAULT_VALID.get(name, (float("-inf"), float("inf")))
         is_int = info.kind == "int"
 
-        def gen(g: _Codegen, ind: int, mux_var: str) -> None:
+        def gen(g: Source, ind: int) -> None:
             expr = self.value_expr(spec, msg, g)
-            g.emit(ind, f"v = {expr}")
+            assert expr is not None
+            g.emit(ind, f"v = {expr[0]}")
             if is_int:
                 g.emit(ind, "v = int(v)")
             g.emit(ind, f"if {_lit(lo)} <= v <= {_lit(hi)}:")
@@ -238,7 +292,7 @@ class _Compiler:
             g.emit(ind, "else:")
             g.emit(ind + 1, f"IMPL[{slot}] += 1")
 
-        self.add_muxed(msg, spec.key, [spec.signal] if spec.signal else [], gen)
+        self.add(msg, spec.key, path, gen)
 
     def extra(self, name: str, spec: ValueSpec) -> None:
         msg = self.message(spec.key, spec.message) if spec.message else None
@@ -247,14 +301,17 @@ class _Compiler:
             return
         if msg is None:
             return
-        g0 = _Codegen()
-        if self.value_expr(spec, msg, g0) is None:
+        got = self.value_expr(spec, msg, Source(self.layout(msg)))
+        if got is None:
             return
+        path = got[1]
         lo, hi = spec.valid or (float("-inf"), float("inf"))
         extra_slot = len(FIELD_INDEX) + 2
 
-        def gen(g: _Codegen, ind: int, mux_var: str) -> None:
-            g.emit(ind, f"v = {self.value_expr(spec, msg, g)}")
+        def gen(g: Source, ind: int) -> None:
+            expr = self.value_expr(spec, msg, g)
+            assert expr is not None
+            g.emit(ind, f"v = {expr[0]}")
             g.emit(ind, f"if {_lit(lo)} <= v <= {_lit(hi)}:")
             g.emit(ind + 1, f"if X.get({name!r}) != v:")
             g.emit(ind + 2, f"X[{name!r}] = v")
@@ -262,26 +319,24 @@ class _Compiler:
             g.emit(ind, "else:")
             g.emit(ind + 1, f"IMPL[{extra_slot}] += 1")
 
-        self.add_muxed(msg, spec.key, [spec.signal] if spec.signal else [], gen)
+        self.add(msg, spec.key, path, gen)
 
-    def raw_expr(self, spec: ValueSpec, msg: Message) -> tuple[str, Signal] | None:
+    def raw_read(self, spec: ValueSpec, msg: Message) -> tuple[SignalRead, Signal] | None:
         if spec.signal is None:
             self.problems.append(Problem(self.file, spec.key,
                                          "enum and flag fields need a `signal`"))
             return None
-        sig = self.signal(f"{spec.key}.signal", msg, spec.signal)
-        if sig is None:
+        r = self.read(f"{spec.key}.signal", msg, spec.signal)
+        if r is None:
             return None
-        bf = bitfield(msg, sig)
-        raw = BitField(bf.name, bf.big_endian, bf.shift, bf.mask, bf.signed, None, 1, 0,
-                       bf.min_bytes, bf.length)
-        return raw.expr("le", "be"), sig
+        sig = next(s for s in msg.signals if s.name == r.name)
+        return r, sig
 
     def enum_field(self, slot: int, spec: ValueSpec, msg: Message) -> None:
-        got = self.raw_expr(spec, msg)
+        got = self.raw_read(spec, msg)
         if got is None:
             return
-        raw, sig = got
+        rd, sig = got
         choices = {int(k): str(v) for k, v in (sig.choices or {}).items()}
         table: dict[int, str] = {}
         mapping = spec.mapping or {}
@@ -304,31 +359,31 @@ class _Compiler:
             table.setdefault(v, "unknown")
             del cname
 
-        def gen(g: _Codegen, ind: int, mux_var: str) -> None:
+        def gen(g: Source, ind: int) -> None:
             t = g.const(table, "map")
-            g.emit(ind, f"v = {t}.get({raw}, 'unknown')")
+            g.emit(ind, f"v = {t}.get({g.read(rd.field, raw=True)}, 'unknown')")
             g.emit(ind, f"if V[{slot}] != v:")
             g.emit(ind + 1, f"V[{slot}] = v")
             g.emit(ind + 1, "st.changed = True")
 
-        self.add_muxed(msg, spec.key, [spec.signal or ""], gen)
+        self.add(msg, spec.key, rd.path, gen)
 
     def bool_field(self, slot: int, spec: ValueSpec, msg: Message) -> None:
-        got = self.raw_expr(spec, msg)
+        got = self.raw_read(spec, msg)
         if got is None:
             return
-        raw, _ = got
-        test = _flag_test(raw, spec.bit, spec.values)
-        if spec.invert:
-            test = f"not ({test})"
+        rd, _ = got
 
-        def gen(g: _Codegen, ind: int, mux_var: str) -> None:
+        def gen(g: Source, ind: int) -> None:
+            test = _flag_test(g.read(rd.field, raw=True), spec.bit, spec.values)
+            if spec.invert:
+                test = f"not ({test})"
             g.emit(ind, f"v = bool({test})")
             g.emit(ind, f"if V[{slot}] is not v:")
             g.emit(ind + 1, f"V[{slot}] = v")
             g.emit(ind + 1, "st.changed = True")
 
-        self.add_muxed(msg, spec.key, [spec.signal or ""], gen)
+        self.add(msg, spec.key, rd.path, gen)
 
     def fault(self, index: int, key: str, message: str, signal: str, bit: int | None,
               values: tuple[int, ...] | None) -> None:
@@ -336,14 +391,14 @@ class _Compiler:
         msg = self.message(key, message)
         if msg is None:
             return
-        got = self.raw_expr(spec, msg)
+        got = self.raw_read(spec, msg)
         if got is None:
             return
-        raw, _ = got
+        rd, _ = got
         test = _flag_test("r", bit, values)
 
-        def gen(g: _Codegen, ind: int, mux_var: str) -> None:
-            g.emit(ind, f"r = {raw}")
+        def gen(g: Source, ind: int) -> None:
+            g.emit(ind, f"r = {g.read(rd.field, raw=True)}")
             g.emit(ind, f"a = {test}")
             g.emit(ind, f"if FS[{index}] is not a:")
             g.emit(ind + 1, f"FS[{index}] = a")
@@ -351,35 +406,14 @@ class _Compiler:
             g.emit(ind + 1, "if h is not None:")
             g.emit(ind + 2, f"h({index}, ts, a, r)")
 
-        self.add_muxed(msg, key, [signal], gen)
-
-    def add_muxed(self, msg: Message, key: str, signals: list[str],
-                  gen: Callable[[_Codegen, int, str], None]) -> None:
-        """Add `gen`; if its signals live in a multiplexed group, guard by the mux value."""
-        muxer = mux_signal(msg)
-        ids: set[int] | None = None
-        for name in signals:
-            for s in msg.signals:
-                if s.name == name and s.multiplexer_ids is not None and muxer is not None:
-                    ids = set(s.multiplexer_ids) if ids is None else ids & set(s.multiplexer_ids)
-        if ids is None or muxer is None:
-            self.add(msg, key, gen)
-            return
-        mux_ids = sorted(ids)
-
-        def guarded(g: _Codegen, ind: int, mux_var: str) -> None:
-            g.emit(ind, f"if {mux_var} in {set(mux_ids)!r}:" if len(mux_ids) > 1
-                   else f"if {mux_var} == {mux_ids[0]}:")
-            gen(g, ind + 1, mux_var)
-
-        self.add(msg, key, guarded)
+        self.add(msg, key, rd.path, gen)
 
     def cells(self, kind: str, src: CellSource) -> None:
         msg = self.message(src.key, src.message)
         if msg is None:
             return
-        muxer = mux_signal(msg)
-        if src.mux and muxer is None:
+        layout = self.layout(msg)
+        if src.mux and not layout.muxers:
             self.problems.append(Problem(self.file, f"{src.key}.mux",
                                          f"message {msg.name!r} is not multiplexed",
                                          "remove `mux: true`, or use `index:`"))
@@ -410,10 +444,41 @@ class _Compiler:
         invalid = select(src.invalid, f"{src.key}.invalid") if src.invalid else []
         if invalid is None:
             return
-        idx_sig = None
+        idx_read = None
         if src.index_signal is not None:
-            idx_sig = self.signal(f"{src.key}.index", msg, src.index_signal)
-            if idx_sig is None:
+            idx_read = self.read(f"{src.key}.index", msg, src.index_signal)
+            if idx_read is None:
+                return
+        reads: list[SignalRead] = []
+        for s in values + invalid:
+            got = self.read(f"{src.key}.signals", msg, s.name)
+            if got is None:
+                return
+            reads.append(got)
+        muxer: str | None = None
+        if src.mux:
+            # the cells' own multiplexer selects the group (the inner one when nested)
+            parents = sorted({s.multiplexer_signal or "" for s in values})
+            if parents == [""] or len(parents) != 1:
+                self.problems.append(Problem(
+                    self.file, f"{src.key}.mux",
+                    f"the signals of {msg.name!r} it names are "
+                    + ("not multiplexed" if parents == [""] else
+                       f"under different multiplexers ({', '.join(p or '(none)' for p in parents)})"),
+                    "name the signals of one multiplexer, or remove `mux: true`"))
+                return
+            muxer = parents[0]
+            path: tuple[MuxStep, ...] | None = layout.muxers[muxer][1] if muxer in layout.muxers \
+                else None
+            if path is None:
+                self.problems.append(Problem(self.file, f"{src.key}.mux",
+                                             f"multiplexer {muxer!r} lies beyond the message",
+                                             "fix the DBC"))
+                return
+        else:
+            path = self.together(f"{src.key}.signals", msg,
+                                 reads + ([idx_read] if idx_read else []))
+            if path is None:
                 return
         groups, inv_groups = group_by_mux(src, values, invalid)
         kind_valid = src.valid or CELL_VALID.get(kind, (float("-inf"), float("inf")))
@@ -455,7 +520,7 @@ class _Compiler:
             plans[mid] = plan
         src_ = src
 
-        def write_cells(g: _Codegen, ind: int, plan: list[tuple[int | None, BitField,
+        def write_cells(g: Source, ind: int, plan: list[tuple[int | None, BitField,
                                                                  BitField | None]],
                         base: str | None, relative: bool = False) -> None:
             arr = {"voltages": "CV", "temps": "CT", "balancing": "CB"}[kind]
@@ -472,7 +537,7 @@ class _Compiler:
                 else:
                     idx = f"{base} + {slot}" if slot else base
                 if kind == "balancing" and src_.bitfield:
-                    raw = bf.expr("le", "be")
+                    raw = g.read(bf)
                     g.emit(ind, f"bits = {raw}")
                     g.emit(ind, f"i0 = {idx}")
                     g.emit(ind, f"n0 = min({bf.length}, {limit} - i0)")
@@ -488,9 +553,9 @@ class _Compiler:
                 g.emit(ind, f"i = {idx}")
                 g.emit(ind, f"if 0 <= i < {limit}:")
                 if kind == "balancing":
-                    g.emit(ind + 1, f"v = bool({bf.expr('le', 'be')})")
+                    g.emit(ind + 1, f"v = bool({g.read(bf)})")
                 else:
-                    e = bf.expr("le", "be")
+                    e = g.read(bf)
                     if scale != 1:
                         e = f"({e} * {scale!r})"
                     if o:
@@ -498,8 +563,7 @@ class _Compiler:
                     g.emit(ind + 1, f"v = {e}")
                 kw = "if"
                 if inv is not None:  # the BMS itself says the value is invalid: no count
-                    raw_inv = BitField(inv.name, inv.big_endian, inv.shift, inv.mask, False, None,
-                                       1, 0, inv.min_bytes, inv.length).expr("le", "be")
+                    raw_inv = g.read(replace(inv, signed=False), raw=True)
                     g.emit(ind + 1, f"if {raw_inv} == {src_.invalid_value}:")
                     g.emit(ind + 2, "v = None")
                     kw = "elif"
@@ -518,12 +582,12 @@ class _Compiler:
                     g.emit(ind, "else:")
                     g.emit(ind + 1, f"IMPL[{impl_slot}] += 1")
 
-        if src.mux:
-            assert muxer is not None
-
+        if muxer is not None:
             uniform = _uniform_mux(plans, src_)
+            mux_name = muxer
 
-            def gen_mux(g: _Codegen, ind: int, mux_var: str) -> None:
+            def gen_mux(g: Source, ind: int) -> None:
+                mux_var = g.mux_var(mux_name)
                 if uniform is not None:
                     # every group has the same layout (the usual case): one code path
                     # with the first cell computed from the mux value, not a branch
@@ -545,23 +609,25 @@ class _Compiler:
                     write_cells(g, ind + 1, plan, base)
                     first = False
 
-            self.add(msg, src.key, gen_mux)
+            self.add(msg, src.key, path, gen_mux, (mux_name,))
         else:
-            def gen_plain(g: _Codegen, ind: int, mux_var: str) -> None:
+            def gen_plain(g: Source, ind: int) -> None:
                 plan = plans.get(None, [])
                 base = None
-                if idx_sig is not None:
-                    ie = bitfield(msg, idx_sig).expr("le", "be")
+                if idx_read is not None:
+                    ie = g.read(idx_read.field)
                     base = f"int({ie}) * {src_.stride} + {src_.offset}" if src_.stride != 1 \
                         else f"int({ie}) + {src_.offset}"
                     g.emit(ind, f"b0 = {base}")
                     base = "b0"
                 write_cells(g, ind, plan, base)
 
-            self.add_muxed(msg, src.key, [s.name for s in values], gen_plain)
+            self.add(msg, src.key, path, gen_plain)
 
     constants: dict[int, Value]
     extra_consts: dict[str, Value]
+
+    code: dict[int, str]
 
     def build(self, state: PackState, impl: list[int], fault_state: list[bool],
               fault_hook: list[FaultHook | None]) -> tuple[dict[int, Callable[[float, bytes],
@@ -570,47 +636,36 @@ class _Compiler:
         handlers: dict[int, Callable[[float, bytes], None]] = {}
         sources: dict[int, str] = {}
         offset = self.cfg.id_offset
-        for name, parts in self.msgs.items():
+        for name, items in self.msgs.items():
             msg = self.msg_objs[name]
-            g = _Codegen()
-            body = _Codegen()
-            muxer = mux_signal(msg)
-            for _key, fn in parts:
-                fn(body, 1, "m")
-            code = "\n".join(body.lines)
-            g.consts.update(body.consts)
-            need_le = "le" in _words(code)
-            need_be = "be" in _words(code)
-            min_bytes = 1
-            for s in msg.signals:  # the frame must hold every signal we read
-                if re.search(rf"\b{re.escape(s.name)}\b", ""):  # pragma: no cover
-                    pass
-            used = _bits_used(msg, code)
-            min_bytes = max([used, 1])
+            body = Source(self.layout(msg))
+            body.items(items, 1)
             L = msg.length
-            lines = ["def handler(ts, data):", "    CNT.frames += 1", "    n = len(data)",
-                     f"    if n < {min_bytes}:", "        CNT.short_frames += 1", "        return",
-                     "    st.last_seen = ts", "    st.last_ts = ts"]
-            if need_le or (muxer is not None and muxer.byte_order == "little_endian"):
+            key = message_key(msg) + offset
+            lines = [f"def handler(ts, data):  # pack {self.cfg.id}: {self.file}: {name} "
+                     f"({key & 0x1FFFFFFF:#x})",
+                     "    CNT.frames += 1", "    n = len(data)",
+                     f"    if n < {max(body.min_bytes, 1)}:", "        CNT.short_frames += 1",
+                     "        return", "    st.last_seen = ts", "    st.last_ts = ts"]
+            if "le" in body.uses:
                 lines.append("    le = _fb(data, 'little')")
-            if need_be or (muxer is not None and muxer.byte_order == "big_endian"):
+            if "be" in body.uses:
                 lines.append("    be = _fb(data, 'big')")
                 lines.append(f"    if n != {L}:")
                 lines.append(f"        be = be << ({L} - n) * 8 if n < {L} else "
                              f"be >> (n - {L}) * 8")
-            if muxer is not None and re.search(r"\bm\b", code):
-                lines.append(f"    m = {bitfield(msg, muxer).expr('le', 'be')}")
-            src = "\n".join(lines) + "\n" + code + "\n"
+            src = "\n".join(lines + body.lines) + "\n"
             ns: dict[str, Any] = {
                 "_fb": int.from_bytes, "_unpack": unpack_float, "_INF": math.inf, "st": state, "V": state.values,
                 "CV": state.cell_v, "CT": state.cell_t, "CB": state.balancing,
                 "X": state.extras, "IMPL": impl, "CNT": self.counters, "FS": fault_state,
-                "FH": fault_hook, **g.consts,
+                "FH": fault_hook, **body.consts,
             }
-            exec(compile(src, f"<handler {self.cfg.id}:{name}>", "exec"), ns)
-            key = message_key(msg) + offset
+            compile_source(src, f"<pack {self.cfg.id} profile {self.cfg.profile.name} "
+                           f"message {name}>", ns)
             handlers[key] = ns["handler"]
             sources[key] = name
+            self.code[key] = src
         return handlers, sources
 
     counters: PackCounters
@@ -618,22 +673,6 @@ class _Compiler:
 
 class _ExprError(Exception):
     pass
-
-
-def _words(code: str) -> set[str]:
-    return set(re.findall(r"[A-Za-z_]\w*", code))
-
-
-def _bits_used(msg: Message, code: str) -> int:
-    """Smallest frame length (bytes) that holds every bit the handler reads."""
-    need = 1
-    for s in msg.signals:
-        bf = bitfield(msg, s)
-        src = "be" if bf.big_endian else "le"
-        pat = f"({src} >> {bf.shift}) & {bf.mask:#x}" if bf.shift else f"({src} & {bf.mask:#x}"
-        if pat in code:
-            need = max(need, bf.min_bytes)
-    return need
 
 
 def group_by_mux(src: CellSource, values: list[Signal], invalid: list[Signal],
@@ -768,6 +807,7 @@ def compile_pack(cfg: PackConfig, cache: DbcCache, problems: list[Problem]) -> C
     c.constants = {}
     c.extra_consts = {}
     c.counters = PackCounters()
+    c.code = {}
     prof = cfg.profile
     for name, spec in prof.fields.items():
         c.field(name, spec)
@@ -796,4 +836,4 @@ def compile_pack(cfg: PackConfig, cache: DbcCache, problems: list[Problem]) -> C
     fault_state = [False] * len(prof.faults)
     hook: list[FaultHook | None] = [None]
     handlers, sources = c.build(state, impl, fault_state, hook)
-    return CompiledPack(cfg, state, handlers, c.counters, impl, sources, hook)
+    return CompiledPack(cfg, state, handlers, c.counters, impl, sources, hook, c.code)

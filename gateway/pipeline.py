@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .config import GatewayConfig, PackConfig, Problem
-from .decode import DbcError
+from .decode import DbcError, where_failed
 from .faults import FaultEngine, parse_rules
 from .model import FaultEvent, Output, Publication
 from .normalize import CompiledPack, DbcCache, compile_pack
@@ -137,8 +137,9 @@ class Pipeline:
             except Exception as e:  # a bug in a profile's handler must not lose the batch
                 c.handler_errors += 1
                 if c.handler_errors in (1, 10, 100, 1000) or c.handler_errors % 100_000 == 0:
-                    log.error("frame %#x on bus %s: handler failed (%d so far): %s: %s", key,
-                              self.bus_names[bus], c.handler_errors, type(e).__name__, e)
+                    log.error("frame %#x on bus %s: handler failed (%d so far): %s: %s%s",
+                              key, self.bus_names[bus], c.handler_errors, type(e).__name__, e,
+                              where_failed(e))
         c.received += len(frames)
         c.unknown += unknown
         c.decoded += len(frames) - unknown

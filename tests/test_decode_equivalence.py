@@ -1,6 +1,8 @@
-"""`compile_message` decodes exactly what cantools `decode_message` decodes.
+"""Production's frame handlers decode exactly what cantools `decode_message` decodes.
 
-Random payloads for every message of every DBC in dbc/ and in the shared real-world
+Each message is compiled the way the daemon compiles it (`normalize.compile_pack`, a
+profile mapping every signal of the message to an extra value), and the values the
+handler writes into the pack state are compared with cantools. Random payloads for every message of every DBC in dbc/ and in the shared real-world
 set (../shared/realdata, skipped when absent), plus a synthetic DBC for what the real
 files lack: IEEE floats, nested (extended) multiplexing, odd big-endian signed fields,
 names that collide with our generated variables, and a name repeated within a message.
@@ -13,7 +15,10 @@ decoded alone by cantools in a one-signal message, with multiplexing resolved by
 Repeated names: cantools returns one value per name. Within one multiplexer branch it
 keeps the first little-endian occurrence if there is one, otherwise the last
 big-endian one (in start-bit order); a multiplexed signal overrides an unmultiplexed
-one of the same name. `compile_message` does the same, so the comparison is plain.
+one of the same name. The gateway does the same, so the comparison is plain.
+
+Differences by design: a frame shorter than the bytes the handler reads is dropped and
+counted (cantools raises); a NaN float is not published and is counted as implausible.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ from cantools.database.can import Message, Signal
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from gateway.decode import DbcError, compile_message, load_dbc
+from gateway.config import PackConfig, Problem, Profile, PublishPolicy, ValueSpec
+from gateway.decode import DbcError, load_dbc, message_key
+from gateway.normalize import DbcCache, compile_pack
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
@@ -119,12 +126,14 @@ def _db(path: str) -> Database:
     return load_dbc(path)
 
 
+_TMP = tempfile.TemporaryDirectory(prefix="bms-gateway-equivalence-")
+SYNTHETIC_PATH = Path(_TMP.name) / "synthetic.dbc"
+
+
 @functools.cache
 def _synthetic() -> Database:
-    with tempfile.TemporaryDirectory() as d:
-        p = Path(d) / "synthetic.dbc"
-        p.write_text(SYNTHETIC)
-        return load_dbc(p)
+    SYNTHETIC_PATH.write_text(SYNTHETIC)
+    return load_dbc(SYNTHETIC_PATH)
 
 
 def _cases(paths: list[str]) -> list[object]:
@@ -150,10 +159,70 @@ def _all_cases() -> list[object]:
 CASES = _all_cases()
 
 
+_CACHE = DbcCache()  # one load per DBC file, as the daemon does
+Decoder = Callable[[bytes], dict[str, Value] | None]
+
+
+def production_decoder(dbc: Path, msg: Message) -> tuple[Decoder, tuple[int, int]]:
+    """The daemon's handler for `msg`, with every signal mapped to an extra value.
+
+    Returns a function giving {signal name: value} for a frame (None when the handler
+    dropped it as short), and the frame length the handler needs (at least, at most)."""
+    names = list(dict.fromkeys(s.name for s in msg.signals))
+    for _ in range(2):
+        extras = {f"s{i}": ValueSpec(key=f"extras.s{i}", message=msg.name, signal=n)
+                  for i, n in enumerate(names)}
+        profile = Profile(name="equivalence", path=dbc.with_suffix(".yaml"), description="",
+                          dbc=(dbc,), fields={}, cells={}, faults=(), poll=(), cell_count=None,
+                          stale_after_s=None, extras=extras)
+        cfg = PackConfig(id="eq", profile=profile, bus="can0", id_offset=0, transmit=False,
+                         stale_after_s=5.0, cell_count=None, publish=PublishPolicy(), rules={})
+        problems: list[Problem] = []
+        compiled = compile_pack(cfg, _CACHE, problems)
+        # A big-endian signal running past the DBC length (no aligned place), and one
+        # under a multiplexer the message lacks (cantools never decodes it; Model3CAN
+        # truncates multiplexer names), are refused: leave them out, as the oracle does.
+        beyond = {n for n in names if any(n == s.name and _unreachable(msg, s)
+                                          for s in msg.signals)}
+        if compiled is not None or not beyond:
+            break
+        assert all("lies beyond" in p.what or "under multiplexer" in p.what
+                   for p in problems), problems
+        names = [n for n in names if n not in beyond]
+    assert compiled is not None, [str(p) for p in problems]
+    if not names:  # a message without signals (a poll request): nothing to handle
+        assert message_key(msg) not in compiled.handlers
+        return (lambda data: {}), (0, 0)
+    handler = compiled.handlers[message_key(msg)]
+    state, counters = compiled.state, compiled.counters
+    by_extra = {f"s{i}": n for i, n in enumerate(names)}
+    # The handler drops frames shorter than the bytes it reads (capped at the DBC
+    # length). For a repeated name only one occurrence is read: bound the need.
+    per_name: dict[str, list[int]] = {}
+    for s in msg.signals:
+        if s.name in names and not _unreachable(msg, s):
+            per_name.setdefault(s.name, []).append(_needed_bytes(s))
+    need = (min(msg.length, max((min(v) for v in per_name.values()), default=0)),
+            min(msg.length, max((max(v) for v in per_name.values()), default=0)))
+
+    def decode(data: bytes) -> dict[str, Value] | None:
+        state.extras.clear()
+        short = counters.short_frames
+        handler(0.0, data)
+        if counters.short_frames != short:
+            return None
+        return {by_extra[k]: v for k, v in state.extras.items()}  # type: ignore[misc]
+
+    return decode, need
+
+
 @functools.cache
-def _message(path: str, index: int) -> tuple[Message, Callable[[bytes], dict[str, Value]]]:
+def _message(path: str, index: int) -> tuple[Message, Decoder, tuple[int, int]]:
     msg = _db(path).messages[index]
-    return msg, compile_message(msg)
+    dbc = SYNTHETIC_PATH if path == "synthetic" else Path(path)
+    _db(path)
+    decode, need = production_decoder(dbc, msg)
+    return msg, decode, need
 
 
 # -- an independent view of where a signal's bits are (not gateway.decode.bitfield)
@@ -215,12 +284,16 @@ def _same(ours: Value, theirs: object) -> bool:
     assert isinstance(theirs, int | float), f"cantools gave {theirs!r}: choices leaked"
     if isinstance(ours, int) and isinstance(theirs, int):
         return ours == theirs
-    if math.isnan(ours) and math.isnan(theirs):
-        return True
     return ours == theirs or math.isclose(ours, theirs, rel_tol=1e-12, abs_tol=1e-12)
 
 
-def _assert_equal(ours: dict[str, Value], ref: dict[str, object], data: bytes) -> None:
+def _is_nan(v: object) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _assert_equal(ours: dict[str, Value] | None, ref: dict[str, object], data: bytes) -> None:
+    assert ours is not None, f"{data.hex()}: dropped as short"
+    ref = {k: v for k, v in ref.items() if not _is_nan(v)}  # NaN: not published
     assert set(ours) == set(ref), f"{data.hex()}: names differ"
     bad = {k: (ours[k], ref[k]) for k in ref if not _same(ours[k], ref[k])}
     assert not bad, f"{data.hex()}: (ours, cantools) {bad}"
@@ -243,7 +316,16 @@ def _alone_value(sig: Signal, data: bytes, scaling: bool = True) -> object:
     return _alone(sig).decode(data[:n], decode_choices=False, scaling=scaling)[sig.name]
 
 
-def _assert_oracle(msg: Message, ours: dict[str, Value], data: bytes,
+def _unreachable(msg: Message, sig: Signal) -> bool:
+    if sig.byte_order == "big_endian" and _needed_bytes(sig) > msg.length:
+        return True
+    if sig.multiplexer_signal is None:
+        return False
+    muxer = next((s for s in msg.signals if s.name == sig.multiplexer_signal), None)
+    return muxer is None or _unreachable(msg, muxer)
+
+
+def _assert_oracle(msg: Message, ours: dict[str, Value] | None, data: bytes,
                    may_drop: frozenset[str] = frozenset()) -> None:
     """Each signal decoded on its own by cantools; multiplexing resolved here.
 
@@ -258,12 +340,17 @@ def _assert_oracle(msg: Message, ours: dict[str, Value], data: bytes,
         raw = _alone_value(mux, data, scaling=False)
         return active(mux) and raw is not None and raw in (s.multiplexer_ids or ())
 
+    assert ours is not None, f"{data.hex()}: dropped as short"
     expected: dict[str, list[object]] = {}
+    nan: set[str] = set()
     for s in msg.signals:
         if s.byte_order == "big_endian" and _needed_bytes(s) > msg.length:
             continue
         if active(s) and (v := _alone_value(s, data)) is not None:
             expected.setdefault(s.name, []).append(v)
+            if _is_nan(v):
+                nan.add(s.name)
+    may_drop |= nan
     assert set(ours) <= set(expected), f"{data.hex()}: names differ"
     assert set(expected) - set(ours) <= may_drop, f"{data.hex()}: names differ"
     for name, value in ours.items():
@@ -289,7 +376,7 @@ SETTINGS = settings(max_examples=20, derandomize=True, deadline=None, database=N
 @SETTINGS
 @given(data=st.data())
 def test_full_frame(path: str, index: int, data: st.DataObject) -> None:
-    msg, decode = _message(path, index)
+    msg, decode, _ = _message(path, index)
     frame = data.draw(frames(msg, msg.length))
     ours = decode(frame)
     try:
@@ -304,9 +391,10 @@ def test_full_frame(path: str, index: int, data: st.DataObject) -> None:
 @settings(SETTINGS, max_examples=12)
 @given(data=st.data())
 def test_short_or_long_frame(path: str, index: int, data: st.DataObject) -> None:
-    """Short: cantools raises unless allow_truncated; we decode the signals the frame
-    fully holds, which is what allow_truncated gives. Long: both ignore extra bytes."""
-    msg, decode = _message(path, index)
+    """Short: cantools raises unless allow_truncated; the handler drops (and counts) a
+    frame shorter than the bytes it reads, else decodes what allow_truncated gives.
+    Long: both ignore extra bytes."""
+    msg, decode, need = _message(path, index)
     length = data.draw(st.integers(0, msg.length - 1) | st.integers(msg.length + 1, MAX_FRAME)
                        if msg.length else st.integers(1, MAX_FRAME))
     frame = data.draw(frames(msg, length))
@@ -321,6 +409,12 @@ def test_short_or_long_frame(path: str, index: int, data: st.DataObject) -> None
         return
     with pytest.raises(cantools.database.DecodeError):
         _cantools(path, msg, frame)
+    if length < need[0]:
+        assert ours is None, f"{frame.hex()}: a frame too short for its signals was decoded"
+        return
+    if ours is None:
+        assert length < need[1], f"{frame.hex()}: dropped as short"
+        return
     counts = Counter(s.name for s in msg.signals)
     repeated = frozenset(name for name, c in counts.items() if c > 1)
     try:
@@ -333,14 +427,19 @@ def test_short_or_long_frame(path: str, index: int, data: st.DataObject) -> None
         # cantools drops a repeated name when any occurrence is cut; we drop it only
         # when the occurrence that wins (see module docstring) is cut.
         _assert_oracle(msg, ours, frame, may_drop=repeated)
+        assert ours is not None
         ours = {k: v for k, v in ours.items() if k in ref or k not in repeated}
     _assert_equal(ours, ref, frame)
 
 
 def test_overrun_signals() -> None:
     """Signals past the DBC length (Model3CAN's ID5D5 has them): a little-endian one is
-    decoded when the frame carries it; a big-endian one has no aligned place."""
-    decode = compile_message(_synthetic().get_message_by_name("Overrun"))
+    decoded when the frame carries it; a big-endian one has no aligned place (a profile
+    naming it is a config error)."""
+    msg = _synthetic().get_message_by_name("Overrun")
+    decode, need = production_decoder(SYNTHETIC_PATH, msg)
+    assert need == (6, 6)  # the DBC length; LeOut is decoded only from frames that carry it
+    assert decode(bytes(range(1, 6))) is None
     assert decode(bytes(range(1, 7))) == {"Inside": 1}
     assert decode(bytes(range(1, 9))) == {"Inside": 1, "LeOut": 0x0706}
 
@@ -357,7 +456,7 @@ def test_synthetic_covers_features() -> None:
 
 def test_nested_mux_example() -> None:
     msg = _synthetic().get_message_by_name("ExtMux")
-    decode = compile_message(msg)
+    decode, _ = production_decoder(SYNTHETIC_PATH, msg)
     frame = bytes([0x71, 1, 2, 3, 4, 5, 6, 7])  # Top=1, Inner=7: B, C and D
     assert decode(frame) == {"Top": 1, "Inner": 7, "B": 2, "C": 0x0304, "D": 3 - 100,
                              "Always": 7}
