@@ -8,6 +8,7 @@ import contextlib
 import faulthandler
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -110,7 +111,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     _setup_logging(args.log_level or cfg.log_level)
     try:
-        rt = run_loop(replay(cfg, args.log, speed=args.speed), args.loop)
+        rt = run_loop(replay(cfg, args.log, speed=args.speed, outbox_path=args.outbox),
+                      args.loop)
     except ConfigError as e:
         _print_problems(e)
         return EXIT_CONFIG
@@ -125,7 +127,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
         log.info("replayed %d frames (%d decoded, %d unknown id, %d malformed lines, %d too short)",
                  st.frames, sum(x.decoded for x in c), sum(x.unknown for x in c), st.bad_lines,
                  rt.pipeline.short_frames())
+    if rt.undelivered:
+        where = (f"they stay in {args.outbox}: replay with the same --outbox to deliver them"
+                 if args.outbox else "give --outbox FILE to keep them for another try")
+        log.error("%d events were not delivered to the broker; %s", rt.undelivered, where)
+        return EXIT_RUNTIME
     return EXIT_OK
+
+
+def _stopped_early() -> bool:
+    """A SIGTERM/SIGINT that came while starting (gateway.entry caught it): stop cleanly."""
+    from . import entry
+
+    sig = entry.received()
+    if sig is not None:
+        log.info("%s while starting: stopping", signal.Signals(sig).name)
+    return sig is not None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -136,6 +153,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if cfg is None:
         return EXIT_CONFIG
     _setup_logging(args.log_level or cfg.log_level)
+    if _stopped_early():
+        return EXIT_OK
 
     async def main() -> int:
         try:
@@ -147,6 +166,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         except OutboxError as e:
             log.error("%s", e)
             return EXIT_CONFIG
+        if _stopped_early():
+            d.rt.close()
+            return EXIT_OK
         return await d.serve()
 
     return run_loop(main(), args.loop)
@@ -388,6 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", type=_speed, default=None,
                    help="'max' (default) or a factor of real time (1 = as recorded)")
     p.add_argument("--mqtt", help="broker URL overriding mqtt.url; '-' prints to stdout")
+    p.add_argument("--outbox", type=Path,
+                   help="outbox file for this replay's events (default: in memory; never "
+                   "the live daemon's)")
     loop_opt(p)
     p.set_defaults(func=cmd_replay)
 

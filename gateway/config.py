@@ -339,7 +339,7 @@ class _Reader:
         return float(v)
 
     def int_(self, obj: dict[str, Any], key: str, name: str, default: int | None,
-             lo: int | None = None) -> int | None:
+             lo: int | None = None, hi: int | None = None) -> int | None:
         v = obj.get(name, default)
         if v is None:
             return None
@@ -348,6 +348,10 @@ class _Reader:
             return default
         if lo is not None and v < lo:
             self.bad(f"{key}.{name}" if key else name, f"must be at least {lo}")
+            return default
+        if hi is not None and v > hi:
+            self.bad(f"{key}.{name}" if key else name, f"{v} is more than the maximum {hi}",
+                     f"use a value from {lo if lo is not None else 0} to {hi}")
             return default
         return v
 
@@ -737,6 +741,29 @@ def _password(r: _Reader, spec: dict[str, Any], base: Path) -> str | None:
     return None
 
 
+def _topic_prefix(r: _Reader, key: str, prefix: str, example: str) -> None:
+    """A prefix the gateway publishes (and deletes retained topics) under: no wildcards,
+    no `$` (brokers reserve `$SYS`... and refuse or drop what clients publish there)."""
+    if prefix.startswith("$"):
+        r.bad(key, f"{prefix!r} starts with '$' (topics reserved for the broker)",
+              f"use a plain prefix, e.g. {key.rsplit('.', 1)[1]}: {example}")
+    for seg in prefix.split("/"):
+        if (prob := topic_segment_problem(seg)) is not None and seg != "":
+            r.bad(key, f"segment {seg!r} {prob}",
+                  f"use a plain prefix, e.g. {key.rsplit('.', 1)[1]}: {example}")
+
+
+def _homeassistant(r: _Reader, obj: Any) -> HomeAssistantConfig:
+    ha = r.mapping(obj, "homeassistant")
+    r.known(ha, "homeassistant", {"discovery", "prefix"})
+    prefix = (r.str_(ha, "homeassistant", "prefix", "homeassistant")
+              or "homeassistant").rstrip("/")
+    _topic_prefix(r, "homeassistant.prefix", prefix, "homeassistant")
+    if not prefix:
+        r.bad("homeassistant.prefix", "must not be empty", "e.g. prefix: homeassistant")
+    return HomeAssistantConfig(r.bool_(ha, "homeassistant", "discovery", False), prefix)
+
+
 def _mqtt(r: _Reader, obj: Any, base: Path) -> MqttConfig:
     if obj is None:
         return MqttConfig(url=None)
@@ -746,9 +773,7 @@ def _mqtt(r: _Reader, obj: Any, base: Path) -> MqttConfig:
     if url in ("-", ""):
         url = None
     prefix = r.str_(spec, "mqtt", "topic_prefix", "bms") or "bms"
-    for seg in prefix.split("/"):
-        if (prob := topic_segment_problem(seg)) is not None and seg != "":
-            r.bad("mqtt.topic_prefix", f"segment {seg!r} {prob}")
+    _topic_prefix(r, "mqtt.topic_prefix", prefix, "bms")
     tls_obj = spec.get("tls")
     tls = None
     if tls_obj is not None and tls_obj is not False:
@@ -773,7 +798,8 @@ def _mqtt(r: _Reader, obj: Any, base: Path) -> MqttConfig:
         url=url, topic_prefix=prefix, client_id=r.str_(spec, "mqtt", "client_id", None),
         username=r.str_(spec, "mqtt", "username", None), password=_password(r, spec, base),
         protocol=proto,  # type: ignore[arg-type]
-        keepalive=r.int_(spec, "mqtt", "keepalive", 30, lo=5) or 30, tls=tls,
+        # MQTT carries keepalive in 16 bits: a larger value fails at every connect
+        keepalive=r.int_(spec, "mqtt", "keepalive", 30, lo=5, hi=65535) or 30, tls=tls,
         max_payload=r.int_(spec, "mqtt", "max_payload", 65536, lo=1024) or 65536,
     )
     if url is not None:
@@ -889,8 +915,7 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
                 mqtt.host_port  # noqa: B018
             except ValueError:
                 r.bad("--mqtt", f"cannot parse {mqtt_url!r}", "use mqtt://host:port or '-'")
-    ha = r.mapping(top.get("homeassistant"), "homeassistant")
-    r.known(ha, "homeassistant", {"discovery", "prefix"})
+    ha = _homeassistant(r, top.get("homeassistant"))
     ob = r.mapping(top.get("outbox"), "outbox")
     r.known(ob, "outbox", {"max_events", "max_age_s"})
     prom = r.str_(top, "", "prometheus", None)
@@ -903,9 +928,7 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
     return GatewayConfig(
         path=p, gateway_id=gid, state_dir=state_dir, log_level=level, buses=tuple(buses),
         packs=tuple(packs), mqtt=mqtt,
-        homeassistant=HomeAssistantConfig(r.bool_(ha, "homeassistant", "discovery", False),
-                                          r.str_(ha, "homeassistant", "prefix", "homeassistant")
-                                          or "homeassistant"),
+        homeassistant=ha,
         outbox=OutboxConfig(r.int_(ob, "outbox", "max_events", 100_000, lo=10) or 100_000,
                             r.num(ob, "outbox", "max_age_s", 30 * 86400, lo=60) or 30 * 86400),
         shutdown_timeout_s=r.num(top, "", "shutdown_timeout_s", 10.0, lo=0.1) or 10.0,

@@ -13,23 +13,24 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import __version__
+from . import __version__, entry
 from .config import ConfigError, GatewayConfig, load_config
 from .homeassistant import Discovery
 from .model import Publication
 from .notify import Notifier, watchdog_interval
 from .outbox import Outbox
 from .pipeline import Pipeline
-from .publish import MqttSink, StdoutSink, dumps
+from .publish import MqttSink, StdoutSink, backoff, dumps
 from .source import LiveSource, LogError, Pacer, SourceStats, read_log
 
 log = logging.getLogger("gateway.daemon")
 
 STATUS_PERIOD_S = 10.0
+MAX_DEATHS = 5  # a task dying this often in a row ends the process (exit 1)
 
 
 T = TypeVar("T")
@@ -72,7 +73,9 @@ class Runtime:
         self.subscriptions: dict[str, Callable[[bytes], list[Publication]]] = {}
         self.sources: list[LiveSource] = []
         self.log_stats: SourceStats | None = None
+        self.undelivered = 0  # events still in the outbox when a replay gave up
         self.last_error = ""
+        self.task_restarts = 0
         self._rate_t = time.monotonic()
         self._rate_n = 0
         self.frames_per_s = 0.0
@@ -159,6 +162,12 @@ class Runtime:
             "mqtt_connected": sink.connected.is_set() if isinstance(sink, MqttSink) else None,
             "dropped_oversize": getattr(sink, "dropped_oversize", 0),
             "last_error": self.last_error or getattr(sink, "last_error", "") or None,
+            # gateway-level faults (the MQTT link, the daemon's own tasks): not pack faults
+            "faults": sink.faults() if isinstance(sink, MqttSink) else [],
+            "mqtt_refused": getattr(sink, "refused_total", 0),
+            "inbound_errors": getattr(sink, "inbound_errors", 0),
+            "inbound_rejected": self.discovery.rejected if self.discovery is not None else 0,
+            "task_restarts": self.task_restarts,
         }
         if self.log_stats is not None:
             body["log"] = {"frames": self.log_stats.frames, "bad_lines": self.log_stats.bad_lines,
@@ -169,20 +178,30 @@ class Runtime:
         self.outbox.close()
 
 
-async def _with_sink(rt: Runtime, body: Callable[[], Any], drain_timeout: float) -> None:
-    """Run `body` while the MQTT sink runs; then deliver what is pending and stop."""
+async def _with_sink(rt: Runtime, body: Callable[[], Any], drain_timeout: float,
+                     final: Callable[[], list[Publication]]) -> None:
+    """Run `body` while the MQTT sink runs, deliver what is pending, then the `final`
+    publications (built after that drain, so a final status tells the truth), and stop."""
     sink = rt.sink
     if isinstance(sink, StdoutSink):
         await body()
+        for p in final():
+            sink.snapshot(p)
         sink.flush()
         return
     task = asyncio.create_task(sink.run(), name="mqtt.run")
     try:
         await body()
-        if not await sink.drain(drain_timeout):
-            log.warning("not everything reached the broker within %.0f s; unsent events stay "
-                        "in the outbox (%d) for the next start", drain_timeout,
-                        rt.outbox.depth())
+        deadline = time.monotonic() + drain_timeout
+        delivered = await sink.drain(drain_timeout)
+        if delivered:
+            for p in final():
+                sink.snapshot(p)
+            delivered = await sink.drain(max(0.5, deadline - time.monotonic()))
+        if not delivered:
+            rt.undelivered = rt.outbox.depth()
+            log.warning("not everything reached the broker within %.0f s; %d events not "
+                        "delivered", drain_timeout, rt.undelivered)
     finally:
         sink.stopping = True
         sink.wake.set()
@@ -192,10 +211,13 @@ async def _with_sink(rt: Runtime, body: Callable[[], Any], drain_timeout: float)
 
 
 async def replay(cfg: GatewayConfig, log_path: str | Path, *, speed: float | None,
-                 stdout: Any = None, drain_timeout: float = 30.0) -> Runtime:
+                 stdout: Any = None, drain_timeout: float = 30.0,
+                 outbox_path: Path | str | None = None) -> Runtime:
     """Feed a recorded log through the pipeline; return the runtime (for counters)."""
     pipeline = Pipeline(cfg)
-    rt = Runtime(cfg, pipeline, stdout=stdout)
+    # its own outbox, never the live daemon's: a replay must not publish the daemon's
+    # events, nor leave its own for the daemon to publish
+    rt = Runtime(cfg, pipeline, stdout=stdout, outbox_path=outbox_path or ":memory:")
     stats = SourceStats()
     rt.log_stats = stats
     batches = read_log(log_path, stats)  # raises LogError before anything is published
@@ -235,10 +257,14 @@ async def replay(cfg: GatewayConfig, log_path: str | Path, *, speed: float | Non
             rt.ship()
             for p in pipeline.offline():
                 rt.sink.snapshot(p)
-            rt.sink.snapshot(rt.status())
+
+    def final() -> list[Publication]:
+        # a replay is a guest: it leaves its gateway offline (its last will says the same
+        # if it dies), and its last status is taken after everything was delivered
+        return [Publication(rt.t_avail, b"offline"), rt.status()]
 
     try:
-        await _with_sink(rt, body, drain_timeout)
+        await _with_sink(rt, body, drain_timeout, final)
     finally:
         rt.close()
     return rt
@@ -260,6 +286,7 @@ class Daemon:
         self.sigint_count = 0
         self.last_progress = time.monotonic()
         self.tasks: list[asyncio.Task[None]] = []
+        self.alive: set[str] = set()  # supervised tasks running now (not between restarts)
         self.exit_code = 0
         self.metrics: Any = None
         if cfg.prometheus is not None:
@@ -267,13 +294,58 @@ class Daemon:
 
             require(cfg.path)  # missing prometheus-client: a config problem, exit 3
 
+    # -- supervision
+    async def _supervise(self, name: str, run: Callable[[], Awaitable[None]],
+                         done: Callable[[], bool]) -> None:
+        """Run one of the daemon's tasks; never let it die silently.
+
+        An exception is logged with its traceback, shown in the status topic, and the
+        task restarted after a jittered backoff. A task that keeps dying (MAX_DEATHS in a
+        row, each within a minute of its start) ends the daemon with exit 1, so that the
+        service manager restarts the process. A task that returns is finished.
+        """
+        deaths = 0
+        while True:
+            started = time.monotonic()
+            self.alive.add(name)
+            try:
+                await run()
+                return
+            except Exception as e:
+                err: Exception = e
+            finally:
+                self.alive.discard(name)
+            if done():
+                log.error("task %s failed while stopping: %r", name, err)
+                return
+            deaths = deaths + 1 if time.monotonic() - started < 60 else 1
+            self.rt.task_restarts += 1
+            self.rt.last_error = f"task {name} died: {type(err).__name__}: {err}"
+            if deaths >= MAX_DEATHS:
+                log.critical("task %s died %d times in a row, last: %r; stopping with exit "
+                             "status 1 so that the service manager restarts the gateway",
+                             name, deaths, err, exc_info=err)
+                self.exit_code = 1
+                self.should_exit = True
+                self.stop_event.set()
+                return
+            delay = backoff(deaths)
+            log.error("task %s died (%d in a row): %r; restarting it in %.1f s", name, deaths,
+                      err, delay, exc_info=err)
+            await asyncio.sleep(delay)
+
+    def _stopping(self) -> bool:
+        return self.stop_event.is_set()
+
     # -- sources
     def _start_sources(self, tg: asyncio.TaskGroup) -> None:
         self.rt.sources = []
         for i, bus in enumerate(self.cfg.buses):
             src = LiveSource(bus, self._batch_cb(i), self._state_cb(i))
             self.rt.sources.append(src)
-            self.tasks.append(tg.create_task(src.run(), name=f"source[{bus.name}]"))
+            name = f"source[{bus.name}]"
+            self.tasks.append(tg.create_task(self._supervise(name, src.run, self._stopping),
+                                             name=name))
 
     def _batch_cb(self, bus: int) -> Callable[[list[Any]], None]:
         def on_batch(batch: list[Any]) -> None:
@@ -306,8 +378,10 @@ class Daemon:
                 self.rt.sink.snapshot(self.rt.status())
                 self.notifier.status(self._status_line())
             if wd is not None and mono >= next_wd:
-                # ping only when this loop iteration really ran the pipeline
-                if mono - self.last_progress < wd:
+                # ping only when this loop iteration really ran the pipeline, and while
+                # the sink that delivers its output is alive (not dead, not backing off)
+                if mono - self.last_progress < wd and (
+                        not isinstance(self.rt.sink, MqttSink) or "mqtt" in self.alive):
                     self.notifier.watchdog()
                 next_wd = mono + wd
             await asyncio.sleep(0.2)
@@ -348,7 +422,10 @@ class Daemon:
     def _on_int(self) -> None:
         self.sigint_count += 1
         if self.sigint_count > 1:
-            log.error("second SIGINT: exiting now")
+            # no drain, but the outbox is closed: undelivered events stay for the next start
+            log.error("second SIGINT: exiting now (%d events stay in the outbox)",
+                      self.rt.outbox.depth())
+            self.rt.close()
             os._exit(130)
         log.info("SIGINT: stopping (again to force)")
         self.should_exit = True
@@ -407,11 +484,16 @@ class Daemon:
 
     async def serve(self) -> int:
         self._install_signals()
+        early = entry.received()
+        if early is not None:  # came while the CLI was still importing and loading
+            (self._on_int if early == signal.SIGINT else self._on_term)()
         rt = self.rt
         sink = rt.sink
         sink_task = None
         if isinstance(sink, MqttSink):
-            sink_task = asyncio.create_task(sink.run(), name="mqtt.run")
+            mqtt_sink = sink
+            sink_task = asyncio.create_task(
+                self._supervise("mqtt", sink.run, lambda: mqtt_sink.stopping), name="mqtt")
         self._start_metrics()
         try:
             while True:
@@ -421,8 +503,9 @@ class Daemon:
                 self.tasks = []
                 async with asyncio.TaskGroup() as tg:
                     self._start_sources(tg)
-                    self.tasks.append(tg.create_task(self._ticker(), name="ticker"))
-                    self.tasks.append(tg.create_task(self._poller(), name="poller"))
+                    for name, fn in (("ticker", self._ticker), ("poller", self._poller)):
+                        self.tasks.append(tg.create_task(
+                            self._supervise(name, fn, self._stopping), name=name))
                     # READY once every bus is open or known to be missing (can_bus_lost
                     # raised): a pulled adapter must not hold start-up for the full 5 s.
                     deadline = time.monotonic() + 5

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import __version__
-from .config import GatewayConfig, PackConfig
+from .config import GatewayConfig, PackConfig, topic_segment_problem
 from .faults import RULES, parse_rules
 from .model import BMS_STATES, FIELDS, FieldInfo, Publication
 from .publish import Topics, dumps
@@ -64,6 +64,13 @@ LINK_FAULTS = frozenset({"comm_lost", "can_bus_lost", "can_bus_off", "can_error_
 DIAGNOSTIC_FAULTS = frozenset({"decode_error_rate", "implausible_values", "can_error_passive",
                                "can_error_frames"})
 _LEARNED = re.compile(r"^sensor/(cell|temp)_\d+$")
+_KEY = re.compile(r"(sensor|binary_sensor)/[A-Za-z0-9_]{1,64}")
+REGISTRY_MAX_BYTES = 1 << 20
+REGISTRY_MAX_KEYS = 20_000
+
+
+class RegistryError(ValueError):
+    """A discovery registry on the broker that the gateway will not act on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +161,8 @@ class Discovery:
         self.enabled = False
         self.prefix = "homeassistant"
         self.packs: dict[str, PackConfig] = {}
+        self.rejected = 0  # inbound registries refused (status: inbound_rejected)
+        self.rejected_logged = False
         self._apply(cfg)
 
     def _apply(self, cfg: GatewayConfig) -> None:
@@ -341,10 +350,10 @@ class Discovery:
         return [*self.configs(), self.registry()]
 
     def subscriptions(self) -> dict[str, Handler]:
-        subs: dict[str, Handler] = {self.t_registry: self.on_registry}
-        if self.enabled:
-            subs[f"{self.prefix}/status"] = self.on_ha_status
-        return subs
+        """Inbound topics, only while discovery is on: each is input any client can write."""
+        if not self.enabled:
+            return {}
+        return {self.t_registry: self.on_registry, f"{self.prefix}/status": self.on_ha_status}
 
     def on_ha_status(self, payload: bytes) -> list[Publication]:
         if payload.strip().lower() != b"online" or not self.enabled:
@@ -352,24 +361,76 @@ class Discovery:
         log.info("Home Assistant is online: announcing %d packs again", len(self.packs))
         return self.configs()
 
-    def on_registry(self, payload: bytes) -> list[Publication]:
-        """The previous run's registry (or our own echo): clear what we no longer announce."""
-        if not payload:
-            return []
+    def parse_registry(self, payload: bytes) -> dict[str, list[str]]:
+        """The registry's nodes, or RegistryError: any client can write this topic.
+
+        Strict: `{"v": 1, "prefix": <our HA prefix>, "nodes": {<our node>: [<key>...]}}`,
+        nothing else. Only nodes of this gateway (`bms_<gid>_<pack>`) and keys of the
+        shape we create (`sensor/<id>`, `binary_sensor/<id>`) under our own configured HA
+        prefix pass, so a registry can at most make the gateway clear configs it could
+        have announced itself, never another tool's retained topics.
+        """
+        if len(payload) > REGISTRY_MAX_BYTES:
+            msg = f"{len(payload)} bytes, more than {REGISTRY_MAX_BYTES}"
+            raise RegistryError(msg)
         try:
             body = json.loads(payload)
-            prefix = str(body["prefix"])
-            nodes = {str(n): [str(k) for k in keys] for n, keys in body["nodes"].items()}
-        except (ValueError, KeyError, TypeError, AttributeError):
-            log.warning("ignoring unreadable discovery registry on %s", self.t_registry)
+        except (ValueError, RecursionError) as e:
+            msg = f"not JSON ({e})"
+            raise RegistryError(msg) from None
+        if not isinstance(body, dict) or set(body) != {"v", "prefix", "nodes"}:
+            msg = "not an object with exactly the keys v, prefix, nodes"
+            raise RegistryError(msg)
+        if body["v"] != REGISTRY_VERSION or isinstance(body["v"], bool):
+            msg = f"version {body['v']!r}, not {REGISTRY_VERSION}"
+            raise RegistryError(msg)
+        if body["prefix"] != self.prefix:
+            msg = (f"prefix {body['prefix']!r} is not homeassistant.prefix {self.prefix!r}; "
+                   "nothing outside our own prefix is ever cleared")
+            raise RegistryError(msg)
+        nodes = body["nodes"]
+        if not isinstance(nodes, dict):
+            msg = "nodes is not an object"
+            raise RegistryError(msg)
+        out: dict[str, list[str]] = {}
+        total = 0
+        own = f"bms_{self.gid}_"
+        for node, keys in nodes.items():
+            pack = node.removeprefix(own)
+            if pack == node or topic_segment_problem(pack) is not None:
+                msg = f"node {node!r} is not one of this gateway's ({own}<pack>)"
+                raise RegistryError(msg)
+            if not isinstance(keys, list) or not all(
+                    isinstance(k, str) and _KEY.fullmatch(k) for k in keys):
+                msg = f"node {node!r}: keys must be a list of 'sensor/<id>' or 'binary_sensor/<id>'"
+                raise RegistryError(msg)
+            total += len(keys)
+            if total > REGISTRY_MAX_KEYS:
+                msg = f"more than {REGISTRY_MAX_KEYS} entities"
+                raise RegistryError(msg)
+            out[node] = keys
+        return out
+
+    def on_registry(self, payload: bytes) -> list[Publication]:
+        """The previous run's registry (or our own echo): clear what we no longer announce."""
+        if not payload or not self.enabled:
             return []
-        current_nodes = {self.node(p) for p in self.packs} if self.enabled else set()
-        if prefix == self.prefix:
-            for node, keys in nodes.items():
-                if node in current_nodes:
-                    learned = {k for k in keys if _LEARNED.match(k)}
-                    self.adopted.setdefault(node, set()).update(learned)
-        old = self._topics(nodes, prefix)
+        try:
+            nodes = self.parse_registry(payload)
+        except RegistryError as e:
+            self.rejected += 1
+            # once per run: a hostile client repeating it must not flood the journal
+            if not self.rejected_logged:
+                self.rejected_logged = True
+                log.warning("ignoring discovery registry on %s: %s (logged once; counted in "
+                            "status inbound_rejected)", self.t_registry, e)
+            return []
+        current_nodes = {self.node(p) for p in self.packs}
+        for node, keys in nodes.items():
+            if node in current_nodes:
+                learned = {k for k in keys if _LEARNED.match(k)}
+                self.adopted.setdefault(node, set()).update(learned)
+        old = self._topics(nodes, self.prefix)
         now = self._topics(self.announced(), self.prefix)
         stale = sorted(old - now)
         out = [self._clear(t) for t in stale]

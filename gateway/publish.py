@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -20,10 +21,11 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TextIO
 
 from .config import MqttConfig, PackConfig
-from .model import FIELDS, Output, PackState, Publication, Value, clean
+from .model import FIELDS, Output, PackState, Publication, Value, clean, iso_ts
 
 log = logging.getLogger("gateway.publish")
 
@@ -223,6 +225,13 @@ class MqttSink:
         self.last_error = ""
         self.dropped_oversize = 0
         self._oversize_topics: set[str] = set()
+        self.inbound_errors = 0
+        self._inbound_logged: set[str] = set()
+        # topic -> the broker's refusal (PUBACK reason >= 0x80) while it lasts
+        self.refused: dict[str, Refusal] = {}
+        self.refused_total = 0
+        self._refusal_attempt = 0
+        self._events_retry_at = 0.0
         self._client: Any = None
 
     def snapshot(self, pub: Publication) -> None:
@@ -278,7 +287,7 @@ class MqttSink:
         state = "init"
         while not self.stopping:
             try:
-                async with aiomqtt.Client(**self._client_kwargs()) as client:
+                async with acked_client_class()(**self._client_kwargs()) as client:
                     self._client = client
                     _nodelay(client)
                     attempt = 0
@@ -312,7 +321,10 @@ class MqttSink:
                     log.warning("MQTT connection to %s lost or refused: %s; retrying",
                                 self.cfg.url, _explain(err))
                 state = "down"
-                await asyncio.sleep(random.uniform(0.2, min(30.0, 0.5 * 1.5 ** min(attempt, 12))))
+                await asyncio.sleep(backoff(attempt))
+            finally:
+                # also when run() dies of a bug: the status must not say connected
+                self.connected.clear()
         self.connected.clear()
 
     async def _sender(self, client: Any) -> None:
@@ -320,25 +332,19 @@ class MqttSink:
             # events first: they are the ones that must never be lost. The outbox is only
             # asked when something was appended (flush) or after a (re)connect, not on
             # every wake-up: a query per snapshot cost latency on a busy bus.
-            if self.events_dirty:
+            if self.events_dirty and time.monotonic() >= self._events_retry_at:
                 self.events_dirty = False
-                while batch := self.next_events():
-                    for seq, topic, payload in batch:
-                        await client.publish(topic, payload, qos=1, retain=False, timeout=15)
-                        self.ack(seq)
-                        self.events_published += 1
+                await self._send_events(client)
             while self.queue:
                 pub = self.queue[0]
-                await client.publish(pub.topic, pub.payload, qos=pub.qos, retain=pub.retain,
-                                     timeout=15)
+                await self._publish(client, pub.topic, pub.payload, pub.qos, pub.retain)
                 self.queue.popleft()
                 self.published += 1
                 if len(self.queue) < 128:
                     self.space.set()
             while self.pending:
                 topic, pub = next(iter(self.pending.items()))
-                await client.publish(pub.topic, pub.payload, qos=pub.qos, retain=pub.retain,
-                                     timeout=15)
+                await self._publish(client, pub.topic, pub.payload, pub.qos, pub.retain)
                 # only forget it if nothing newer arrived while we awaited
                 if self.pending.get(topic) is pub:
                     del self.pending[topic]
@@ -346,18 +352,80 @@ class MqttSink:
             if self.stopping:
                 return
             self.wake.clear()
-            if self.events_dirty or self.pending or self.queue:
+            if self.pending or self.queue:
+                continue
+            if self.events_dirty:
+                wait = self._events_retry_at - time.monotonic()
+                if wait <= 0:
+                    continue
+                # a refused event is retried after its backoff, or sooner when woken
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), wait)
                 continue
             await self.wake.wait()
 
+    async def _send_events(self, client: Any) -> None:
+        """Outbox events in seq order; one leaves the outbox only on an accepting PUBACK.
+
+        A refusal stops the round (order is kept: later events wait behind it) and the
+        same event is tried again after a jittered, capped backoff.
+        """
+        while batch := self.next_events():
+            for seq, topic, payload in batch:
+                if not await self._publish(client, topic, payload, 1, False):
+                    self._refusal_attempt += 1
+                    self._events_retry_at = time.monotonic() + backoff(self._refusal_attempt)
+                    self.events_dirty = True
+                    return
+                self._refusal_attempt = 0
+                self.ack(seq)
+                self.events_published += 1
+
+    async def _publish(self, client: Any, topic: str, payload: bytes, qos: int,
+                       retain: bool) -> bool:
+        """Publish; False when the broker answered with a failure reason code."""
+        code = await client.publish_acked(topic, payload, qos=qos, retain=retain, timeout=15)
+        if code < 0x80:  # 0x10 "no matching subscribers" is a success
+            if self.refused.pop(topic, None) is not None:
+                log.info("MQTT: the broker accepts %s again", topic)
+            return True
+        self.refused_total += 1
+        if topic not in self.refused:
+            self.refused[topic] = Refusal(topic, code, _reason_name(code), time.time())
+            log.error("MQTT: the broker refused %s with reason code %d (%s); events stay in "
+                      "the outbox and are retried (status: faults mqtt_refused)", topic, code,
+                      _reason_name(code))
+        return False
+
+    def faults(self) -> list[dict[str, Any]]:
+        """Gateway-level faults of the MQTT link, for the status topic."""
+        return [{"code": "mqtt_refused", "severity": "critical", "topic": r.topic,
+                 "reason_code": r.code, "reason": r.reason, "since": iso_ts(r.since),
+                 "message": f"broker refused {r.topic}: {r.reason} ({r.code})"}
+                for r in self.refused.values()]
+
     async def _receiver(self, client: Any) -> None:
         async for msg in client.messages:
-            handler = self.subscriptions.get(str(msg.topic))
-            if handler is not None:
-                payload = msg.payload if isinstance(msg.payload, bytes) else str(
-                    msg.payload).encode()
-                for pub in handler(payload):
-                    self.snapshot(pub)
+            topic = str(msg.topic)
+            handler = self.subscriptions.get(topic)
+            if handler is None:
+                continue
+            payload = msg.payload if isinstance(msg.payload, bytes) else str(
+                msg.payload).encode()
+            try:
+                pubs = handler(payload)
+            except Exception as e:
+                # Any client can write what we subscribe to: a handler that fails on it
+                # costs that one message, never the connection (issue 10).
+                self.inbound_errors += 1
+                self.last_error = f"inbound {topic}: {type(e).__name__}: {e}"
+                if topic not in self._inbound_logged:
+                    self._inbound_logged.add(topic)
+                    log.error("message on %s could not be handled, ignored (logged once per "
+                              "topic; counted in status inbound_errors)", topic, exc_info=True)
+                continue
+            for pub in pubs:
+                self.snapshot(pub)
 
     async def drain(self, timeout: float) -> bool:
         """Wait until nothing is pending (or timeout); True when all was delivered."""
@@ -371,6 +439,70 @@ class MqttSink:
 
     def _undelivered(self) -> bool:
         return bool(self.pending or self.queue or self.next_events())
+
+
+def backoff(attempt: int) -> float:
+    """Seconds before retry `attempt` (1, 2, ...): jittered, growing, capped at 30 s."""
+    return random.uniform(0.2, min(30.0, 0.5 * 1.5 ** min(attempt, 12)))
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    topic: str
+    code: int
+    reason: str
+    since: float
+
+
+def _reason_name(code: int) -> str:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    try:
+        return str(ReasonCode(PacketTypes.PUBACK, identifier=code))
+    except ValueError:
+        return f"reason {code}"
+
+
+@functools.cache
+def acked_client_class() -> type[Any]:
+    """aiomqtt's Client, plus `publish_acked` returning the PUBACK reason code.
+
+    aiomqtt 2.x drops the reason code paho hands to `on_publish`; without it a refusal
+    (MQTT 5: 0x87 not authorized, 0x97 quota exceeded...) looks like a delivery. With
+    MQTT 3.1.1 a PUBACK has no reason code: a broker that drops a publication still acks
+    it (mosquitto does, for an ACL-denied topic), and this returns 0.
+    """
+    import aiomqtt
+
+    class AckedClient(aiomqtt.Client):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._codes: dict[int, int] = {}
+            self._last_mid = 0
+            paho_publish = self._client.publish
+
+            def publish(*a: Any, **kw: Any) -> Any:
+                info = paho_publish(*a, **kw)
+                self._last_mid = info.mid
+                return info
+
+            self._client.publish = publish  # type: ignore[method-assign]
+
+        def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any,
+                        properties: Any) -> None:
+            self._codes[mid] = int(getattr(reason_code, "value", 0) or 0)
+            super()._on_publish(client, userdata, mid, reason_code, properties)
+
+        async def publish_acked(self, topic: str, payload: bytes, *, qos: int, retain: bool,
+                                timeout: float) -> int:
+            # aiomqtt's publish calls paho's synchronously before its first await, and
+            # this client's only publisher (the sender) awaits one publish at a time
+            await self.publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
+            code = self._codes.pop(self._last_mid, 0)
+            return code if qos else 0
+
+    return AckedClient
 
 
 def _nodelay(client: Any) -> None:

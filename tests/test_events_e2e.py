@@ -224,10 +224,11 @@ def test_sigkill_with_events_in_outbox_loses_nothing(tmp_path: Path, broker: Bro
     sub = subscriber_factory(broker.port, ["bms/p/events"], client_id="kill-sub", clean=False)
     sub.client.reconnect_delay_set(0.2, 1)
     broker.stop()  # nothing can be delivered: events stay in the outbox
-    proc = subprocess.Popen([sys.executable, "-m", "gateway", "replay", str(log), "-c", str(cfg),
-                             "--speed", "4"], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    # a replay keeps its events in memory unless given --outbox: this one must survive
     outbox = tmp_path / "state" / "outbox.sqlite"
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "replay", str(log), "-c", str(cfg),
+                             "--speed", "4", "--outbox", str(outbox)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 30
     while _outbox_depth(outbox) < 4 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -241,7 +242,8 @@ def test_sigkill_with_events_in_outbox_loses_nothing(tmp_path: Path, broker: Bro
     # restart: unacknowledged events first, then live ones, seq continuing
     log2 = tmp_path / "more.log"
     write_log(log2, 5.0)  # the BMS flag again: 2 new events
-    r = subprocess.run([sys.executable, "-m", "gateway", "replay", str(log2), "-c", str(cfg)],
+    r = subprocess.run([sys.executable, "-m", "gateway", "replay", str(log2), "-c", str(cfg),
+                        "--outbox", str(outbox)],
                        capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
     assert r.returncode == 0, r.stderr
     assert sub.wait_for(lambda ms: len(ms) >= 6, 20)

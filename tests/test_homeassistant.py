@@ -271,17 +271,18 @@ def test_per_value_mode_still_uses_json_topics(tmp_path: Path) -> None:
     assert cfg_topic("sensor", "house", "cell_01") not in pubs
 
 
-def test_disabled_discovery_clears_previous_registry(tmp_path: Path) -> None:
+def test_disabled_discovery_reads_and_writes_nothing(tmp_path: Path) -> None:
+    # inbound topics are input any client can write: none without the feature (issue 10)
     cfg = load_config(write_config(tmp_path, "mqtt://127.0.0.1:1", ["house"]))
     on = Discovery(cfg, Pipeline(cfg).topics)
+    assert set(on.subscriptions()) == {"bms/gateway/t1/discovery", f"{HA}/status"}
     reg = on.registry()
     off_cfg = load_config(write_config(tmp_path, "mqtt://127.0.0.1:1", ["house"],
                                        discovery=False, name="off.yaml"))
     off = Discovery(off_cfg, Pipeline(off_cfg).topics)
+    assert off.subscriptions() == {}
     assert off.on_connect() == []
-    out = off.on_registry(reg.payload)
-    assert len([p for p in out if p.payload == b""]) == len(on.configs()) + 1
-    assert out[-1].topic == "bms/gateway/t1/discovery"  # the registry itself is deleted
+    assert off.on_registry(reg.payload) == []
 
 
 @pytest.mark.parametrize("payload", [b"offline", b"", b"junk"])
