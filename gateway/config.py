@@ -347,7 +347,8 @@ class _Reader:
             self.bad(f"{key}.{name}" if key else name, f"must be a whole number, got {v!r}")
             return default
         if lo is not None and v < lo:
-            self.bad(f"{key}.{name}" if key else name, f"must be at least {lo}")
+            self.bad(f"{key}.{name}" if key else name, f"must be at least {lo}",
+                     f"use a value from {lo} to {hi}" if hi is not None else "")
             return default
         if hi is not None and v > hi:
             self.bad(f"{key}.{name}" if key else name, f"{v} is more than the maximum {hi}",

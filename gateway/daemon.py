@@ -75,11 +75,11 @@ class Runtime:
         self.log_stats: SourceStats | None = None
         self.undelivered = 0  # events still in the outbox when a replay gave up
         self.last_error = ""
-        self.task_restarts = 0
+        self.task_deaths = 0
         self._rate_t = time.monotonic()
         self._rate_n = 0
         self.frames_per_s = 0.0
-        # HA discovery (also when disabled: it clears what an earlier run announced).
+        # HA discovery; its inbound topics only when enabled (any client can write them).
         # Set up before MqttSink, which copies an empty subscriptions dict.
         self.discovery: Discovery | None = None
         if not self.stdout_mode:
@@ -167,7 +167,7 @@ class Runtime:
             "mqtt_refused": getattr(sink, "refused_total", 0),
             "inbound_errors": getattr(sink, "inbound_errors", 0),
             "inbound_rejected": self.discovery.rejected if self.discovery is not None else 0,
-            "task_restarts": self.task_restarts,
+            "task_deaths": self.task_deaths,
         }
         if self.log_stats is not None:
             body["log"] = {"frames": self.log_stats.frames, "bad_lines": self.log_stats.bad_lines,
@@ -319,7 +319,7 @@ class Daemon:
                 log.error("task %s failed while stopping: %r", name, err)
                 return
             deaths = deaths + 1 if time.monotonic() - started < 60 else 1
-            self.rt.task_restarts += 1
+            self.rt.task_deaths += 1
             self.rt.last_error = f"task {name} died: {type(err).__name__}: {err}"
             if deaths >= MAX_DEATHS:
                 log.critical("task %s died %d times in a row, last: %r; stopping with exit "
@@ -527,20 +527,7 @@ class Daemon:
                     continue
                 break
             self.notifier.stopping()
-            # flush what is in flight, then say offline
-            self.pipeline.finish(time.time())
-            rt.ship()
-            for p in self.pipeline.offline():
-                rt.sink.snapshot(p)
-            rt.sink.snapshot(Publication(rt.t_avail, b"offline"))
-            rt.sink.snapshot(rt.status())
-            if isinstance(sink, MqttSink):
-                if not await sink.drain(self.cfg.shutdown_timeout_s):
-                    log.warning("shutdown: broker did not take everything within %.1f s; %d "
-                                "events stay in the outbox", self.cfg.shutdown_timeout_s,
-                                rt.outbox.depth())
-            else:
-                sink.flush()
+            await self._shutdown_flush()
         finally:
             if isinstance(sink, MqttSink):
                 sink.stopping = True
@@ -554,6 +541,39 @@ class Daemon:
             rt.close()
             self.notifier.close()
         return self.exit_code
+
+    async def _shutdown_flush(self) -> None:
+        """Flush what is in flight, say offline, drain. Each step on its own: what made a
+        task die may fail one of them, and must not skip the others (exit 1 then)."""
+        rt = self.rt
+        sink = rt.sink
+
+        def offline() -> None:
+            for p in self.pipeline.offline():
+                sink.snapshot(p)
+            sink.snapshot(Publication(rt.t_avail, b"offline"))
+
+        steps: list[tuple[str, Callable[[], None]]] = [
+            ("flush the pipeline", lambda: self.pipeline.finish(time.time())),
+            ("store the last events", rt.ship), ("publish offline", offline),
+            ("publish the status", lambda: sink.snapshot(rt.status()))]
+        for what, step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("shutdown: could not %s", what)
+                self.exit_code = 1
+        if not isinstance(sink, MqttSink):
+            sink.flush()
+            return
+        try:
+            if not await sink.drain(self.cfg.shutdown_timeout_s):
+                log.warning("shutdown: broker did not take everything within %.1f s; %d "
+                            "events stay in the outbox", self.cfg.shutdown_timeout_s,
+                            rt.outbox.depth())
+        except Exception:
+            log.exception("shutdown: could not deliver what was pending")
+            self.exit_code = 1
 
     def _start_metrics(self) -> None:
         if self.cfg.prometheus is None:

@@ -424,7 +424,8 @@ class Discovery:
                 self.rejected_logged = True
                 log.warning("ignoring discovery registry on %s: %s (logged once; counted in "
                             "status inbound_rejected)", self.t_registry, e)
-            return []
+            # the topic is ours: put our own registry back so the next run can read it
+            return [self.registry()]
         current_nodes = {self.node(p) for p in self.packs}
         for node, keys in nodes.items():
             if node in current_nodes:

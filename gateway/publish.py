@@ -296,6 +296,7 @@ class MqttSink:
                     state = "up"
                     self.connected.set()
                     self.events_dirty = True  # unacknowledged events go out first
+                    self._events_retry_at = 0.0  # a broker that refused may allow them now
                     for pub in self.on_connect():
                         self.snapshot(pub)
                     # subscribe before anything is sent: replies to our own on-connect
