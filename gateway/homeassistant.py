@@ -14,6 +14,10 @@ publication, the registry is the last one), reads the previous run's list and cl
 config loses its entities. Cell and temperature sensors of packs that are still
 configured are kept (adopted): they were learned from data and will be again.
 
+Any MQTT client can write the registry, so it is parsed against a strict schema
+(`parse_registry`) and only names of this gateway's own nodes under its own configured
+HA prefix are ever cleared; with discovery off nothing is subscribed at all.
+
 A value that is null (or missing) renders as `None`, which HA's MQTT sensor and binary
 sensor treat as "unknown"; an empty rendering would keep the old value instead.
 """
