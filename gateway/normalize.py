@@ -283,9 +283,9 @@ class _Compiler:
             expr = self.value_expr(spec, msg, g)
             assert expr is not None
             g.emit(ind, f"v = {expr[0]}")
+            g.emit(ind, f"if {_lit(lo)} <= v <= {_lit(hi)}:")  # NaN fails: int() would raise
             if is_int:
-                g.emit(ind, "v = int(v)")
-            g.emit(ind, f"if {_lit(lo)} <= v <= {_lit(hi)}:")
+                g.emit(ind + 1, "v = int(v)")
             g.emit(ind + 1, f"if V[{slot}] != v:")
             g.emit(ind + 2, f"V[{slot}] = v")
             g.emit(ind + 2, "st.changed = True")
