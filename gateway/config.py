@@ -107,6 +107,9 @@ class ValueSpec:
     mapping: dict[str | int, str] | None = None  # enum fields: DBC value or choice -> ours
     bit: int | None = None  # bool fields: test one bit of the raw value
     values: tuple[int, ...] | None = None  # bool fields: active when value is one of these
+    # format 2: the first of several sources whose message is fresh (highest first)
+    sources: tuple[ValueSpec, ...] = ()
+    fresh_s: float | None = None  # a source is fresh this long after its last frame
 
     def factor_offset(self) -> tuple[float, float]:
         f, o = UNIT_FACTORS.get(self.unit or "1", (1, 0))
@@ -407,7 +410,37 @@ def read_yaml(path: Path, problems: list[Problem]) -> Any:
 # ---------------------------------------------------------------- profile parsing
 
 _VALUE_KEYS = {"message", "signal", "expr", "const", "scale", "offset", "unit", "invert",
-               "valid", "map", "bit", "values"}
+               "valid", "map", "bit", "values", "sources", "fresh_s"}
+
+
+def _sources_spec(r: _Reader, key: str, spec: dict[str, Any]) -> ValueSpec | None:
+    """`sources: [...]`: the first source whose message is fresh gives the value."""
+    others = sorted(set(spec) - {"sources", "fresh_s"})
+    if others:
+        r.bad(key, f"`sources` replaces {', '.join(others)}",
+              "move them into each source, or drop `sources` for a single source")
+        return None
+    items = spec["sources"]
+    if not isinstance(items, list) or len(items) < 2:
+        r.bad(f"{key}.sources", "needs a list of two or more sources, highest priority first",
+              "e.g. sources: [{message: Pack, signal: V}, {message: String0, signal: V}]")
+        return None
+    subs: list[ValueSpec] = []
+    for i, item in enumerate(items):
+        k = f"{key}.sources[{i}]"
+        if isinstance(item, dict) and ("sources" in item or "fresh_s" in item):
+            r.bad(k, "sources do not nest", "list every source in the one `sources` list")
+            return None
+        sub = _value_spec(r, k, item, None)
+        if sub is None:
+            return None
+        if sub.message is None:
+            r.bad(k, "a source needs a `message` (a constant is never stale)",
+                  "drop this source, or make the constant the field's only value")
+            return None
+        subs.append(sub)
+    return ValueSpec(key=key, sources=tuple(subs), fresh_s=r.num(spec, key, "fresh_s", None,
+                                                                 lo=0.01))
 
 
 def _value_spec(r: _Reader, key: str, obj: Any, default_message: str | None) -> ValueSpec | None:
@@ -416,6 +449,10 @@ def _value_spec(r: _Reader, key: str, obj: Any, default_message: str | None) -> 
     spec = r.mapping(obj, key)
     if not spec:
         return None
+    if "sources" in spec:
+        return _sources_spec(r, key, spec)
+    if "fresh_s" in spec:
+        r.bad(f"{key}.fresh_s", "only applies to `sources`", "remove it, or list `sources`")
     r.known(spec, key, _VALUE_KEYS)
     message = r.str_(spec, key, "message", default_message)
     signal = r.str_(spec, key, "signal", None)

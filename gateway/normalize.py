@@ -111,6 +111,7 @@ class _Compiler:
         self.msgs: dict[str, list[Item]] = {}
         self.msg_objs: dict[str, Message] = {}
         self.layouts: dict[str, MessageLayout] = {}
+        self.gates: list[Callable[[Source, int], int]] = []
         self.fault_count = 0
 
     # -- lookups with helpful errors
@@ -149,7 +150,35 @@ class _Compiler:
 
     def add(self, msg: Message, key: str, path: tuple[MuxStep, ...], fn: Callable[[Source, int], None],
             muxers: tuple[str, ...] = ()) -> None:
+        gates = list(self.gates)
+        if gates:  # conditions around the code (format 2: fresh sources, validity gates)
+            inner = fn
+
+            def fn(g: Source, ind: int) -> None:
+                for gate in gates:
+                    ind = gate(g, ind)
+                inner(g, ind)
         self.msgs.setdefault(msg.name, []).append(Item(key, path, fn, muxers))
+
+    def with_sources(self, spec: ValueSpec, compile_one: Callable[[ValueSpec], None]) -> None:
+        """`sources: [...]`: each source writes only while no source before it is fresh."""
+        window = spec.fresh_s or self.cfg.stale_after_s
+        seen = [-math.inf] * len(spec.sources)  # frame time each source was last present
+
+        for i, sub in enumerate(spec.sources):
+            def gate(g: Source, ind: int, i: int = i) -> int:
+                t = g.const(seen, "seen")
+                g.emit(ind, f"{t}[{i}] = ts")
+                if i == 0:
+                    return ind
+                fresher = " or ".join(f"ts - {t}[{j}] <= {window!r}" for j in range(i))
+                g.emit(ind, f"if not ({fresher}):  # a source before this one is fresh")
+                return ind + 1
+            self.gates.append(gate)
+            try:
+                compile_one(sub)
+            finally:
+                self.gates.pop()
 
     def find_read(self, msg: Message, name: str) -> SignalRead | tuple[str, str]:
         """The occurrence of signal `name` that cantools reports, or (problem, fix)."""
@@ -258,6 +287,9 @@ class _Compiler:
 
     # -- profile parts
     def field(self, name: str, spec: ValueSpec) -> None:
+        if spec.sources:
+            self.with_sources(spec, lambda sub: self.field(name, sub))
+            return
         info = FIELD_BY_NAME[name]
         slot = FIELD_INDEX[name]
         if spec.message is None:  # constant
@@ -295,6 +327,9 @@ class _Compiler:
         self.add(msg, spec.key, path, gen)
 
     def extra(self, name: str, spec: ValueSpec) -> None:
+        if spec.sources:
+            self.with_sources(spec, lambda sub: self.extra(name, sub))
+            return
         msg = self.message(spec.key, spec.message) if spec.message else None
         if spec.message is None:
             self.extra_consts[name] = spec.const

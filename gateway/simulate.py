@@ -551,6 +551,8 @@ class _Builder:
 
     # -- fields
     def field(self, name: str, spec: ValueSpec) -> None:
+        if spec.sources:  # the simulated BMS sends the preferred source
+            spec = spec.sources[0]
         if spec.message is None:
             return  # a constant in the profile: nothing on the bus
         plan = self.plan(spec.key, spec.message)
