@@ -378,6 +378,7 @@ class FaultEngine:
         self._dec: deque[tuple[float, int, int]] = deque()
         self._impl_last: dict[str, int] | None = None
         self._impl: deque[tuple[float, dict[str, int]]] = deque()
+        self._impl_why = ""
 
     # -- BMS flags, comm and bus: raise/clear at once, one event per change
 
@@ -445,7 +446,9 @@ class FaultEngine:
         pct = min(100.0, 100.0 * (errors - e0) / n)
         self._step(r, 0, ts, pct, rl=r.spec.raise_at, cl=r.spec.clear_at, can_raise=True)
 
-    def implausible(self, ts: float, counts: dict[str, int]) -> None:
+    def implausible(self, ts: float, counts: dict[str, int], reason: str = "") -> None:
+        """`counts`: dropped values per field so far; `reason`: the latest cross-signal
+        check that dropped one (plausibility.py), shown in the raised event."""
         r = self._rules["implausible_values"]
         if not r.spec.enabled or r.spec.raise_at is None:
             return
@@ -455,6 +458,7 @@ class FaultEngine:
         grown = {k: c - last.get(k, 0) for k, c in counts.items() if c > last.get(k, 0)}
         if grown:
             self._impl.append((ts, grown))
+            self._impl_why = reason or f"out of range: {', '.join(sorted(grown))}"
         self._implausible_step(r, ts)
 
     def _implausible_step(self, r: _Rule, ts: float) -> None:
@@ -593,6 +597,8 @@ class FaultEngine:
             msg = f"{title} cleared: {shown}{unit} {op} {_fmt(lim)}{unit}"
         if r.d.kind == "rate" and r.spec.window_s:
             msg += f" in {_fmt(r.spec.window_s)} s"
+        if state == "raised" and self._impl_why and r is self._rules.get("implausible_values"):
+            msg += f" ({self._impl_why})"
         if r.d.limit_field is not None and r.spec.raise_at is None:
             msg += " (BMS limit + 10 %)" if state == "raised" else " (BMS limit)"
         return msg

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from .config import GatewayConfig, PackConfig, Problem
 from .decode import DbcError, where_failed
 from .faults import FaultEngine, parse_rules
-from .model import FaultEvent, Output, Publication
+from .model import FIELD_INDEX, FaultEvent, Output, Publication
 from .normalize import CompiledPack, DbcCache, compile_pack
+from .plausibility import cross_check
 from .publish import PackPublisher, Topics, dumps
 from .source import Frame
 
@@ -44,6 +45,7 @@ class PackRuntime:
     last_faults: bytes = b""
     frames_reported: int = 0
     impl_reported: int = 0
+    impl_reason: str = ""  # the latest cross-signal check that dropped a value
 
 
 def _fanout(handlers: list[Callable[[float, bytes], None]]) -> Callable[[float, bytes], None]:
@@ -202,6 +204,10 @@ class Pipeline:
                         rt.last_faults = dumps(eng.active())
                         out.append(Publication(rt.publisher.t_faults, rt.last_faults))
                     log.info("pack %s: frames arriving: online", st.pack_id)
+            if st.changed or st.cells_changed:
+                for name, reason in cross_check(st):
+                    rt.compiled.implausible[FIELD_INDEX[name]] += 1
+                    rt.impl_reason = reason
             rt.publisher.tick(ts, out, force=force)
             if st.online:
                 eng.evaluate(ts, st)
@@ -213,7 +219,7 @@ class Pipeline:
             total_impl = sum(counts)
             if total_impl != rt.impl_reported:
                 rt.impl_reported = total_impl
-                eng.implausible(ts, rt.compiled.implausible_counts())
+                eng.implausible(ts, rt.compiled.implausible_counts(), rt.impl_reason)
             self._collect(rt)
 
     def _collect(self, rt: PackRuntime) -> None:

@@ -144,7 +144,7 @@ def test_orion_bms2_6b0_cells_from_log_and_encoded_custom_messages(tmp_path: Pat
     db = load_db(REPO / "dbc" / "orion-bms2.dbc")
     frames = asc_frames(log, {0x36})
     frames += [
-        encode_all(db, "PackStatus", {"PackCurrent": 42.5, "PackInstVoltage": 51.2,
+        encode_all(db, "PackStatus", {"PackCurrent": 42.5, "PackInstVoltage": 292.4,
                                       "PackSOC": 77.5, "Relay_DischargeRelayEnabled": 1,
                                       "Relay_ChargeRelayEnabled": 0,
                                       "Relay_MalfunctionIndicatorActive": 1}, 1e10),
@@ -276,7 +276,11 @@ def test_tesla_model3_against_real_log_and_encoded_cells(tmp_path: Path) -> None
     p = pipeline_for(tmp_path, f"{{id: tesla, profile: tesla-model3, dbc: {dbc}}}")
     st = run(p, frames)
     hv = last_decoded(db, frames, 0x132)
-    assert st.get("voltage_v") == pytest.approx(hv["BattVoltage132"])
+    # this bus's 0x2D2 (sent by a converted car's controller) says 149 V max, its 0x132
+    # 292 V: the pack voltage contradicts the BMS's own limit, so it is not published
+    assert st.get("voltage_v") is None
+    assert (f"pack voltage {hv['BattVoltage132']:.4g} V is far above the charge voltage "
+            "limit 149 V") in p.packs[0].impl_reason
     assert st.get("current_a") == pytest.approx(-hv["SmoothBattCurrent132"])
     lim = last_decoded(db, frames, 0x2D2)
     assert st.get("charge_voltage_limit_v") == pytest.approx(lim["MaxVoltage2D2"])
@@ -339,9 +343,12 @@ def test_two_packs_on_one_bus_with_unknown_ids_counted(tmp_path: Path,
     assert o["pack_id"] == "orion" and t["pack_id"] == "tesla"
     db_o, db_t = load_db(orion), load_db(tesla)
     frames = [(m.timestamp, m.arbitration_id, bytes(m.data), "x") for m in can.LogReader(str(log))
-              if m.arbitration_id in (0x356, 0x132) and not m.is_extended_id]
+              if m.arbitration_id in (0x356, 0x132, 0x2D2) and not m.is_extended_id]
     assert o["voltage_v"] == pytest.approx(last_decoded(db_o, frames, 0x356)["Pack_Inst_Voltage"])
-    assert t["voltage_v"] == pytest.approx(last_decoded(db_t, frames, 0x132)["BattVoltage132"])
+    assert t["charge_voltage_limit_v"] == pytest.approx(
+        last_decoded(db_t, frames, 0x2D2)["MaxVoltage2D2"])
+    # 0x132's 292 V contradicts that 149 V limit: not published (plausibility.py)
+    assert t["voltage_v"] is None
 
 
 # ------------------------------------------------------------------ Nissan Leaf
