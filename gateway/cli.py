@@ -384,6 +384,32 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_identify(args: argparse.Namespace) -> int:
+    import json
+
+    from .identify import identify, report
+    from .source import LogError
+
+    # every profile meets foreign frames here: their warnings are noise, the table says it
+    quiet = logging.getLogger("gateway")
+    level = quiet.level
+    if not args.log_level:
+        quiet.setLevel(logging.ERROR)
+    try:
+        fits, stats = identify(args.log, args.dbc)
+    except LogError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
+    finally:
+        quiet.setLevel(level)
+    text, fits_any = report(fits, stats, args.log)
+    if args.json:
+        print(json.dumps([f.as_dict() for f in fits], indent=1))
+    else:
+        print(text)
+    return EXIT_OK if fits_any else EXIT_RUNTIME
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="bms-gateway", description=__doc__)
     ap.add_argument("--version", action="version", version=f"bms-gateway {__version__}")
@@ -471,6 +497,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--every-frame-time", type=float, metavar="S",
                    help="resample state and cells every S seconds of frame time")
     p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("identify", help="which profile fits a capture: every shipped profile "
+                       "ranked, and a starter config for the best")
+    p.add_argument("log", type=Path, help="candump -l, .asc, .blf, .trc, .csv, .mf4, SLCAN .raw")
+    p.add_argument("--dbc", type=Path, action="append", default=[], metavar="FILE",
+                   help="also try every profile on this DBC (repeatable)")
+    p.add_argument("--json", action="store_true",
+                   help="a JSON list of candidates, best first (profile, score, ...)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_identify)
 
     p = sub.add_parser("plot", help="plot a log: pack values, cell heatmap, fault markers")
     p.add_argument("log", type=Path, help="candump -l, .asc, .blf, .trc, .csv, .mf4, SLCAN .raw")
