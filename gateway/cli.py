@@ -17,6 +17,7 @@ from . import __version__
 from .config import BUILTIN_CONFIG, ConfigError, GatewayConfig, load_config
 
 if TYPE_CHECKING:
+    from .logformats import LineFormat
     from .pipeline import Pipeline
     from .simulate import Scenario
 
@@ -102,17 +103,34 @@ def _speed(text: str) -> float | None:
     return v
 
 
+def _log_options(args: argparse.Namespace) -> tuple[LineFormat | None, float | None] | int:
+    """--log-format / --ts-unit / --ts-base / --start, or an exit code after the message."""
+    from .logformats import FormatError, LineFormat, parse_start
+
+    try:
+        fmt = (LineFormat.parse(args.log_format, args.ts_unit, args.ts_base)
+               if args.log_format else None)
+        start = parse_start(args.start) if args.start is not None else None
+    except FormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return fmt, start
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from .daemon import replay, run_loop
     from .source import LogError
 
+    opts = _log_options(args)
+    if isinstance(opts, int):
+        return opts
     cfg = _load(args, args.mqtt)
     if cfg is None:
         return EXIT_CONFIG
     _setup_logging(args.log_level or cfg.log_level)
     try:
-        rt = run_loop(replay(cfg, args.log, speed=args.speed, outbox_path=args.outbox),
-                      args.loop)
+        rt = run_loop(replay(cfg, args.log, speed=args.speed, outbox_path=args.outbox,
+                             line_format=opts[0], start=opts[1]), args.loop)
     except ConfigError as e:
         _print_problems(e)
         return EXIT_CONFIG
@@ -299,6 +317,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from .export import Progress, Summary, events_path, records, write_csv, write_jsonl
     from .source import LogError
 
+    opts = _log_options(args)
+    if isinstance(opts, int):
+        return opts
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG
@@ -318,7 +339,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             files.append(out)
         with Progress(args.log) as progress:
             recs = records(cfg, args.log, every=args.every_frame_time, summary=summary,
-                           progress=progress)
+                           progress=progress, line_format=opts[0], start=opts[1])
             if args.format == "jsonl":
                 write_jsonl(recs, out)
             else:
@@ -391,12 +412,15 @@ def cmd_identify(args: argparse.Namespace) -> int:
     from .source import LogError
 
     # every profile meets foreign frames here: their warnings are noise, the table says it
+    opts = _log_options(args)
+    if isinstance(opts, int):
+        return opts
     quiet = logging.getLogger("gateway")
     level = quiet.level
     if not args.log_level:
         quiet.setLevel(logging.ERROR)
     try:
-        fits, stats = identify(args.log, args.dbc)
+        fits, stats = identify(args.log, args.dbc, line_format=opts[0])
     except LogError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -420,6 +444,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"gateway config (default: {DEFAULT_CONFIG.name})")
         p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
+    def log_opts(p: argparse.ArgumentParser, alias: bool = True) -> None:
+        names = ["--log-format", "--format"] if alias else ["--log-format"]
+        p.add_argument(*names, dest="log_format", metavar="SPEC",
+                       help="a text logger's line format: a preset (hex-ms) or a regular "
+                            "expression with named groups ts, id, data (docs/config.md)")
+        p.add_argument("--ts-unit", choices=["s", "ms", "us", "ns"],
+                       help="with --log-format: the timestamp's unit (default s)")
+        p.add_argument("--ts-base", type=int, choices=[10, 16],
+                       help="with --log-format: 16 for hex timestamps (default 10)")
+        p.add_argument("--start", metavar="TIME",
+                       help="anchor a log with relative timestamps: epoch seconds or ISO "
+                            "date and time (UTC unless it has an offset)")
+
     def loop_opt(p: argparse.ArgumentParser) -> None:
         p.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                        help="event loop: uvloop when installed (auto), or force one")
@@ -431,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("replay", help="feed a recorded log through the same pipeline")
-    p.add_argument("log", type=Path, help="candump -l, .asc, .blf, .trc, .csv, .mf4, SLCAN .raw")
+    p.add_argument("log", type=Path, help="candump -l, .asc, .blf, .trc, .csv, .mf4, SLCAN .raw, GVRET .csv")
     common(p)
     p.add_argument("--speed", type=_speed, default=None,
                    help="'max' (default) or a factor of real time (1 = as recorded)")
@@ -440,6 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="outbox file for this replay's events (default: in memory; never "
                    "the live daemon's)")
     loop_opt(p)
+    log_opts(p)
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("check-config", help="validate config, profiles and DBCs together")
@@ -487,7 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_watch)
 
     p = sub.add_parser("decode", help="a log as the time series and fault events MQTT would get")
-    p.add_argument("log", type=Path, help="candump -l, .asc, .blf, .trc, .csv, .mf4, SLCAN .raw")
+    p.add_argument("log", type=Path, help="candump -l, .asc, .blf, .trc, .csv, .mf4, SLCAN .raw, GVRET .csv")
     common(p)
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl",
                    help="jsonl (default): every record; csv: one row per state")
@@ -496,20 +534,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="csv: the fault events file (default: <out>.events.csv)")
     p.add_argument("--every-frame-time", type=float, metavar="S",
                    help="resample state and cells every S seconds of frame time")
+    log_opts(p, alias=False)  # --format is the output format here
     p.set_defaults(func=cmd_decode)
 
     p = sub.add_parser("identify", help="which profile fits a capture: every shipped profile "
                        "ranked, and a starter config for the best")
-    p.add_argument("log", type=Path, help="candump -l, .asc, .blf, .trc, .csv, .mf4, SLCAN .raw")
+    p.add_argument("log", type=Path, help="candump -l, .asc, .blf, .trc, .csv, .mf4, SLCAN .raw, GVRET .csv")
     p.add_argument("--dbc", type=Path, action="append", default=[], metavar="FILE",
                    help="also try every profile on this DBC (repeatable)")
     p.add_argument("--json", action="store_true",
                    help="a JSON list of candidates, best first (profile, score, ...)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    log_opts(p)
     p.set_defaults(func=cmd_identify)
 
     p = sub.add_parser("plot", help="plot a log: pack values, cell heatmap, fault markers")
-    p.add_argument("log", type=Path, help="candump -l, .asc, .blf, .trc, .csv, .mf4, SLCAN .raw")
+    p.add_argument("log", type=Path, help="candump -l, .asc, .blf, .trc, .csv, .mf4, SLCAN .raw, GVRET .csv")
     common(p)
     p.add_argument("--out", type=Path, required=True, help="image file: .png, .svg or .pdf")
     p.add_argument("--pack", help="pack id (default: the first that published)")

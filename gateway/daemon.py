@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from . import __version__, entry
 from .config import ConfigError, GatewayConfig, load_config
 from .homeassistant import Discovery
+from .logformats import LineFormat
 from .model import Publication
 from .notify import Notifier, watchdog_interval
 from .outbox import Outbox
@@ -212,7 +213,8 @@ async def _with_sink(rt: Runtime, body: Callable[[], Any], drain_timeout: float,
 
 async def replay(cfg: GatewayConfig, log_path: str | Path, *, speed: float | None,
                  stdout: Any = None, drain_timeout: float = 30.0,
-                 outbox_path: Path | str | None = None) -> Runtime:
+                 outbox_path: Path | str | None = None,
+                 line_format: LineFormat | None = None, start: float | None = None) -> Runtime:
     """Feed a recorded log through the pipeline; return the runtime (for counters)."""
     pipeline = Pipeline(cfg)
     # its own outbox, never the live daemon's: a replay must not publish the daemon's
@@ -220,7 +222,8 @@ async def replay(cfg: GatewayConfig, log_path: str | Path, *, speed: float | Non
     rt = Runtime(cfg, pipeline, stdout=stdout, outbox_path=outbox_path or ":memory:")
     stats = SourceStats()
     rt.log_stats = stats
-    batches = read_log(log_path, stats)  # raises LogError before anything is published
+    # raises LogError before anything is published
+    batches = read_log(log_path, stats, line_format=line_format, start=start)
     pacer = Pacer(speed)
     sink = rt.sink
     if isinstance(sink, MqttSink):

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from .config import GatewayConfig
+from .logformats import LineFormat
 from .model import FIELDS, Publication, iso_ts
 from .outbox import Outbox
 from .pipeline import Pipeline
@@ -104,7 +105,8 @@ class _Classifier:
 
 def records(cfg: GatewayConfig, log_path: str | Path, *, every: float | None = None,
             summary: Summary | None = None,
-            progress: Callable[[int], None] | None = None) -> Iterator[Record]:
+            progress: Callable[[int], None] | None = None,
+            line_format: LineFormat | None = None, start: float | None = None) -> Iterator[Record]:
     """Replay `log_path` through the pipeline; yield what a subscriber would receive."""
     if every is not None and not (math.isfinite(every) and every > 0):
         msg = f"resampling interval must be a positive number of seconds, got {every!r}"
@@ -112,7 +114,8 @@ def records(cfg: GatewayConfig, log_path: str | Path, *, every: float | None = N
     summary = summary or Summary()
     pipeline = Pipeline(cfg)
     classify = _Classifier(pipeline)
-    batches = read_log(log_path, summary.stats)  # raises LogError before anything is yielded
+    # raises LogError before anything is yielded
+    batches = read_log(log_path, summary.stats, line_format=line_format, start=start)
     # Acked at once, as in stdout mode, so the bounds never drop anything.
     outbox = Outbox.open(":memory:", max_events=cfg.outbox.max_events,
                          max_age_s=cfg.outbox.max_age_s, gateway_id=cfg.gateway_id)

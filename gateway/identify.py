@@ -32,6 +32,7 @@ from typing import Any
 
 from .config import ConfigError, available_profiles, load_config
 from .decode import DbcError, load_dbc, message_key
+from .logformats import LineFormat
 from .model import FIELD_INDEX, FIELDS
 from .normalize import DbcCache
 from .pipeline import Pipeline
@@ -71,10 +72,11 @@ class Fit:
         return d
 
 
-def read_frames(path: Path, limit: int = MAX_FRAMES) -> tuple[list[Frame], SourceStats]:
+def read_frames(path: Path, limit: int = MAX_FRAMES, line_format: LineFormat | None = None
+                ) -> tuple[list[Frame], SourceStats]:
     stats = SourceStats()
     frames: list[Frame] = []
-    for batch in read_log(path, stats):
+    for batch in read_log(path, stats, line_format=line_format, start=0.0):
         frames.extend(batch)
         if len(frames) >= limit:
             del frames[limit:]
@@ -209,10 +211,10 @@ def dbc_coverage(path: Path, ids: Counter[int]) -> Fit:
     return fit
 
 
-def identify(log: Path, dbcs: Sequence[Path] = (), *,
-             profiles: Sequence[str] | None = None) -> tuple[list[Fit], SourceStats]:
+def identify(log: Path, dbcs: Sequence[Path] = (), *, profiles: Sequence[str] | None = None,
+             line_format: LineFormat | None = None) -> tuple[list[Fit], SourceStats]:
     """Every candidate, best first (profiles; then profiles on each given DBC)."""
-    frames, stats = read_frames(log)
+    frames, stats = read_frames(log, line_format=line_format)
     ids: Counter[int] = Counter(k for _, k, _, _ in frames)
     fits: list[Fit] = []
     names = list(profiles) if profiles is not None else available_profiles()

@@ -27,8 +27,10 @@ from typing import Any
 
 import can
 
+from . import logformats
 from .config import CanBus
 from .decode import EXTENDED_FLAG
+from .logformats import LineFormat
 
 log = logging.getLogger("gateway.source")
 
@@ -281,11 +283,21 @@ def sniff_format(path: Path) -> str:
     return "pycan"
 
 
-def read_log(path: str | Path, stats: SourceStats) -> Iterator[list[Frame]]:
+def read_log(path: str | Path, stats: SourceStats, *, line_format: LineFormat | None = None,
+             start: float | None = None) -> Iterator[list[Frame]]:
+    """Batches of frames from a log; `line_format` for a text logger of the user's own,
+    `start` (epoch s) to anchor a log with relative timestamps (logformats.py)."""
     p = Path(path)
     if not p.exists():
         msg = f"{p}: log file not found"
         raise LogError(msg)
+    return logformats.anchor(_open_log(p, stats, line_format), p, start)
+
+
+def _open_log(p: Path, stats: SourceStats, line_format: LineFormat | None
+              ) -> Iterator[list[Frame]]:
+    if (ours := logformats.open_log(p, stats, line_format)) is not None:
+        return ours
     fmt = sniff_format(p)
     if fmt == "candump":
         return _candump_batches(p, stats)
