@@ -126,7 +126,7 @@ class CellSource:
     signals: tuple[str, ...] | str  # explicit names, or an fnmatch pattern
     index_signal: str | None = None  # a signal carrying the cell index (Orion 0x36)
     mux: bool = False  # the message's multiplexer selects the group
-    stride: int = 1  # cells per index step (mux value or index signal)
+    stride: int | None = None  # cells per mux/index step; default: the cells a group carries
     offset: int = 0  # added to the computed cell index (0-based)
     first: int = 0  # constant first cell index (per-module messages)
     order: Literal["position", "name"] = "position"
@@ -137,6 +137,15 @@ class CellSource:
     unit: str | None = None
     scale: float = 1.0
     valid: tuple[float, float] | None = None
+
+    def start(self, group: int | None, per_group: int) -> int:
+        """0-based cell of slot 0 (with `order: name`: of name number `name_base`) when
+        the mux or index value is `group`. The parts compose: group x stride + first +
+        offset. With `mux` and `order: name` the names number the cells across groups."""
+        if group is None or (self.mux and self.order == "name"):
+            group = 0
+        stride = per_group if self.stride is None else self.stride
+        return group * stride + self.first + self.offset
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,6 +508,37 @@ _CELL_KEYS = {"message", "signals", "signal", "index", "mux", "stride", "offset"
               "valid"}
 
 
+def _cell_layout_ok(r: _Reader, k: str, spec: dict[str, Any], kind: str) -> bool:
+    """Reject the layout keys that cannot work together (each with its fix)."""
+    mux, index = bool(spec.get("mux")), spec.get("index") is not None
+    name = spec.get("order") == "name"
+    bad: list[tuple[str, str, str]] = []
+    if mux and index:
+        bad.append(("index", "`mux: true` and `index:` both choose the group",
+                    "keep `mux: true` when the message's multiplexer numbers the groups, "
+                    "else `index:`"))
+    if "stride" in spec and not (mux or index):
+        bad.append(("stride", "`stride` needs `mux: true` or `index:` (the group it multiplies)",
+                    "use `first:` for a fixed first cell"))
+    if "stride" in spec and mux and name:
+        bad.append(("stride", "with `mux: true` and `order: name` the number in each name "
+                    "places the cell; `stride` is not used", "remove `stride`, or use order: position"))
+    if "first" in spec and "offset" in spec:
+        bad.append(("first", "`first` and `offset` both shift the cells", "give one of them"))
+    if "name_base" in spec and not name:
+        bad.append(("name_base", "`name_base` only applies to `order: name`",
+                    "add order: name, or remove name_base"))
+    if "invalid_value" in spec and spec.get("invalid") is None:
+        bad.append(("invalid_value", "`invalid_value` without `invalid` flags",
+                    "add invalid: [flag signals], or remove invalid_value"))
+    if spec.get("bitfield") and kind != "balancing":
+        bad.append(("bitfield", "`bitfield` is for balancing flags packed in one signal",
+                    "move this source under cells.balancing, or remove bitfield"))
+    for key, what, fix in bad:
+        r.bad(f"{k}.{key}", what, fix)
+    return not bad
+
+
 def _cell_sources(r: _Reader, key: str, obj: Any) -> tuple[CellSource, ...]:
     if obj is None:
         return ()
@@ -527,11 +567,13 @@ def _cell_sources(r: _Reader, key: str, obj: Any) -> tuple[CellSource, ...]:
         if order not in ("position", "name"):
             r.bad(f"{k}.order", f"must be 'position' or 'name', got {order!r}")
             order = "position"
+        if not _cell_layout_ok(r, k, spec, kind=key.rsplit(".", 1)[-1]):
+            continue
         out.append(CellSource(
             key=k, message=message, signals=signals,
             index_signal=str(index) if index is not None else None,
             mux=r.bool_(spec, k, "mux", False),
-            stride=r.int_(spec, k, "stride", 1, lo=0) or 0,
+            stride=r.int_(spec, k, "stride", None, lo=1),
             offset=r.int_(spec, k, "offset", 0) or 0,
             first=r.int_(spec, k, "first", 0, lo=0) or 0,
             order=order,  # type: ignore[arg-type]

@@ -539,7 +539,7 @@ class _Compiler:
                                                      f"signal {s.name!r} has no number in its name",
                                                      "use order: position"))
                         return
-                    plan.append((num - src.name_base + src.offset, bf, inv_by_num.get(num)))
+                    plan.append((num - src.name_base, bf, inv_by_num.get(num)))
             else:
                 sig_bfs.sort(key=lambda p: _pos(p[1], msg))
                 inv_bfs.sort(key=lambda p: _pos(p[1], msg))
@@ -554,21 +554,27 @@ class _Compiler:
                     plan.append((slot, bf, inv))
             plans[mid] = plan
         src_ = src
+        # cells one group carries: the default stride
+        per_group = max((sum(bf.length if src.bitfield else 1 for _, bf, _ in p)
+                         for p in plans.values()), default=1)
+        if src.stride is not None and src.order == "position" and (muxer or idx_read) \
+                and src.stride < per_group:
+            self.problems.append(Problem(
+                self.file, f"{src.key}.stride",
+                f"stride {src.stride} is less than the {per_group} cells each group carries: "
+                "groups would overwrite each other", f"stride: {per_group} (or remove it)"))
+            return
 
         def write_cells(g: Source, ind: int, plan: list[tuple[int | None, BitField,
                                                                  BitField | None]],
-                        base: str | None, relative: bool = False) -> None:
+                        base: str | None) -> None:
             arr = {"voltages": "CV", "temps": "CT", "balancing": "CB"}[kind]
             ensure = {"voltages": "st.ensure_cells", "temps": "st.ensure_temps",
                       "balancing": "st.ensure_balancing"}[kind]
             changed = "st.cells_changed = st.changed = True"  # derived fields follow cells
             for slot, bf, inv in plan:
-                if relative:
-                    idx = f"{base} + {slot}" if slot else f"{base}"
-                elif src_.order == "name":
-                    idx = f"{slot}" if base is None else f"{base} + {slot}"
-                elif base is None:
-                    idx = f"{src_.first + src_.offset + (slot or 0)}"
+                if base is None:
+                    idx = f"{src_.start(None, per_group) + (slot or 0)}"
                 else:
                     idx = f"{base} + {slot}" if slot else base
                 if kind == "balancing" and src_.bitfield:
@@ -618,7 +624,7 @@ class _Compiler:
                     g.emit(ind + 1, f"IMPL[{impl_slot}] += 1")
 
         if muxer is not None:
-            uniform = _uniform_mux(plans, src_)
+            uniform = _uniform_mux(plans, src_, per_group)
             mux_name = muxer
 
             def gen_mux(g: Source, ind: int) -> None:
@@ -634,12 +640,11 @@ class _Compiler:
                     g.emit(ind, f"if {cond}:")
                     start = f"{mux_var} * {a}" if a != 1 else mux_var
                     g.emit(ind + 1, f"b0 = {start} + {b}" if b else f"b0 = {start}")
-                    write_cells(g, ind + 1, rel, "b0", relative=True)
+                    write_cells(g, ind + 1, rel, "b0")
                     return
                 first = True
                 for mid, plan in sorted(plans.items(), key=lambda kv: kv[0] or 0):
-                    base = None if src_.order == "name" else \
-                        f"{(mid or 0) * src_.stride + src_.offset}"
+                    base = f"{src_.start(mid, per_group)}"
                     g.emit(ind, f"{'if' if first else 'elif'} {mux_var} == {mid}:")
                     write_cells(g, ind + 1, plan, base)
                     first = False
@@ -651,8 +656,10 @@ class _Compiler:
                 base = None
                 if idx_read is not None:
                     ie = g.read(idx_read.field)
-                    base = f"int({ie}) * {src_.stride} + {src_.offset}" if src_.stride != 1 \
-                        else f"int({ie}) + {src_.offset}"
+                    stride = per_group if src_.stride is None else src_.stride
+                    b = src_.start(0, per_group)
+                    base = f"int({ie}) * {stride}" if stride != 1 else f"int({ie})"
+                    base = f"{base} + {b}" if b else base
                     g.emit(ind, f"b0 = {base}")
                     base = "b0"
                 write_cells(g, ind, plan, base)
@@ -727,7 +734,7 @@ def group_by_mux(src: CellSource, values: list[Signal], invalid: list[Signal],
 Plan = list[tuple[int | None, BitField, BitField | None]]
 
 
-def _uniform_mux(plans: dict[int | None, Plan], src: CellSource,
+def _uniform_mux(plans: dict[int | None, Plan], src: CellSource, per_group: int,
                  ) -> tuple[list[int], int, int, Plan] | None:
     """If every mux group has the same bit layout and its cells start at a*mux + b,
     return (mux values, a, b, the layout with cell offsets relative to the start)."""
@@ -738,7 +745,7 @@ def _uniform_mux(plans: dict[int | None, Plan], src: CellSource,
     def absolute(mid: int, plan: Plan) -> list[tuple[int, BitField, BitField | None]]:
         out = []
         for slot, bf, inv in plan:
-            idx = slot if src.order == "name" else mid * src.stride + src.offset + (slot or 0)
+            idx = src.start(mid, per_group) + (slot or 0)
             out.append((idx or 0, bf, inv))
         return out
 

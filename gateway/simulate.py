@@ -680,7 +680,7 @@ class _Builder:
             invs = inv_groups.get(mid, [])
             if src.order == "name":
                 inv_by_num = {_name_number(s.name): s for s in invs}
-                plans[mid] = [(n - src.name_base + src.offset, s, inv_by_num.get(n))
+                plans[mid] = [(n - src.name_base, s, inv_by_num.get(n))
                               for s in sigs if (n := _name_number(s.name)) is not None]
             else:
                 by_pos = sorted(sigs, key=lambda s: _pos(s, msg))
@@ -688,10 +688,12 @@ class _Builder:
                 plans[mid] = [(i, s, invs[i] if len(invs) == len(by_pos) else None)
                               for i, s in enumerate(by_pos)]
         count = self.cells if kind != "temps" else self.sensors
-        stride = src.stride
 
         def bits(sig: Signal) -> int:
             return sig.length if kind == "balancing" and src.bitfield else 1
+
+        per_group = max((sum(bits(s) for _, s, _ in p) for p in plans.values()), default=1)
+        stride = per_group if src.stride is None else src.stride
 
         def add_variant(selector: dict[str, float], mux: int | None,
                         cells: list[tuple[int, Signal, Signal | None]]) -> None:
@@ -706,7 +708,7 @@ class _Builder:
             for mid, items in sorted(plans.items(), key=lambda kv: kv[0] or 0):
                 if mid is None:
                     continue
-                base = 0 if src.order == "name" else mid * stride + src.offset
+                base = src.start(mid, per_group)
                 add_variant({muxer.name: float(mid)}, mid,
                             [(base + slot, s, inv) for slot, s, inv in items])
         elif idx_sig is not None:
@@ -714,7 +716,7 @@ class _Builder:
             lo_raw, hi_raw = _raw_range(idx_sig)
             v = max(0, lo_raw)
             while v <= hi_raw and v < MAX_VARIANTS:
-                base = v * stride + src.offset
+                base = src.start(v, per_group)
                 if items and base + min(slot for slot, _, _ in items) >= count:
                     break
                 add_variant({idx_sig.name: _raw_to_phys(idx_sig, v)}, None,
@@ -724,7 +726,7 @@ class _Builder:
                 v += 1
         else:
             items = plans.get(None, [])
-            base = 0 if src.order == "name" else src.first + src.offset
+            base = src.start(None, per_group)
             add_variant({}, None, [(base + slot, s, inv) for slot, s, inv in items])
 
     def _cell_writer(self, kind: str, src: CellSource,

@@ -125,3 +125,109 @@ def test_sources_mistakes_are_config_errors(tmp_path: Path, body: str, key: str,
         body = "{" + body + "}"
     text = config_problems(tmp_path, profile(tmp_path, dbc, f"fields:\n  voltage_v: {body}\n"))
     assert f": {key}: " in text and words in text, text
+
+
+# ------------------------------------------------------------------ cell layouts
+
+
+def modules_dbc() -> str:
+    """Three module messages, each multiplexed 0-3 with four 12-bit mV cells per group
+    (the Formula Student layout), and one module-indexed temperature message."""
+    lines = ['VERSION ""', "", "NS_ :", "", "BS_:", "", "BU_: BMS", ""]
+    for m in range(3):
+        lines.append(f"BO_ {0x600 + m} Module{m + 1}: 8 BMS")
+        lines.append(' SG_ Group M : 0|8@1+ (1,0) [0|0] "" Vector__XXX')
+        for g in range(4):
+            for c in range(4):
+                lines.append(f' SG_ V{g}_{c} m{g} : {8 + 12 * c}|12@1+ (1,0) [0|0] "mV" '
+                             "Vector__XXX")
+        lines.append("")
+    lines.append("BO_ 1616 ModuleTemps: 8 BMS")
+    lines.append(' SG_ ModuleId : 0|8@1+ (1,0) [0|0] "" Vector__XXX')
+    for c in range(3):
+        lines.append(f' SG_ T{c + 1} : {8 + 8 * c}|8@1- (1,0) [0|0] "degC" Vector__XXX')
+    lines.append(' SG_ Flat1 : 32|8@1+ (1,0) [0|0] "" Vector__XXX')
+    return "\n".join(lines) + "\n"
+
+
+MODULES_PROFILE = """\
+cell_count: 48
+cells:
+  voltages:
+    - {message: Module1, mux: true, signals: "V*", unit: mV}
+    - {message: Module2, mux: true, first: 16, signals: "V*", unit: mV}
+    - {message: Module3, mux: true, offset: 32, stride: 4, signals: "V*", unit: mV}
+  temps:
+    - {message: ModuleTemps, index: ModuleId, signals: "T*", order: name, first: 2}
+"""
+
+
+def test_mux_with_first_and_offset_compose(tmp_path: Path) -> None:
+    """`mux: true` + `first: 16` was silently ignored (0 of 48 cells right)."""
+    (tmp_path / "modules.dbc").write_text(modules_dbc())
+    db = cantools.database.load_file(str(tmp_path / "modules.dbc"), strict=False)
+    p = pipeline(tmp_path, profile(tmp_path, tmp_path / "modules.dbc", MODULES_PROFILE))
+    frames: list[Frame] = []
+    expected: dict[int, float] = {}
+    ts = 1.0
+    for m in range(3):
+        msg = db.get_message_by_name(f"Module{m + 1}")
+        for g in range(4):
+            vals = {f"V{g}_{c}": 3000 + 100 * m + 10 * g + c for c in range(4)}
+            data = msg.encode({"Group": g, **vals}, strict=False)
+            frames.append((ts, msg.frame_id, bytes(data), "x"))
+            ts += 0.01
+            for c, (name, v) in enumerate(db.decode_message(msg.frame_id, data).items()):
+                if name != "Group":
+                    expected[16 * m + 4 * g + c - 1] = float(v) / 1000
+    temps = db.get_message_by_name("ModuleTemps")
+    texp: dict[int, float] = {}
+    for mid in range(3):
+        data = temps.encode({"ModuleId": mid, "T1": 20 + mid, "T2": 30 + mid, "T3": -5 - mid,
+                             "Flat1": 0})
+        frames.append((ts, temps.frame_id, bytes(data), "x"))
+        ref = db.decode_message(temps.frame_id, data)
+        for n in (1, 2, 3):  # cell = id x 3 (cells a group carries) + first + name - 1
+            texp[mid * 3 + 2 + n - 1] = ref[f"T{n}"]
+    p.feed(frames, 0)
+    st = p.packs[0].compiled.state
+    assert len(expected) == 48
+    right = sum(st.cell_v[i] == pytest.approx(v) for i, v in expected.items())
+    assert right == 48
+    assert {i: st.cell_t[i] for i in texp} == texp
+    assert st.cell_t[:2] == [None, None]
+
+
+@pytest.mark.parametrize(("source", "key", "words"), [
+    ("{message: Module1, mux: true, index: Group, signals: 'V*'}", "index", "both choose"),
+    ("{message: ModuleTemps, stride: 3, signals: 'T*'}", "stride", "needs `mux: true`"),
+    ("{message: Module1, mux: true, order: name, stride: 4, signals: 'V*'}", "stride",
+     "not used"),
+    ("{message: Module1, mux: true, first: 16, offset: 2, signals: 'V*'}", "first",
+     "both shift"),
+    ("{message: Module1, mux: true, name_base: 0, signals: 'V*'}", "name_base",
+     "only applies to `order: name`"),
+    ("{message: Module1, mux: true, invalid_value: 0, signals: 'V*'}", "invalid_value",
+     "without `invalid`"),
+    ("{message: Module1, mux: true, bitfield: true, signals: 'V*'}", "bitfield",
+     "for balancing"),
+    ("{message: Module1, mux: true, stride: 0, signals: 'V*'}", "stride", "at least 1"),
+    ("{message: Module1, mux: true, stride: 2, signals: 'V*'}", "stride",
+     "overwrite each other"),
+    ("{message: ModuleTemps, mux: true, signals: 'T*'}", "mux", "not multiplexed"),
+    ("{message: ModuleTemps, order: name, signals: [T1, ModuleId]}", "order",
+     "no number in its name"),
+    ("{message: Module1, index: Group, signals: 'V*'}", "signals",
+     "different multiplexer branches"),
+    ("{message: Module1, signals: 'V*'}", "signals", "different multiplexer branches"),
+    ("{message: Module1, mux: true, signals: 'V*', invalid: [V0_0]}", "invalid",
+     "invalid flags for"),
+])
+def test_invalid_cell_layouts_are_config_errors(tmp_path: Path, source: str, key: str,
+                                                words: str) -> None:
+    (tmp_path / "modules.dbc").write_text(modules_dbc())
+    body = f"cells:\n  voltages:\n    - {source}\n"
+    text = config_problems(tmp_path, profile(tmp_path, tmp_path / "modules.dbc", body))
+    assert f": cells.voltages[0].{key}: " in text and words in text, text
+    assert "Fix:" in text.split(f"cells.voltages[0].{key}: ")[1].splitlines()[0] \
+        or words == "at least 1", text
