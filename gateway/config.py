@@ -202,6 +202,10 @@ class CanBus:
     fd: bool = False
     data_bitrate: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    # socketcan only: "raw" reads the AF_CAN socket directly (gateway/socketcan.py),
+    # "python-can" goes through can.Bus like every other interface
+    receive: Literal["raw", "python-can"] = "python-can"
+    kernel_filter: bool = True  # raw: the kernel drops ids no profile reads
 
 
 @dataclass(frozen=True, slots=True)
@@ -726,7 +730,9 @@ def _chemistry(r: _Reader, obj: dict[str, Any], key: str) -> str | None:
 
 _TOP_KEYS = {"gateway_id", "state_dir", "log_level", "can", "packs", "mqtt", "publish",
              "homeassistant", "outbox", "shutdown_timeout_s", "prometheus", "rules"}
-_CAN_KEYS = {"name", "interface", "channel", "bitrate", "fd", "data_bitrate", "options"}
+_CAN_KEYS = {"name", "interface", "channel", "bitrate", "fd", "data_bitrate", "options",
+             "receive", "kernel_filter"}
+_RECEIVE_PATHS = ("raw", "python-can")
 _PACK_KEYS = {"id", "profile", "dbc", "bus", "id_offset", "transmit", "stale_after_s",
               "cell_count", "publish", "rules", "chemistry"}
 _MQTT_KEYS = {"url", "topic_prefix", "client_id", "username", "password", "password_file",
@@ -788,9 +794,20 @@ def _can_buses(r: _Reader, obj: Any) -> list[CanBus]:
             channel = "can0" if interface == "socketcan" else "0"
         name = r.str_(spec, k, "name", channel) or channel
         opts = r.mapping(spec.get("options"), f"{k}.options")
+        receive = r.str_(spec, k, "receive", "raw" if interface == "socketcan" else "python-can")
+        if receive not in _RECEIVE_PATHS:
+            r.bad(f"{k}.receive", f"unknown receive path {receive!r}",
+                  f"use one of {', '.join(_RECEIVE_PATHS)}")
+            receive = "python-can"
+        elif receive != "python-can" and interface != "socketcan":
+            r.bad(f"{k}.receive", f"{receive!r} needs interface: socketcan (got {interface})",
+                  "remove `receive` (python-can reads every other interface)")
+            receive = "python-can"
         buses.append(CanBus(name, interface, channel, r.int_(spec, k, "bitrate", None, lo=1000),
                             r.bool_(spec, k, "fd", False),
-                            r.int_(spec, k, "data_bitrate", None, lo=1000), dict(opts)))
+                            r.int_(spec, k, "data_bitrate", None, lo=1000), dict(opts),
+                            receive,  # type: ignore[arg-type]
+                            r.bool_(spec, k, "kernel_filter", True)))
     names = [b.name for b in buses]
     for n in {x for x in names if names.count(x) > 1}:
         r.bad("can", f"two buses are named {n!r}", "give each a distinct `name`")

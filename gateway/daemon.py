@@ -26,6 +26,7 @@ from .notify import Notifier, watchdog_interval
 from .outbox import Outbox
 from .pipeline import Pipeline
 from .publish import MqttSink, StdoutSink, backoff, dumps
+from .socketcan import make_source
 from .source import LiveSource, LogError, Pacer, SourceStats, read_log
 
 log = logging.getLogger("gateway.daemon")
@@ -139,6 +140,8 @@ class Runtime:
             buses[p.bus_names[i]] = {
                 "received": c.received, "decoded": c.decoded, "unknown": c.unknown,
                 "errors": (src.stats.error_frames if src else 0),
+                "overruns": (src.stats.overruns if src else 0),
+                "receive": src.receive_path if src else "log",
                 "short_frames": p.short_frames(),
                 "state": ("lost" if src and src.lost else "up") if src else "log",
                 "transmitted": src.tx_count if src else 0,
@@ -344,7 +347,8 @@ class Daemon:
     def _start_sources(self, tg: asyncio.TaskGroup) -> None:
         self.rt.sources = []
         for i, bus in enumerate(self.cfg.buses):
-            src = LiveSource(bus, self._batch_cb(i), self._state_cb(i))
+            src = make_source(bus, self._batch_cb(i), self._state_cb(i),
+                              lambda i=i: self.pipeline.tables[i])  # type: ignore[misc]
             self.rt.sources.append(src)
             name = f"source[{bus.name}]"
             self.tasks.append(tg.create_task(self._supervise(name, src.run, self._stopping),

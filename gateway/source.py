@@ -18,6 +18,7 @@ import binascii
 import contextlib
 import logging
 import random
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -60,6 +61,7 @@ class SourceStats:
     bad_lines: int = 0
     error_frames: int = 0
     remote_frames: int = 0
+    overruns: int = 0  # frames the kernel dropped because the socket buffer was full
     first_bad: list[str] = field(default_factory=list)  # first few bad-line reports
 
     def bad(self, where: str, why: str) -> None:
@@ -335,6 +337,10 @@ class Pacer:
 
 
 def open_bus(cfg: CanBus) -> can.BusABC:
+    if cfg.interface == "socketcan":
+        # python-can leaks its socket when bind fails: a daemon retrying a missing
+        # adapter for hours would run out of file descriptors
+        socket.if_nametoindex(cfg.channel)
     kwargs: dict[str, Any] = dict(cfg.options)
     if cfg.bitrate is not None:
         kwargs.setdefault("bitrate", cfg.bitrate)
@@ -380,13 +386,16 @@ class LiveSource:
     reader thread blocks in `recv` and hands batches to the loop. A receive error is
     never swallowed: the bus is closed, `can_bus_lost` is raised, and the source
     reopens it with backoff (python-can's own Notifier just stops on an error).
+    gateway/socketcan.py's RawSource replaces `_open`, `_watch` and `_on_readable`.
     """
+
+    receive_path = "python-can"
 
     def __init__(self, cfg: CanBus, on_batch: BatchSink, on_state: StateSink) -> None:
         self.cfg = cfg
         self.on_batch = on_batch
         self.on_state = on_state
-        self.bus: can.BusABC | None = None
+        self.bus: Any = None  # a can.BusABC here, a socketcan.RawSocket in RawSource
         self.lost = False
         self.attempt = 0
         self.stats = SourceStats()
@@ -482,20 +491,19 @@ class LiveSource:
         loop = asyncio.get_running_loop()
         while not self._stop:
             try:
-                bus = open_bus(self.cfg)
+                bus = self._open()
             except Exception as e:
                 self._lost(f"cannot open {self.cfg.interface}:{self.cfg.channel}: {e}")
                 await self._sleep_backoff()
                 continue
             self.bus = bus
-            self._poll = _nonblocking_recv(bus)
             self._failed = loop.create_future()
             fd = -1
             with contextlib.suppress(Exception):
                 fd = bus.fileno()
             thread = None
             if fd >= 0:
-                loop.add_reader(fd, self._on_readable)
+                self._watch(loop, fd)
             else:
                 thread = threading.Thread(target=self._thread_reader, args=(loop, bus),
                                           name=f"can-rx[{self.cfg.name}]", daemon=True)
@@ -513,7 +521,7 @@ class LiveSource:
                 # also when cancelled (the daemon cancels sources on SIGHUP): otherwise the
                 # old bus stays open, and its fd reader keeps feeding the reloaded pipeline
                 if fd >= 0:
-                    loop.remove_reader(fd)
+                    self._unwatch(loop, fd)
                 self.bus = None
                 with contextlib.suppress(Exception):
                     bus.shutdown()
@@ -523,6 +531,17 @@ class LiveSource:
                 break
             self._lost(f"receive error on {self.cfg.name}: {type(err).__name__}: {err}")
             await self._sleep_backoff()
+
+    def _open(self) -> Any:
+        bus = open_bus(self.cfg)
+        self._poll = _nonblocking_recv(bus)
+        return bus
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        loop.add_reader(fd, self._on_readable)
+
+    def _unwatch(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        loop.remove_reader(fd)
 
     def _lost(self, detail: str) -> None:
         self.last_error = detail

@@ -23,8 +23,8 @@ from gateway.daemon import Daemon
 from tests.conftest import REPO, started
 
 CHANNEL = os.environ.get("TEST_SOCKETCAN_CHANNEL")
-pytestmark = pytest.mark.skipif(
-    not CHANNEL, reason="set TEST_SOCKETCAN_CHANNEL=vcan0 on a machine with a vcan interface")
+pytestmark = [pytest.mark.socketcan, pytest.mark.skipif(
+    not CHANNEL, reason="set TEST_SOCKETCAN_CHANNEL=vcan0 on a machine with a vcan interface")]
 
 
 def test_socketcan_frames_reach_the_pipeline_without_a_thread(tmp_path: Path) -> None:

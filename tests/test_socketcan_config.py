@@ -1,0 +1,54 @@
+"""The receive-path choice and the kernel filter, checked without a SocketCAN kernel."""
+
+from __future__ import annotations
+
+import struct
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_config
+from gateway.socketcan import RawSource, can_filters, make_source
+from gateway.source import LiveSource
+
+
+def cfg(tmp_path: Path, can: str) -> Path:
+    p = tmp_path / "gw.yaml"
+    p.write_text(textwrap.dedent(f"""\
+        state_dir: {tmp_path / 'state'}
+        can: {can}
+        packs: [{{id: p, profile: example-bms}}]
+        """))
+    return p
+
+
+def test_socketcan_reads_the_socket_directly_unless_told_otherwise(tmp_path: Path) -> None:
+    raw = load_config(cfg(tmp_path, "{interface: socketcan, channel: can0}")).buses[0]
+    assert raw.receive == "raw" and raw.kernel_filter
+    assert type(make_source(raw, lambda b: None, lambda c, a, d: None, dict)) is RawSource
+    pc = load_config(cfg(tmp_path, "{interface: socketcan, receive: python-can}")).buses[0]
+    assert type(make_source(pc, lambda b: None, lambda c, a, d: None, dict)) is LiveSource
+    virt = load_config(cfg(tmp_path, "{interface: virtual, channel: x}")).buses[0]
+    assert virt.receive == "python-can"
+
+
+@pytest.mark.parametrize(("can", "says"), [
+    ("{interface: virtual, channel: x, receive: raw}", "needs interface: socketcan"),
+    ("{interface: socketcan, receive: fast}", "unknown receive path 'fast'"),
+    ("{interface: socketcan, kernel_filter: 1}", "must be true or false"),
+])
+def test_a_wrong_receive_setting_names_the_key_and_the_fix(
+        tmp_path: Path, can: str, says: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg(tmp_path, can))
+    text = str(e.value)
+    assert says in text and "can." in text and "gw.yaml" in text
+
+
+def test_the_kernel_filter_matches_each_id_exactly_in_its_own_id_space() -> None:
+    flt = can_filters({0x400, 0x80000000 | 0x18FF50E5})
+    pairs = list(struct.iter_unpack("=II", flt))
+    # standard id: 11-bit mask plus the EFF and RTR flags, so 29-bit 0x400 and remote
+    # frames do not pass; extended: the 29-bit mask, EFF flag required
+    assert pairs == [(0x400, 0xC00007FF), (0x98FF50E5, 0xDFFFFFFF)]

@@ -1,0 +1,246 @@
+"""The live path on a real kernel's SocketCAN, with can-utils as the independent peer.
+
+These run where a vcan interface is up: in CI inside the throw-away qemu guest that
+`.ci/guest.sh` boots (`.ci/guest.sh -- python3 -m pytest -m socketcan`), which sets
+TEST_SOCKETCAN_CHANNEL=vcan0. Elsewhere they skip. The gateway runs in this process
+(its real Daemon); canplayer, cansend, cangen, candump and `ip link` run as processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import textwrap
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.config import load_config
+from gateway.daemon import Daemon, replay
+from tests.conftest import REPO, started
+from tests.test_socketcan import CHANNEL
+
+pytestmark = [
+    pytest.mark.socketcan,
+    pytest.mark.skipif(not CHANNEL, reason="set TEST_SOCKETCAN_CHANNEL=vcan0 on a machine with a "
+                       "vcan interface (CI: .ci/guest.sh boots one)"),
+    pytest.mark.skipif(shutil.which("canplayer") is None, reason="can-utils is not installed"),
+]
+
+PATHS = ["raw", "python-can"]
+
+
+def write_cfg(tmp_path: Path, body: str, name: str = "gw.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(f"state_dir: {tmp_path / ('state-' + name)}\n" + textwrap.dedent(body))
+    return p
+
+
+@contextlib.asynccontextmanager
+async def daemon(cfg_path: Path) -> AsyncIterator[tuple[Daemon, io.StringIO]]:
+    buf = io.StringIO()
+    d = Daemon(load_config(cfg_path), stdout=buf)
+    task = asyncio.create_task(d.serve())
+    try:
+        await started(d, 30)
+        yield d, buf
+    finally:
+        d._on_term()
+        assert await asyncio.wait_for(task, 30) == 0
+
+
+async def until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, timeout=30)
+
+
+def events(buf: io.StringIO, code: str) -> list[str]:
+    return [json.loads(ln.split(" ", 1)[1])["state"] for ln in buf.getvalue().splitlines()
+            if ln.startswith("bms/p/events ") and f'"code":"{code}"' in ln]
+
+
+def states(text: str, topic: str = "bms/p/state") -> list[dict[str, Any]]:
+    return [json.loads(ln.split(" ", 1)[1]) for ln in text.splitlines()
+            if ln.startswith(topic + " ")]
+
+
+def scaled_log(src: Path, dst: Path, factor: float) -> Path:
+    """The sample log `factor` times faster, channel vcan0 (canplayer keeps its gaps)."""
+    out = []
+    for ln in src.read_text().splitlines():
+        ts, _chan, frame = ln.split()
+        out.append(f"({float(ts[1:-1]) / factor:.6f}) {CHANNEL} {frame}")
+    dst.write_text("\n".join(out) + "\n")
+    return dst
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_canplayer_frames_are_published_as_replay_publishes_them(
+        tmp_path: Path, path: str, broker: Any, subscriber_factory: Any) -> None:
+    """The bundled sample played into vcan0 by canplayer reaches a real mosquitto with the
+    same final state and the same fault events as `replay` of the same file gives."""
+    log = scaled_log(REPO / "config" / "sample.log", tmp_path / "sample.log", 5)
+    cfg = write_cfg(tmp_path, f"""\
+        gateway_id: g
+        can: {{interface: socketcan, channel: {CHANNEL}, receive: {path}}}
+        packs: [{{id: p, profile: example-bms, stale_after_s: 1}}]
+        mqtt: {{url: {broker.url}}}
+        publish: {{state: {{min_interval_s: 0.2}}}}
+        homeassistant: {{discovery: false}}
+        """)
+    sub = subscriber_factory(broker.port, ["bms/p/#", "bms/gateway/g/status"])
+    async with daemon(cfg) as (d, _):
+        assert d.rt.sources[0].receive_path == path
+        proc = await asyncio.create_subprocess_exec("canplayer", "-I", str(log))
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+        await until(lambda: d.pipeline.counters[0].received >= 1508, 10, "all frames")
+        await asyncio.sleep(0.5)
+        assert d.rt.status_body()["buses"][CHANNEL]["receive"] == path
+    assert d.pipeline.counters[0].received == 1508
+
+    oracle = io.StringIO()
+    rcfg = write_cfg(tmp_path, f"""\
+        gateway_id: g
+        can: {{interface: virtual, channel: {CHANNEL}}}
+        packs: [{{id: p, profile: example-bms, stale_after_s: 1}}]
+        publish: {{state: {{min_interval_s: 0.2}}}}
+        """, "replay.yaml")
+    await replay(load_config(rcfg), log, speed=None, stdout=oracle)
+    want = states(oracle.getvalue())[-1]
+    got = [json.loads(p) for p in sub.topic("bms/p/state")]
+    assert got, "nothing reached the broker"
+    for k in ("ts", "pack_id"):
+        want.pop(k)
+        got[-1].pop(k)
+    assert got[-1] == want
+
+    def codes(payloads: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        return [(e["code"], e["state"]) for e in payloads if e["code"] != "comm_lost"]
+
+    want_ev = codes(states(oracle.getvalue(), "bms/p/events"))
+    assert want_ev, "the sample raises faults: the comparison must not be empty"
+    assert codes([json.loads(p) for p in sub.topic("bms/p/events")]) == want_ev
+
+
+@pytest.mark.parametrize("path", PATHS)
+async def test_interface_down_up_and_delete_recreate_reopen_the_bus(
+        tmp_path: Path, path: str) -> None:
+    """`ip link set down/up` and an unplugged adapter (`ip link delete`, re-created):
+    can_bus_lost is raised and cleared, and frames are decoded again afterwards (a socket
+    bound to a deleted interface never works again: the gateway must open a new one)."""
+    cfg = write_cfg(tmp_path, f"""\
+        can: {{interface: socketcan, channel: {CHANNEL}, receive: {path}}}
+        packs: [{{id: p, profile: example-bms}}]
+        """)
+
+    async def frames_arrive(d: Daemon) -> None:
+        before = d.pipeline.counters[0].decoded
+        sh("cansend", CHANNEL, "400#D014900178620200")
+        await until(lambda: d.pipeline.counters[0].decoded > before, 10, "a decoded frame")
+
+    try:
+        async with daemon(cfg) as (d, buf):
+            src = d.rt.sources[0]
+            await frames_arrive(d)
+            sh("ip", "link", "set", CHANNEL, "down")
+            await until(lambda: src.lost, 10, "can_bus_lost after link down")
+            sh("ip", "link", "set", CHANNEL, "up")
+            await until(lambda: not src.lost, 30, "the bus back after link up")
+            await frames_arrive(d)
+            assert events(buf, "can_bus_lost") == ["raised", "cleared"]
+
+            first = src.bus
+            sh("ip", "link", "delete", CHANNEL)
+            await until(lambda: src.lost, 10, "can_bus_lost after the interface is deleted")
+            await asyncio.sleep(1.0)  # reopening fails while it is missing: still lost
+            assert src.lost
+            sh("ip", "link", "add", "dev", CHANNEL, "type", "vcan")
+            sh("ip", "link", "set", "up", CHANNEL)
+            await until(lambda: not src.lost, 30, "the bus back after re-creating it")
+            assert src.bus is not first
+            await frames_arrive(d)
+            assert events(buf, "can_bus_lost") == ["raised", "cleared"] * 2
+            assert d.rt.status_body()["buses"][CHANNEL]["state"] == "up"
+    finally:  # leave vcan0 up for the next test whatever happened
+        subprocess.run(["ip", "link", "add", "dev", CHANNEL, "type", "vcan"],
+                       stderr=subprocess.DEVNULL, check=False)
+        subprocess.run(["ip", "link", "set", "up", CHANNEL], check=False)
+
+
+async def candump_while(seconds: float) -> list[str]:
+    proc = await asyncio.create_subprocess_exec("candump", "-L", CHANNEL,
+                                                stdout=asyncio.subprocess.PIPE)
+    await asyncio.sleep(seconds)
+    proc.send_signal(signal.SIGINT)  # candump flushes its output and exits
+    out, _ = await asyncio.wait_for(proc.communicate(), 10)
+    return out.decode().splitlines()
+
+
+@pytest.mark.parametrize("transmit", [False, True])
+async def test_nothing_is_sent_unless_the_pack_says_transmit(
+        tmp_path: Path, transmit: bool) -> None:
+    """candump on the same bus: a polled BMS (Daly) gets request frames only with
+    `transmit: true`."""
+    cfg = write_cfg(tmp_path, f"""\
+        can: {{interface: socketcan, channel: {CHANNEL}}}
+        packs: [{{id: p, profile: daly, transmit: {str(transmit).lower()}}}]
+        """)
+    async with daemon(cfg) as (d, _):
+        lines = await candump_while(3.0)
+        tx = d.rt.sources[0].tx_count
+    ids = {ln.split()[2].split("#")[0] for ln in lines}
+    if transmit:
+        assert tx > 0 and "18900140" in ids, lines  # Request_0x90 to board 1
+    else:
+        assert tx == 0 and lines == []
+
+
+async def test_error_frames_and_an_overrun_are_counted_not_fatal(tmp_path: Path) -> None:
+    """Bus error frames (sent with CAN_ERR_FLAG through the kernel) and frames the kernel
+    drops while the gateway is stalled (a small socket buffer) are counted in the status;
+    decoding goes on."""
+    cfg = write_cfg(tmp_path, f"""\
+        can: {{interface: socketcan, channel: {CHANNEL}, options: {{rcvbuf: 4096}}}}
+        packs: [{{id: p, profile: example-bms}}]
+        """)
+    err = socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW)
+    err.bind((CHANNEL,))
+    try:
+        async with daemon(cfg) as (d, _):
+            src = d.rt.sources[0]
+            for _ in range(3):  # CAN_ERR_BUSERROR
+                err.send(struct.pack("=IB3x8s", socket.CAN_ERR_FLAG | 0x80, 8, bytes(8)))
+            await until(lambda: src.stats.error_frames == 3, 10, "3 error frames counted")
+            # stall the event loop while cangen fills the socket buffer
+            gen = subprocess.Popen(["cangen", CHANNEL, "-I", "400", "-L", "8", "-g", "0",
+                                    "-n", "2000"])
+            time.sleep(2.0)
+            assert gen.wait(30) == 0
+            await until(lambda: d.pipeline.counters[0].received > 0, 10, "the frames kept")
+            received = d.pipeline.counters[0].received
+            assert received < 2000
+            assert not src.lost
+            # the kernel reports drops with the next frame it queues (SO_RXQ_OVFL)
+            sh("cansend", CHANNEL, "400#D014900178620200")
+            await until(lambda: d.pipeline.counters[0].received > received, 10, "frames after")
+            await until(lambda: src.stats.overruns > 0, 10, "an overrun counted")
+            bus = d.rt.status_body()["buses"][CHANNEL]
+            assert bus["errors"] == 3 and bus["overruns"] == src.stats.overruns
+    finally:
+        err.close()
