@@ -109,6 +109,7 @@ class ValueSpec:
     values: tuple[int, ...] | None = None  # bool fields: active when value is one of these
     # format 2: the first of several sources whose message is fresh (highest first)
     sources: tuple[ValueSpec, ...] = ()
+    sentinel: tuple[int, ...] = ()  # raw values meaning "not available": published as null
     fresh_s: float | None = None  # a source is fresh this long after its last frame
 
     def factor_offset(self) -> tuple[float, float]:
@@ -137,6 +138,7 @@ class CellSource:
     unit: str | None = None
     scale: float = 1.0
     valid: tuple[float, float] | None = None
+    sentinel: tuple[int, ...] = ()  # raw values meaning "not available": the cell is null
 
     def start(self, group: int | None, per_group: int) -> int:
         """0-based cell of slot 0 (with `order: name`: of name number `name_base`) when
@@ -146,6 +148,18 @@ class CellSource:
             group = 0
         stride = per_group if self.stride is None else self.stride
         return group * stride + self.first + self.offset
+
+
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """While `signal` of `message` has one of `values`, the listed messages are ignored
+    (a BMS sends placeholders while it starts up)."""
+
+    key: str
+    message: str
+    signal: str
+    values: tuple[int | str, ...]  # raw values or the DBC's choice names
+    ignore: tuple[str, ...] | None  # message names; None: all but the gate's own
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +202,7 @@ class Profile:
     # Polling details that poll.py validates (ISO-TP blocks are its own small schema).
     isotp: tuple[dict[str, Any], ...] = ()
     poll_id_offset_shift: int = 0
+    gates: tuple[Gate, ...] = ()
 
 
 # ---------------------------------------------------------------- gateway schema
@@ -423,7 +438,18 @@ def read_yaml(path: Path, problems: list[Problem]) -> Any:
 # ---------------------------------------------------------------- profile parsing
 
 _VALUE_KEYS = {"message", "signal", "expr", "const", "scale", "offset", "unit", "invert",
-               "valid", "map", "bit", "values", "sources", "fresh_s"}
+               "valid", "map", "bit", "values", "sources", "fresh_s", "sentinel"}
+
+
+def _int_list(r: _Reader, key: str, obj: Any, what: str) -> tuple[int, ...]:
+    if obj is None:
+        return ()
+    items = obj if isinstance(obj, list) else [obj]
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in items):
+        r.bad(key, f"{what} must be whole numbers (raw values as in the frame)",
+              "e.g. [0xFFFF] or [255, 254]")
+        return ()
+    return tuple(items)
 
 
 def _sources_spec(r: _Reader, key: str, spec: dict[str, Any]) -> ValueSpec | None:
@@ -497,8 +523,12 @@ def _value_spec(r: _Reader, key: str, obj: Any, default_message: str | None) -> 
             r.bad(f"{key}.values", "must be a list of whole numbers")
         else:
             values = tuple(vals)
+    sentinel = _int_list(r, f"{key}.sentinel", spec.get("sentinel"), "sentinel values")
+    if sentinel and signal is None:
+        r.bad(f"{key}.sentinel", "sentinel values are raw values of one `signal`",
+              "use `signal:` instead of `expr:`/`const:`, or remove sentinel")
     return ValueSpec(
-        key=key, message=message, signal=signal, expr=expr, const=const,
+        key=key, message=message, signal=signal, expr=expr, const=const, sentinel=sentinel,
         scale=r.num(spec, key, "scale", 1.0) or 1.0, offset=r.num(spec, key, "offset", 0.0) or 0.0,
         unit=unit, invert=r.bool_(spec, key, "invert", False), valid=r.range_(spec, key, "valid"),
         mapping={(k if isinstance(k, int) else str(k)): str(v) for k, v in mapping.items()}
@@ -509,7 +539,7 @@ def _value_spec(r: _Reader, key: str, obj: Any, default_message: str | None) -> 
 
 _CELL_KEYS = {"message", "signals", "signal", "index", "mux", "stride", "offset", "first",
               "order", "name_base", "invalid", "invalid_value", "bitfield", "unit", "scale",
-              "valid"}
+              "valid", "sentinel"}
 
 
 def _cell_layout_ok(r: _Reader, k: str, spec: dict[str, Any], kind: str) -> bool:
@@ -586,10 +616,39 @@ def _cell_sources(r: _Reader, key: str, obj: Any) -> tuple[CellSource, ...]:
             bitfield=r.bool_(spec, k, "bitfield", False),
             unit=r.str_(spec, k, "unit", None), scale=r.num(spec, k, "scale", 1.0) or 1.0,
             valid=r.range_(spec, k, "valid"),
+            sentinel=_int_list(r, f"{k}.sentinel", spec.get("sentinel"), "sentinel values"),
         ))
         unit = out[-1].unit
         if unit is not None and unit not in UNIT_FACTORS:
             r.bad(f"{k}.unit", f"unknown unit {unit!r}", nearest(unit, UNIT_FACTORS.keys()))
+    return tuple(out)
+
+
+def _gates(r: _Reader, obj: Any) -> tuple[Gate, ...]:
+    if obj is None:
+        return ()
+    if not isinstance(obj, list):
+        r.bad("gates", "must be a list", "gates: [{message: ..., signal: ..., values: [...]}]")
+        return ()
+    out: list[Gate] = []
+    for i, item in enumerate(obj):
+        k = f"gates[{i}]"
+        spec = r.mapping(item, k)
+        r.known(spec, k, {"message", "signal", "values", "ignore"})
+        message, signal = r.str_(spec, k, "message", None), r.str_(spec, k, "signal", None)
+        vals: Any = spec.get("values")
+        vals = vals if isinstance(vals, list) else ([] if vals is None else [vals])
+        if not message or not signal or not vals:
+            r.bad(k, "needs `message`, `signal` and `values` (raw values or choice names)",
+                  "e.g. {message: BmsState, signal: State, values: [INIT]}")
+            continue
+        if not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in vals):
+            r.bad(f"{k}.values", "must be whole numbers or the DBC's choice names")
+            continue
+        ign: Any = spec.get("ignore")
+        ignore = None if ign is None else tuple(str(x) for x in (ign if isinstance(ign, list)
+                                                                  else [ign]))
+        out.append(Gate(k, message, signal, tuple(vals), ignore))
     return tuple(out)
 
 
@@ -617,7 +676,7 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in BUILTIN_PROFILES.glob("*.yaml"))
 
 
-_PROFILE_KEYS = {"name", "description", "dbc", "fields", "cells", "faults", "poll",
+_PROFILE_KEYS = {"name", "description", "dbc", "fields", "cells", "faults", "poll", "gates",
                  "cell_count", "stale_after_s", "extras", "notes", "chemistry", "isotp",
                  "poll_id_offset_shift"}
 CHEMISTRIES = ("lfp", "nmc", "nca", "lmo", "lto", "sodium", "other")
@@ -676,6 +735,7 @@ def load_profile(path: Path, problems: list[Problem]) -> Profile | None:
                                tuple(vals) if isinstance(vals, list) else
                                ((vals,) if isinstance(vals, int) else None),
                                r.str_(spec, k, "text", "") or ""))
+    gates = _gates(r, top.get("gates"))
     polls: list[PollRequest] = []
     for i, p in enumerate(top.get("poll") or []):
         k = f"poll[{i}]"
@@ -699,7 +759,7 @@ def load_profile(path: Path, problems: list[Problem]) -> Profile | None:
     return Profile(
         name=str(top.get("name", path.stem)), path=path,
         description=str(top.get("description", "")), dbc=dbcs, fields=fields, cells=cells,
-        faults=tuple(faults), poll=tuple(polls), cell_count=cc,
+        faults=tuple(faults), poll=tuple(polls), cell_count=cc, gates=gates,
         stale_after_s=r.num(top, "", "stale_after_s", None, lo=0.1), extras=extras,
         chemistry=_chemistry(r, top, "chemistry"),
         isotp=_isotp_list(r, top.get("isotp")),

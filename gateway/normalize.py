@@ -23,7 +23,7 @@ from typing import Any
 from cantools.database import Database
 from cantools.database.can import Message, Signal
 
-from .config import CellSource, PackConfig, Problem, ValueSpec, nearest
+from .config import CellSource, Gate, PackConfig, Problem, ValueSpec, nearest
 from .decode import (
     BitField,
     DbcError,
@@ -65,6 +65,7 @@ FaultHook = Callable[[int, float, bool, float], None]  # (fault index, ts, activ
 class PackCounters:
     frames: int = 0
     short_frames: int = 0
+    gated: int = 0  # frames ignored by a validity gate (format 2 `gates`)
     implausible: dict[str, int] = field(default_factory=dict)
 
 
@@ -112,6 +113,8 @@ class _Compiler:
         self.msg_objs: dict[str, Message] = {}
         self.layouts: dict[str, MessageLayout] = {}
         self.gates: list[Callable[[Source, int], int]] = []
+        # format 2 `gates`: (state message, state signal, values, ignored messages or None)
+        self.gate_specs: list[tuple[str, SignalRead, frozenset[int], list[str] | None]] = []
         self.fault_count = 0
 
     # -- lookups with helpful errors
@@ -298,6 +301,11 @@ class _Compiler:
         msg = self.message(spec.key, spec.message)
         if msg is None:
             return
+        if spec.sentinel and info.kind in ("enum", "bool"):
+            self.problems.append(Problem(self.file, f"{spec.key}.sentinel",
+                                         f"{name} is a {info.kind}: sentinels apply to numbers",
+                                         "map the value in `map:`/`values:` instead"))
+            return
         if info.kind == "enum":
             self.enum_field(slot, spec, msg)
             return
@@ -324,7 +332,7 @@ class _Compiler:
             g.emit(ind, "else:")
             g.emit(ind + 1, f"IMPL[{slot}] += 1")
 
-        self.add(msg, spec.key, path, gen)
+        self.add_with_sentinel(msg, spec, path, gen, f"V[{slot}]")
 
     def extra(self, name: str, spec: ValueSpec) -> None:
         if spec.sources:
@@ -354,7 +362,70 @@ class _Compiler:
             g.emit(ind, "else:")
             g.emit(ind + 1, f"IMPL[{extra_slot}] += 1")
 
-        self.add(msg, spec.key, path, gen)
+        self.add_with_sentinel(msg, spec, path, gen, f"X[{name!r}]")
+
+    def gate(self, gate: Gate) -> None:
+        """`gates`: while a state signal has given values, listed messages are ignored."""
+        msg = self.message(gate.key, gate.message)
+        if msg is None:
+            return
+        rd = self.read(f"{gate.key}.signal", msg, gate.signal)
+        if rd is None:
+            return
+        if rd.path:
+            self.problems.append(Problem(self.file, f"{gate.key}.signal",
+                                         f"{gate.signal!r} is multiplexed: a gate needs a "
+                                         "signal every frame of its message carries",
+                                         "choose an unmultiplexed state signal"))
+            return
+        sig = next(s for s in msg.signals if s.name == rd.name)
+        by_name = {str(v): int(k) for k, v in (sig.choices or {}).items()}
+        values: set[int] = set()
+        for v in gate.values:
+            if isinstance(v, int):
+                values.add(v)
+            elif v in by_name:
+                values.add(by_name[v])
+            else:
+                self.problems.append(Problem(self.file, f"{gate.key}.values",
+                                             f"signal {sig.name!r} has no choice {v!r}",
+                                             nearest(v, by_name) or "use the raw number"))
+                return
+        ignore: list[str] | None = None
+        if gate.ignore is not None:
+            ignore = []
+            for name in gate.ignore:
+                m = self.message(f"{gate.key}.ignore", name)
+                if m is None:
+                    return
+                ignore.append(m.name)
+        self.msgs.setdefault(msg.name, [])
+        self.gate_specs.append((msg.name, rd, frozenset(values), ignore))
+
+    def add_with_sentinel(self, msg: Message, spec: ValueSpec, path: tuple[MuxStep, ...],
+                          gen: Callable[[Source, int], None], target: str) -> None:
+        """`sentinel: [...]`: a raw value meaning "not available" makes the value null."""
+        rd = self.read(f"{spec.key}.signal", msg, spec.signal) if spec.sentinel and \
+            spec.signal else None
+        if rd is None:
+            self.add(msg, spec.key, path, gen)
+            return
+        values = frozenset(spec.sentinel)
+
+        def gate(g: Source, ind: int) -> int:
+            raw = g.read(rd.field, raw=True)
+            g.emit(ind, f"if {raw} in {g.const(values, 'sentinel')}:")
+            g.emit(ind + 1, f"if {target} is not None:")
+            g.emit(ind + 2, f"{target} = None")
+            g.emit(ind + 2, "st.changed = True")
+            g.emit(ind, "else:")
+            return ind + 1
+
+        self.gates.append(gate)
+        try:
+            self.add(msg, spec.key, path, gen)
+        finally:
+            self.gates.pop()
 
     def raw_read(self, spec: ValueSpec, msg: Message) -> tuple[SignalRead, Signal] | None:
         if spec.signal is None:
@@ -603,9 +674,14 @@ class _Compiler:
                         e = f"({e} + {o!r})"
                     g.emit(ind + 1, f"v = {e}")
                 kw = "if"
+                if src_.sentinel and kind != "balancing":  # "not available": no count
+                    sent = g.const(frozenset(src_.sentinel), "sentinel")
+                    g.emit(ind + 1, f"if {g.read(bf, raw=True)} in {sent}:")
+                    g.emit(ind + 2, "v = None")
+                    kw = "elif"
                 if inv is not None:  # the BMS itself says the value is invalid: no count
                     raw_inv = g.read(replace(inv, signed=False), raw=True)
-                    g.emit(ind + 1, f"if {raw_inv} == {src_.invalid_value}:")
+                    g.emit(ind + 1, f"{kw} {raw_inv} == {src_.invalid_value}:")
                     g.emit(ind + 2, "v = None")
                     kw = "elif"
                 if kind != "balancing":
@@ -678,9 +754,21 @@ class _Compiler:
         handlers: dict[int, Callable[[float, bytes], None]] = {}
         sources: dict[int, str] = {}
         offset = self.cfg.id_offset
+        gate_flags = [False] * len(self.gate_specs)
         for name, items in self.msgs.items():
             msg = self.msg_objs[name]
             body = Source(self.layout(msg))
+            gated = []
+            for k, (gmsg, rd, values, ignore) in enumerate(self.gate_specs):
+                if gmsg == name:
+                    body.emit(1, f"G[{k}] = {body.read(rd.field, raw=True)} in "
+                              f"{body.const(values, 'gate')}  # gates[{k}]: state")
+                if (ignore is None and gmsg != name) or (ignore is not None and name in ignore):
+                    gated.append(k)
+            if gated:
+                body.emit(1, f"if {' or '.join(f'G[{k}]' for k in gated)}:  # validity gate")
+                body.emit(2, "CNT.gated += 1")
+                body.emit(2, "return")
             body.items(items, 1)
             L = msg.length
             key = message_key(msg) + offset
@@ -701,7 +789,7 @@ class _Compiler:
                 "_fb": int.from_bytes, "_unpack": unpack_float, "_INF": math.inf, "st": state, "V": state.values,
                 "CV": state.cell_v, "CT": state.cell_t, "CB": state.balancing,
                 "X": state.extras, "IMPL": impl, "CNT": self.counters, "FS": fault_state,
-                "FH": fault_hook, **body.consts,
+                "FH": fault_hook, "G": gate_flags, **body.consts,
             }
             compile_source(src, f"<pack {self.cfg.id} profile {self.cfg.profile.name} "
                            f"message {name}>", ns)
@@ -860,6 +948,8 @@ def compile_pack(cfg: PackConfig, cache: DbcCache, problems: list[Problem]) -> C
             c.cells(kind, src)
     for i, f in enumerate(prof.faults):
         c.fault(i, f.key, f.message, f.signal, f.bit, f.values)
+    for gate in prof.gates:
+        c.gate(gate)
     if len(problems) > before:
         return None
     state = PackState(pack_id=cfg.id)

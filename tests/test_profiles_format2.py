@@ -231,3 +231,106 @@ def test_invalid_cell_layouts_are_config_errors(tmp_path: Path, source: str, key
     assert f": cells.voltages[0].{key}: " in text and words in text, text
     assert "Fix:" in text.split(f"cells.voltages[0].{key}: ")[1].splitlines()[0] \
         or words == "at least 1", text
+
+
+# ------------------------------------------------------------------ validity gates, sentinels
+
+GATED_DBC = """\
+VERSION ""
+
+NS_ :
+
+BS_:
+
+BU_: BMS
+
+BO_ 1792 Status: 8 BMS
+ SG_ State : 0|4@1+ (1,0) [0|15] "" Vector__XXX
+ SG_ PackV : 8|16@1+ (0.1,0) [0|6553.5] "V" Vector__XXX
+ SG_ Page M : 24|4@1+ (1,0) [0|15] "" Vector__XXX
+ SG_ Paged m1 : 32|8@1+ (1,0) [0|255] "" Vector__XXX
+
+BO_ 1793 Cells: 8 BMS
+ SG_ C1 : 0|16@1+ (1,0) [0|65535] "mV" Vector__XXX
+ SG_ C2 : 16|16@1+ (1,0) [0|65535] "mV" Vector__XXX
+ SG_ C3 : 32|16@1+ (1,0) [0|65535] "mV" Vector__XXX
+ SG_ C4 : 48|16@1+ (1,0) [0|65535] "mV" Vector__XXX
+
+BO_ 1794 Temps: 8 BMS
+ SG_ T1 : 0|8@1+ (1,-40) [-40|215] "degC" Vector__XXX
+
+VAL_ 1792 State 0 "INIT" 1 "RUN" 2 "FAULT" ;
+"""
+
+GATED_PROFILE = """\
+fields:
+  voltage_v: {message: Status, signal: PackV, sentinel: [0xFFFF]}
+  bms_state: {message: Status, signal: State, map: {INIT: init, RUN: idle, FAULT: error}}
+  temp_max_c: {message: Temps, signal: T1}
+cells:
+  voltages:
+    - {message: Cells, signals: "C*", unit: mV, sentinel: [0xFFFF]}
+gates:
+  - {message: Status, signal: State, values: [INIT]}   # placeholders while starting up
+"""
+
+
+def test_startup_gate_and_sentinels(tmp_path: Path) -> None:
+    """While the BMS says INIT it sends 156 degC and 3.5 V placeholders (seen on a real
+    Formula Student BMS): they are ignored and counted; 0xFFFF means "not available"."""
+    (tmp_path / "g.dbc").write_text(GATED_DBC)
+    db = cantools.database.load_file(str(tmp_path / "g.dbc"), strict=False)
+    p = pipeline(tmp_path, profile(tmp_path, tmp_path / "g.dbc", GATED_PROFILE))
+    st = p.packs[0].compiled.state
+    counters = p.packs[0].compiled.counters
+
+    def status(state: int, raw_v: int, ts: float) -> Frame:
+        m = db.get_message_by_name("Status")
+        data = m.encode({"State": state, "PackV": raw_v, "Page": 1, "Paged": 0}, scaling=False)
+        return (ts, m.frame_id, bytes(data), "x")
+
+    startup = [status(0, 0xFFFF, 1.0),
+               encoded(db, "Cells", {"C1": 3500, "C2": 3500, "C3": 3500, "C4": 3500}, 1.1),
+               encoded(db, "Temps", {"T1": 156}, 1.2)]
+    p.feed(startup, 0)
+    assert db.decode_message(0x701, startup[1][2])["C1"] == 3500  # the placeholders
+    assert db.decode_message(0x702, startup[2][2])["T1"] == 156
+    assert st.get("bms_state") == "init"  # the gate's own message is not gated
+    assert st.get("voltage_v") is None  # 0xFFFF: not available
+    assert st.get("temp_max_c") is None and all(v is None for v in st.cell_v)
+    assert counters.gated == 2
+    running = [status(1, 512, 2.0),
+               encoded(db, "Cells", {"C1": 3301, "C2": 3302, "C3": 0xFFFF, "C4": 3304}, 2.1),
+               encoded(db, "Temps", {"T1": 25}, 2.2)]
+    p.feed(running, 0)
+    ref = db.decode_message(0x700, running[0][2])
+    assert st.get("voltage_v") == pytest.approx(ref["PackV"]) and st.get("bms_state") == "idle"
+    assert st.cell_v == pytest.approx([3.301, 3.302, None, 3.304])  # type: ignore[arg-type]
+    assert st.get("temp_max_c") == db.decode_message(0x702, running[2][2])["T1"] == 25
+    assert counters.gated == 2
+    assert p.packs[0].compiled.implausible_counts() == {}  # sentinels are not errors
+    p.feed([status(0, 100, 3.0)], 0)  # back to INIT: value frames are ignored again
+    p.feed([encoded(db, "Temps", {"T1": 156}, 3.1)], 0)
+    assert st.get("temp_max_c") == 25 and counters.gated == 3
+
+
+@pytest.mark.parametrize(("body", "key", "words"), [
+    ("gates: [{message: Status, signal: State, values: [STARTING]}]", "gates[0].values",
+     "no choice 'STARTING'"),
+    ("gates: [{message: Status, signal: Paged, values: [1]}]", "gates[0].signal",
+     "multiplexed"),
+    ("gates: [{message: Status, signal: State}]", "gates[0]", "needs `message`, `signal`"),
+    ("gates: [{message: Status, signal: State, values: [0], ignore: [Celz]}]",
+     "gates[0].ignore.message", "did you mean 'Cells'"),
+    ("fields:\n  voltage_v: {message: Status, expr: PackV * 2, sentinel: [0xFFFF]}",
+     "fields.voltage_v.sentinel", "raw values of one `signal`"),
+    ("fields:\n  bms_state: {message: Status, signal: State, sentinel: [15]}",
+     "fields.bms_state.sentinel", "sentinels apply to numbers"),
+    ("fields:\n  voltage_v: {message: Status, signal: PackV, sentinel: [high]}",
+     "fields.voltage_v.sentinel", "whole numbers"),
+])
+def test_gate_and_sentinel_mistakes_are_config_errors(tmp_path: Path, body: str, key: str,
+                                                      words: str) -> None:
+    (tmp_path / "g.dbc").write_text(GATED_DBC)
+    text = config_problems(tmp_path, profile(tmp_path, tmp_path / "g.dbc", body + "\n"))
+    assert f": {key}: " in text and words in text, text
