@@ -262,6 +262,7 @@ class PackConfig:
     publish: PublishPolicy
     rules: dict[str, dict[str, Any]]  # raw per-rule overrides, validated in faults
     chemistry: str = "lfp"  # picks the default cell voltage limits
+    dbc_lenient: bool = False  # load DBCs with orphan VAL_ lines ignored (decode.load_dbc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -793,7 +794,7 @@ _TOP_KEYS = {"gateway_id", "state_dir", "log_level", "can", "packs", "mqtt", "pu
 _CAN_KEYS = {"name", "interface", "channel", "bitrate", "fd", "data_bitrate", "options",
              "receive", "kernel_filter"}
 _RECEIVE_PATHS = ("raw", "python-can")
-_PACK_KEYS = {"id", "profile", "dbc", "bus", "id_offset", "transmit", "stale_after_s",
+_PACK_KEYS = {"id", "profile", "dbc", "dbc_lenient", "bus", "id_offset", "transmit", "stale_after_s",
               "cell_count", "publish", "rules", "chemistry"}
 _MQTT_KEYS = {"url", "topic_prefix", "client_id", "username", "password", "password_file",
               "password_env", "protocol", "keepalive", "tls", "max_payload"}
@@ -1063,6 +1064,7 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
             publish=_publish_policy(r, f"{k}.publish", spec.get("publish"), publish),
             rules=rules,
             chemistry=_chemistry(r, spec, f"{k}.chemistry") or profile.chemistry or "lfp",
+            dbc_lenient=r.bool_(spec, k, "dbc_lenient", False),
         ))
     mqtt = _mqtt(r, top.get("mqtt"), base)
     if mqtt_url is not None:

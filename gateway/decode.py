@@ -11,6 +11,7 @@ tests hold every recipe equal to `cantools` `decode_message` on random payloads.
 from __future__ import annotations
 
 import linecache
+import logging
 import re
 import struct
 import traceback
@@ -22,6 +23,8 @@ from typing import Any
 import cantools
 from cantools.database import Database
 from cantools.database.can import Message, Signal
+
+log = logging.getLogger("gateway.decode")
 
 EXTENDED_FLAG = 0x80000000  # key bit for 29-bit identifiers, as DBC files write them
 
@@ -56,14 +59,27 @@ def _explain_dbc_error(path: Path, text: str, err: Exception) -> str:
         where = f", lines {', '.join(lines[:8])}{'...' if len(lines) > 8 else ''}"
         fix = ("these VAL_ value tables name signals of a message the file does not define "
                "(often VECTOR__INDEPENDENT_SIG_MSG, id 3221225472): delete those VAL_ lines "
-               "or move them under the message that has the signal")
+               "or move them under the message that has the signal, or set "
+               "`dbc_lenient: true` on the pack to load it with them ignored (each reported)")
     elif "overlapping" in detail or "duplicate" in detail.lower():
         fix = "two signals share bits; the gateway loads DBCs non-strictly, so this should not happen: report it"
     return f"{path}{where}: cantools cannot load this DBC: {first}. Fix: {fix}"
 
 
-def load_dbc(path: str | Path) -> Database:
-    """Load a DBC non-strictly (real DBCs overlap signals and reuse names)."""
+def _orphan_values(text: str, err: Exception) -> list[int]:
+    """Line numbers (1-based) of the VAL_ lines cantools calls unused: value tables for a
+    message the file does not define (VECTOR__INDEPENDENT_SIG_MSG...)."""
+    ids = set(re.findall(r"VAL_ (\d+) ", str(err)))
+    return [n for n, ln in enumerate(text.splitlines(), 1)
+            if ln.startswith("VAL_ ") and ln.split(maxsplit=2)[1] in ids]
+
+
+def load_dbc(path: str | Path, *, lenient: bool = False) -> Database:
+    """Load a DBC non-strictly (real DBCs overlap signals and reuse names).
+
+    `lenient`: where cantools refuses the file for a mechanical reason (VAL_ lines on a
+    message the file does not define), load it without those lines and log each one.
+    """
     p = Path(path)
     try:
         raw = p.read_bytes()
@@ -81,7 +97,18 @@ def load_dbc(path: str | Path) -> Database:
     try:
         db.add_dbc_string(text)
     except Exception as e:  # cantools raises many types for bad input
-        raise DbcError(_explain_dbc_error(p, text, e)) from e
+        orphans = _orphan_values(text, e) if lenient and "unused VAL_ entries" in str(e) else []
+        if not orphans:
+            raise DbcError(_explain_dbc_error(p, text, e)) from e
+        lines = text.splitlines()
+        for n in orphans:
+            log.warning("%s:%d: ignored (dbc_lenient): %s", p, n, lines[n - 1][:100])
+        skip = set(orphans)
+        db = cantools.database.Database(strict=False)
+        try:
+            db.add_dbc_string("\n".join(ln for i, ln in enumerate(lines, 1) if i not in skip))
+        except Exception as e2:
+            raise DbcError(_explain_dbc_error(p, text, e2)) from e2
     if not db.messages:
         msg = f"{p}: no BO_ messages found: is this a DBC file?"
         raise DbcError(msg)

@@ -87,7 +87,8 @@ def read_frames(path: Path, limit: int = MAX_FRAMES, line_format: LineFormat | N
 
 def _config(tmp: Path, profile: str, dbc: Sequence[Path]) -> Path:
     p = tmp / f"{profile}-{len(dbc)}.yaml"
-    extra = f", dbc: [{', '.join(json.dumps(str(d)) for d in dbc)}]" if dbc else ""
+    extra = (f", dbc: [{', '.join(json.dumps(str(d)) for d in dbc)}], dbc_lenient: true"
+             if dbc else "")
     p.write_text("gateway_id: identify\nlog_level: error\n"
                  f"state_dir: {json.dumps(str(tmp / 'state'))}\n"
                  "can: {interface: virtual, channel: identify}\n"
@@ -198,7 +199,7 @@ def dbc_coverage(path: Path, ids: Counter[int]) -> Fit:
     """A DBC on its own: how much of the traffic it names (no pack values to judge)."""
     fit = Fit(f"dbc:{path.name}", 0.0, [str(path)])
     try:
-        db = load_dbc(path)
+        db = load_dbc(path, lenient=True)
     except DbcError as e:
         fit.notes.append(str(e))
         return fit

@@ -902,12 +902,13 @@ class DbcCache:
 
     def __init__(self) -> None:
         self._dbs: dict[str, Database | DbcError] = {}
+        self.lenient: set[str] = set()  # files a pack allowed to load with `dbc_lenient`
 
     def get(self, path: str) -> Database:
         got = self._dbs.get(path)
         if got is None:
             try:
-                got = load_dbc(path)
+                got = load_dbc(path, lenient=path in self.lenient)
             except DbcError as e:
                 got = e
             self._dbs[path] = got
@@ -922,6 +923,8 @@ def compile_pack(cfg: PackConfig, cache: DbcCache, problems: list[Problem]) -> C
     Problems are appended to `problems`; returns None when the pack cannot run.
     """
     dbs: list[tuple[str, Database]] = []
+    if cfg.dbc_lenient:
+        cache.lenient.update(str(d) for d in cfg.profile.dbc)
     for d in cfg.profile.dbc:
         try:
             dbs.append((str(d), cache.get(str(d))))
