@@ -172,6 +172,22 @@ class BmsFault:
     bit: int | None = None
     values: tuple[int, ...] | None = None  # active when the raw value is one of these
     text: str = ""
+    cell_signal: str | None = None  # format 2: the signal carrying the faulty cell's number
+    cell_base: int = 1  # the raw value of that signal that means cell 1
+
+
+@dataclass(frozen=True, slots=True)
+class DtcStream:
+    """A signal carrying one trouble code per frame: each distinct code is a fault
+    `<code>_<number>`, raised when first reported, cleared `clear_after_s` after the last."""
+
+    key: str
+    message: str
+    signal: str
+    code: str = "bms_dtc"
+    severity: Severity = "warning"
+    clear_after_s: float = 5.0
+    none: tuple[int, ...] = (0,)  # raw values meaning "no trouble code"
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +219,7 @@ class Profile:
     isotp: tuple[dict[str, Any], ...] = ()
     poll_id_offset_shift: int = 0
     gates: tuple[Gate, ...] = ()
+    dtcs: tuple[DtcStream, ...] = ()
 
 
 # ---------------------------------------------------------------- gateway schema
@@ -653,6 +670,34 @@ def _gates(r: _Reader, obj: Any) -> tuple[Gate, ...]:
     return tuple(out)
 
 
+def _dtcs(r: _Reader, obj: Any) -> tuple[DtcStream, ...]:
+    if obj is None:
+        return ()
+    if not isinstance(obj, list):
+        r.bad("dtcs", "must be a list", "dtcs: [{message: ..., signal: ...}]")
+        return ()
+    out: list[DtcStream] = []
+    for i, item in enumerate(obj):
+        k = f"dtcs[{i}]"
+        spec = r.mapping(item, k)
+        r.known(spec, k, {"message", "signal", "code", "severity", "clear_after_s", "none"})
+        message, signal = r.str_(spec, k, "message", None), r.str_(spec, k, "signal", None)
+        if not message or not signal:
+            r.bad(k, "needs `message` and `signal` (the signal carrying the trouble code)")
+            continue
+        code = r.str_(spec, k, "code", "bms_dtc") or "bms_dtc"
+        if (prob := topic_segment_problem(code)) is not None:
+            r.bad(f"{k}.code", prob)
+        sev = r.str_(spec, k, "severity", "warning")
+        if sev not in SEVERITIES:
+            r.bad(f"{k}.severity", f"unknown severity {sev!r}", f"one of {', '.join(SEVERITIES)}")
+            continue
+        none = _int_list(r, f"{k}.none", spec.get("none", [0]), "`none` values")
+        out.append(DtcStream(k, message, signal, code, sev,
+                             r.num(spec, k, "clear_after_s", 5.0, lo=0.01) or 5.0, none))
+    return tuple(out)
+
+
 def _resolve_file(base: Path, name: str, builtin: Path) -> Path:
     p = Path(os.path.expanduser(name))
     if p.is_absolute():
@@ -678,6 +723,7 @@ def available_profiles() -> list[str]:
 
 
 _PROFILE_KEYS = {"name", "description", "dbc", "fields", "cells", "faults", "poll", "gates",
+                 "dtcs",
                  "cell_count", "stale_after_s", "extras", "notes", "chemistry", "isotp",
                  "poll_id_offset_shift"}
 CHEMISTRIES = ("lfp", "nmc", "nca", "lmo", "lto", "sodium", "other")
@@ -719,7 +765,8 @@ def load_profile(path: Path, problems: list[Problem]) -> Profile | None:
     for i, f in enumerate(top.get("faults") or []):
         k = f"faults[{i}]"
         spec = r.mapping(f, k)
-        r.known(spec, k, {"code", "message", "signal", "severity", "bit", "values", "text"})
+        r.known(spec, k, {"code", "message", "signal", "severity", "bit", "values", "text",
+                          "cell_signal", "cell_base"})
         code, msg, sig = (r.str_(spec, k, n, None) for n in ("code", "message", "signal"))
         sev = r.str_(spec, k, "severity", "alarm")
         if sev not in SEVERITIES:
@@ -735,8 +782,11 @@ def load_profile(path: Path, problems: list[Problem]) -> Profile | None:
                                r.int_(spec, k, "bit", None, lo=0),
                                tuple(vals) if isinstance(vals, list) else
                                ((vals,) if isinstance(vals, int) else None),
-                               r.str_(spec, k, "text", "") or ""))
+                               r.str_(spec, k, "text", "") or "",
+                               r.str_(spec, k, "cell_signal", None),
+                               r.int_(spec, k, "cell_base", 1) or 0))
     gates = _gates(r, top.get("gates"))
+    dtcs = _dtcs(r, top.get("dtcs"))
     polls: list[PollRequest] = []
     for i, p in enumerate(top.get("poll") or []):
         k = f"poll[{i}]"
@@ -760,7 +810,7 @@ def load_profile(path: Path, problems: list[Problem]) -> Profile | None:
     return Profile(
         name=str(top.get("name", path.stem)), path=path,
         description=str(top.get("description", "")), dbc=dbcs, fields=fields, cells=cells,
-        faults=tuple(faults), poll=tuple(polls), cell_count=cc, gates=gates,
+        faults=tuple(faults), poll=tuple(polls), cell_count=cc, gates=gates, dtcs=dtcs,
         stale_after_s=r.num(top, "", "stale_after_s", None, lo=0.1), extras=extras,
         chemistry=_chemistry(r, top, "chemistry"),
         isotp=_isotp_list(r, top.get("isotp")),

@@ -50,7 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .config import BmsFault, Problem, nearest
+from .config import BmsFault, DtcStream, Problem, nearest
 from .model import (
     FIELD_BY_NAME,
     FIELD_INDEX,
@@ -374,6 +374,8 @@ class FaultEngine:
         self._element_rules = [r for r in live if r.d.element is not None]
         self._scalar_rules = [r for r in live if r.d.element is None]
         self._bms: dict[int, _Inst] = {}
+        self._dtc: dict[tuple[int, int], _Inst] = {}  # (stream, code): `pending` = last seen
+        self._dtc_streams: list[tuple[DtcStream, dict[int, str]]] = []
         self._simple: dict[str, _Inst] = {}  # comm_lost and the CAN bus problems
         self._dec: deque[tuple[float, int, int]] = deque()
         self._impl_last: dict[str, int] | None = None
@@ -382,20 +384,49 @@ class FaultEngine:
 
     # -- BMS flags, comm and bus: raise/clear at once, one event per change
 
-    def bms_flag(self, index: int, ts: float, active: bool, raw: float) -> None:
+    def bms_flag(self, index: int, ts: float, active: bool, raw: float,
+                 cell: int | None = None) -> None:
         if not 0 <= index < len(self._bms_faults):
             return
         f = self._bms_faults[index]
         inst = self._bms.get(index)
         title = f.text or f.code.replace("_", " ")
+        if cell is not None:  # format 2 `cell_signal`: the BMS names the cell
+            title = f"{title} (cell {cell})"
         if active and inst is None:
-            inst = _Inst(f.code, f.severity, "bms", title, active=True, since=ts, value=raw,
-                         message=title)
+            inst = _Inst(f.code, f.severity, "bms", title, cell=cell, active=True, since=ts,
+                         value=raw, message=title)
             self._bms[index] = inst
             self._emit(ts, inst, "raised", title, value=raw, limit=None)
         elif not active and inst is not None:
             del self._bms[index]
-            self._emit(ts, inst, "cleared", f"{title} cleared", value=raw, limit=None)
+            self._emit(ts, inst, "cleared", f"{inst.title} cleared", value=raw, limit=None)
+
+    def set_dtc_streams(self, streams: list[tuple[DtcStream, dict[int, str]]]) -> None:
+        self._dtc_streams = streams
+
+    def dtc(self, index: int, ts: float, number: int) -> None:
+        """A trouble code reported by stream `index`: raised once, kept while reported."""
+        key = (index, number)
+        inst = self._dtc.get(key)
+        if inst is not None:
+            inst.pending = ts  # last reported
+            return
+        d, texts = self._dtc_streams[index]
+        text = texts.get(number)
+        title = f"DTC {number}" + (f": {text}" if text else "")
+        inst = _Inst(f"{d.code}_{number}", d.severity, "bms", title, active=True, since=ts,
+                     pending=ts, value=number, message=title)
+        self._dtc[key] = inst
+        self._emit(ts, inst, "raised", title, value=number, limit=None)
+
+    def _dtc_expire(self, ts: float) -> None:
+        for key, inst in list(self._dtc.items()):
+            d, _ = self._dtc_streams[key[0]]
+            if inst.pending is not None and ts - inst.pending > d.clear_after_s:
+                del self._dtc[key]
+                self._emit(ts, inst, "cleared", f"{inst.title} cleared: no longer reported",
+                           value=inst.value, limit=None)
 
     def _simple_event(self, ts: float, code: str, active: bool, title: str, *,
                       detail: str, limit: Value = None) -> None:
@@ -474,6 +505,8 @@ class FaultEngine:
     # -- threshold rules on the normalized state
 
     def evaluate(self, ts: float, state: PackState) -> None:
+        if self._dtc:
+            self._dtc_expire(ts)
         vals = state.values
         cur = _num(vals[_I_CURRENT])
         charging = None if cur is None else cur > CHARGING_A
@@ -614,6 +647,7 @@ class FaultEngine:
     def _all_active(self) -> list[_Inst]:
         out = [i for r in self._rules.values() for i in r.insts.values() if i.active]
         out.extend(self._bms.values())
+        out.extend(self._dtc.values())
         out.extend(self._simple.values())
         return out
 
@@ -642,6 +676,7 @@ class FaultEngine:
         for r in self._rules.values():
             r.insts.clear()
         self._bms.clear()
+        self._dtc.clear()
         self._simple.clear()
         self._dec.clear()
         self._impl.clear()

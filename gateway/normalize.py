@@ -23,7 +23,7 @@ from typing import Any
 from cantools.database import Database
 from cantools.database.can import Message, Signal
 
-from .config import CellSource, Gate, PackConfig, Problem, ValueSpec, nearest
+from .config import BmsFault, CellSource, DtcStream, Gate, PackConfig, Problem, ValueSpec, nearest
 from .decode import (
     BitField,
     DbcError,
@@ -58,7 +58,9 @@ DEFAULT_VALID: dict[str, tuple[float, float]] = {
 }
 CELL_VALID = {"voltages": (0.0, 6.0), "temps": (-60.0, 150.0)}
 
-FaultHook = Callable[[int, float, bool, float], None]  # (fault index, ts, active, raw value)
+# (fault index, ts, active, raw value, cell number or None)
+FaultHook = Callable[[int, float, bool, float, int | None], None]
+DtcHook = Callable[[int, float, int], None]  # (stream index, ts, trouble code)
 
 
 @dataclass(slots=True)
@@ -79,6 +81,9 @@ class CompiledPack:
     sources: dict[int, str]  # frame key -> message name, for `decode` and logs
     fault_hook: list[FaultHook | None]  # set by the fault stage; list so handlers see it
     code: dict[int, str] = field(default_factory=dict)  # frame key -> generated source
+    # format 2 `dtcs`: the streams with their DBC value tables, and the fault stage's hook
+    dtc_streams: list[tuple[DtcStream, dict[int, str]]] = field(default_factory=list)
+    dtc_hook: list[DtcHook | None] = field(default_factory=lambda: [None])
 
     def implausible_counts(self) -> dict[str, int]:
         names = [*FIELD_INDEX, "cell_voltage", "cell_temp", "extra"]
@@ -491,28 +496,63 @@ class _Compiler:
 
         self.add(msg, spec.key, rd.path, gen)
 
-    def fault(self, index: int, key: str, message: str, signal: str, bit: int | None,
-              values: tuple[int, ...] | None) -> None:
-        spec = ValueSpec(key=key, message=message, signal=signal)
-        msg = self.message(key, message)
+    def fault(self, index: int, f: BmsFault) -> None:
+        key = f.key
+        spec = ValueSpec(key=key, message=f.message, signal=f.signal)
+        msg = self.message(key, f.message)
         if msg is None:
             return
         got = self.raw_read(spec, msg)
         if got is None:
             return
         rd, _ = got
-        test = _flag_test("r", bit, values)
+        path: tuple[MuxStep, ...] | None = rd.path
+        cell_rd = None
+        if f.cell_signal is not None:
+            cell_rd = self.read(f"{key}.cell_signal", msg, f.cell_signal)
+            if cell_rd is None:
+                return
+            path = self.together(f"{key}.cell_signal", msg, [rd, cell_rd])
+        if path is None:
+            return
+        test = _flag_test("r", f.bit, f.values)
 
         def gen(g: Source, ind: int) -> None:
+            cell = "None"
+            if cell_rd is not None:
+                cell = f"{g.read(cell_rd.field, raw=True)} - {f.cell_base - 1}" \
+                    if f.cell_base != 1 else g.read(cell_rd.field, raw=True)
             g.emit(ind, f"r = {g.read(rd.field, raw=True)}")
             g.emit(ind, f"a = {test}")
             g.emit(ind, f"if FS[{index}] is not a:")
             g.emit(ind + 1, f"FS[{index}] = a")
             g.emit(ind + 1, "h = FH[0]")
             g.emit(ind + 1, "if h is not None:")
-            g.emit(ind + 2, f"h({index}, ts, a, r)")
+            g.emit(ind + 2, f"h({index}, ts, a, r, {cell})")
 
-        self.add(msg, key, rd.path, gen)
+        self.add(msg, key, path, gen)
+
+    def dtc(self, index: int, d: DtcStream) -> None:
+        """`dtcs`: a signal carrying one trouble code per frame."""
+        msg = self.message(d.key, d.message)
+        if msg is None:
+            return
+        rd = self.read(f"{d.key}.signal", msg, d.signal)
+        if rd is None:
+            return
+        sig = next(s for s in msg.signals if s.name == rd.name)
+        texts = {int(k): str(v) for k, v in (sig.choices or {}).items()}
+        self.dtc_streams.append((d, texts))
+        none = frozenset(d.none)
+
+        def gen(g: Source, ind: int) -> None:
+            g.emit(ind, f"c = {g.read(rd.field, raw=True)}")
+            g.emit(ind, f"if c not in {g.const(none, 'none')}:")
+            g.emit(ind + 1, "h = DH[0]")
+            g.emit(ind + 1, "if h is not None:")
+            g.emit(ind + 2, f"h({index}, ts, c)")
+
+        self.add(msg, d.key, rd.path, gen)
 
     def cells(self, kind: str, src: CellSource) -> None:
         msg = self.message(src.key, src.message)
@@ -746,6 +786,8 @@ class _Compiler:
     extra_consts: dict[str, Value]
 
     code: dict[int, str]
+    dtc_streams: list[tuple[DtcStream, dict[int, str]]]
+    dtc_hook: list[DtcHook | None]
 
     def build(self, state: PackState, impl: list[int], fault_state: list[bool],
               fault_hook: list[FaultHook | None]) -> tuple[dict[int, Callable[[float, bytes],
@@ -789,7 +831,7 @@ class _Compiler:
                 "_fb": int.from_bytes, "_unpack": unpack_float, "_INF": math.inf, "st": state, "V": state.values,
                 "CV": state.cell_v, "CT": state.cell_t, "CB": state.balancing,
                 "X": state.extras, "IMPL": impl, "CNT": self.counters, "FS": fault_state,
-                "FH": fault_hook, "G": gate_flags, **body.consts,
+                "FH": fault_hook, "DH": self.dtc_hook, "G": gate_flags, **body.consts,
             }
             compile_source(src, f"<pack {self.cfg.id} profile {self.cfg.profile.name} "
                            f"message {name}>", ns)
@@ -950,7 +992,10 @@ def compile_pack(cfg: PackConfig, cache: DbcCache, problems: list[Problem]) -> C
         for src in srcs:
             c.cells(kind, src)
     for i, f in enumerate(prof.faults):
-        c.fault(i, f.key, f.message, f.signal, f.bit, f.values)
+        c.fault(i, f)
+    c.dtc_streams = []
+    for i, stream in enumerate(prof.dtcs):
+        c.dtc(i, stream)
     for gate in prof.gates:
         c.gate(gate)
     if len(problems) > before:
@@ -970,5 +1015,7 @@ def compile_pack(cfg: PackConfig, cache: DbcCache, problems: list[Problem]) -> C
     impl = [0] * (len(FIELD_INDEX) + 3)
     fault_state = [False] * len(prof.faults)
     hook: list[FaultHook | None] = [None]
+    c.dtc_hook = [None]
     handlers, sources = c.build(state, impl, fault_state, hook)
-    return CompiledPack(cfg, state, handlers, c.counters, impl, sources, hook, c.code)
+    return CompiledPack(cfg, state, handlers, c.counters, impl, sources, hook, c.code,
+                        c.dtc_streams, c.dtc_hook)

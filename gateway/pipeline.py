@@ -90,6 +90,8 @@ class Pipeline:
                 continue
             engine = FaultEngine(pc.id, rules, pc.profile.faults, pc.stale_after_s)
             compiled.fault_hook[0] = engine.bms_flag
+            engine.set_dtc_streams(compiled.dtc_streams)
+            compiled.dtc_hook[0] = engine.dtc
             rt = PackRuntime(compiled, PackPublisher(pc, compiled.state, self.topics), engine,
                              self.topics.pack(pc.id, "events"))
             self.packs.append(rt)

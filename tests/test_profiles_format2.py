@@ -334,3 +334,94 @@ def test_gate_and_sentinel_mistakes_are_config_errors(tmp_path: Path, body: str,
     (tmp_path / "g.dbc").write_text(GATED_DBC)
     text = config_problems(tmp_path, profile(tmp_path, tmp_path / "g.dbc", body + "\n"))
     assert f": {key}: " in text and words in text, text
+
+
+# ------------------------------------------------------------------ trouble codes, fault cells
+
+DTC_DBC = """\
+VERSION ""
+
+NS_ :
+
+BS_:
+
+BU_: BMS
+
+BO_ 1800 Dtc: 8 BMS
+ SG_ DtcCode : 0|16@1+ (1,0) [0|65535] "" Vector__XXX
+
+BO_ 1801 Faults: 8 BMS
+ SG_ CellOv : 0|1@1+ (1,0) [0|1] "" Vector__XXX
+ SG_ CellOvIndex : 8|8@1+ (1,0) [0|255] "" Vector__XXX
+ SG_ PackV : 16|16@1+ (0.1,0) [0|6553.5] "V" Vector__XXX
+
+VAL_ 1800 DtcCode 0 "None" 41 "Cell overvoltage" 24 "Temperature sensor open" 7 "Contactor weld" ;
+"""
+
+DTC_PROFILE = """\
+fields:
+  voltage_v: {message: Faults, signal: PackV}
+faults:
+  - {code: bms_cell_over_voltage, message: Faults, signal: CellOv, cell_signal: CellOvIndex,
+     cell_base: 0, severity: alarm}
+dtcs:
+  - {message: Dtc, signal: DtcCode, clear_after_s: 2, severity: alarm}
+"""
+
+
+def test_trouble_code_stream_and_fault_cell(tmp_path: Path) -> None:
+    """Three DTC frames with codes 41, 24, 7 used to become one `bms_dtc` raise that never
+    cleared: each code is now its own fault with the DBC's text, cleared when the BMS
+    stops reporting it. The over-voltage fault names its cell from CellOvIndex."""
+    (tmp_path / "d.dbc").write_text(DTC_DBC)
+    db = cantools.database.load_file(str(tmp_path / "d.dbc"), strict=False)
+    p = pipeline(tmp_path, profile(tmp_path, tmp_path / "d.dbc", DTC_PROFILE))
+    texts = {int(k): str(v) for k, v in db.get_message_by_name("Dtc").signals[0].choices.items()}
+    frames: list[Frame] = []
+    t = 1.0
+    for _ in range(5):  # 41, 24, 7 cycling for 1.5 s
+        for code in (41, 24, 7):
+            frames.append(encoded(db, "Dtc", {"DtcCode": code}, t))
+            frames.append(encoded(db, "Faults", {"PackV": 51.2}, t + 0.01))
+            t += 0.1
+    for _ in range(30):  # 24 is fixed: only 41 and 7 for 3 s
+        for code in (41, 7):
+            frames.append(encoded(db, "Dtc", {"DtcCode": code}, t))
+            t += 0.05
+    frames.append(encoded(db, "Faults", {"CellOv": 1, "CellOvIndex": 11, "PackV": 51.2}, t))
+    for _ in range(40):  # nothing to report: code 0
+        frames.append(encoded(db, "Dtc", {"DtcCode": 0}, t))
+        frames.append(encoded(db, "Faults", {"CellOv": 1, "CellOvIndex": 11, "PackV": 51.2}, t))
+        t += 0.1
+    frames.append(encoded(db, "Faults", {"CellOv": 0, "CellOvIndex": 0, "PackV": 51.2}, t))
+    p.feed(frames, 0)
+    p.finish(t + 0.1)
+    _, events = p.drain()
+    got = [(e.code, e.state, e.value, e.cell, e.message) for e, _ in events
+           if e.code.startswith(("bms_dtc", "bms_cell"))]
+    assert [g[:3] for g in got if g[1] == "raised" and g[0].startswith("bms_dtc")] == [
+        ("bms_dtc_41", "raised", 41), ("bms_dtc_24", "raised", 24), ("bms_dtc_7", "raised", 7)]
+    for code, _state, number, _, message in got:
+        if code.startswith("bms_dtc"):
+            assert texts[number] in message and f"DTC {number}" in message
+    cleared = [g[0] for g in got if g[1] == "cleared" and g[0].startswith("bms_dtc")]
+    assert cleared[0] == "bms_dtc_24"  # first: the BMS stopped reporting it first
+    assert sorted(cleared) == ["bms_dtc_24", "bms_dtc_41", "bms_dtc_7"]
+    cell_events = [g for g in got if g[0] == "bms_cell_over_voltage"]
+    assert [(s, c) for _, s, _, c, _ in cell_events] == [("raised", 12), ("cleared", 12)]
+    assert "(cell 12)" in cell_events[0][4]  # CellOvIndex 11, counted from 0
+
+
+@pytest.mark.parametrize(("body", "key", "words"), [
+    ("dtcs: [{message: Dtc}]", "dtcs[0]", "needs `message` and `signal`"),
+    ("dtcs: [{message: Dtc, signal: DtcKode}]", "dtcs[0].signal", "did you mean 'DtcCode'"),
+    ("dtcs: [{message: Dtc, signal: DtcCode, severity: loud}]", "dtcs[0].severity",
+     "unknown severity"),
+    ("faults: [{code: x, message: Faults, signal: CellOv, cell_signal: CellIdx}]",
+     "faults[0].cell_signal", "did you mean 'CellOvIndex'"),
+])
+def test_dtc_and_fault_cell_mistakes_are_config_errors(tmp_path: Path, body: str, key: str,
+                                                      words: str) -> None:
+    (tmp_path / "d.dbc").write_text(DTC_DBC)
+    text = config_problems(tmp_path, profile(tmp_path, tmp_path / "d.dbc", body + "\n"))
+    assert f": {key}: " in text and words in text, text
