@@ -235,9 +235,11 @@ class CanBus:
     data_bitrate: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     # socketcan only: "raw" reads the AF_CAN socket directly (gateway/socketcan.py),
+    # "bcm" lets the kernel's broadcast manager deliver only changes of the bits read,
     # "python-can" goes through can.Bus like every other interface
-    receive: Literal["raw", "python-can"] = "python-can"
+    receive: Literal["raw", "bcm", "python-can"] = "python-can"
     kernel_filter: bool = True  # raw: the kernel drops ids no profile reads
+    bcm_throttle_s: float = 0.0  # bcm: at most one notification per id this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -842,8 +844,8 @@ def _chemistry(r: _Reader, obj: dict[str, Any], key: str) -> str | None:
 _TOP_KEYS = {"gateway_id", "state_dir", "log_level", "can", "packs", "mqtt", "publish",
              "homeassistant", "outbox", "shutdown_timeout_s", "prometheus", "rules"}
 _CAN_KEYS = {"name", "interface", "channel", "bitrate", "fd", "data_bitrate", "options",
-             "receive", "kernel_filter"}
-_RECEIVE_PATHS = ("raw", "python-can")
+             "receive", "kernel_filter", "bcm_throttle_s"}
+_RECEIVE_PATHS = ("raw", "bcm", "python-can")
 _PACK_KEYS = {"id", "profile", "dbc", "dbc_lenient", "bus", "id_offset", "transmit", "stale_after_s",
               "cell_count", "publish", "rules", "chemistry"}
 _MQTT_KEYS = {"url", "topic_prefix", "client_id", "username", "password", "password_file",
@@ -918,7 +920,8 @@ def _can_buses(r: _Reader, obj: Any) -> list[CanBus]:
                             r.bool_(spec, k, "fd", False),
                             r.int_(spec, k, "data_bitrate", None, lo=1000), dict(opts),
                             receive,  # type: ignore[arg-type]
-                            r.bool_(spec, k, "kernel_filter", True)))
+                            r.bool_(spec, k, "kernel_filter", True),
+                            r.num(spec, k, "bcm_throttle_s", 0.0, lo=0, hi=60) or 0.0))
     names = [b.name for b in buses]
     for n in {x for x in names if names.count(x) > 1}:
         r.bad("can", f"two buses are named {n!r}", "give each a distinct `name`")

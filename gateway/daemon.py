@@ -347,8 +347,8 @@ class Daemon:
     def _start_sources(self, tg: asyncio.TaskGroup) -> None:
         self.rt.sources = []
         for i, bus in enumerate(self.cfg.buses):
-            src = make_source(bus, self._batch_cb(i), self._state_cb(i),
-                              lambda i=i: self.pipeline.tables[i])  # type: ignore[misc]
+            src = make_source(bus, i, self._batch_cb(i), self._state_cb(i),
+                              lambda: self.pipeline)
             self.rt.sources.append(src)
             name = f"source[{bus.name}]"
             self.tasks.append(tg.create_task(self._supervise(name, src.run, self._stopping),

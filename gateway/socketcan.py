@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import re
 import socket
 import struct
 import time
@@ -286,10 +287,221 @@ class RawSource(LiveSource):
         return True
 
 
-def make_source(cfg: CanBus, on_batch: BatchSink, on_state: StateSink,
-                keys: Callable[[], Collection[int]]) -> LiveSource:
-    """The source for one configured bus; `keys` gives the frame keys the pipeline reads
-    on it (for the kernel's filter; asked again when it grows)."""
-    if cfg.interface == "socketcan" and cfg.receive == "raw":
+
+# ------------------------------------------------------------------ kernel filtering (CAN_BCM)
+
+_READ = re.compile(r"\((?:\((le|be) >> (\d+)\)|(le|be)) & (0x[0-9a-f]+)\)")
+_BE_LEN = re.compile(r"if n != (\d+):")
+_ALL = (1 << 64) - 1
+
+
+def content_mask(code: str) -> int | None:
+    """The frame bits one generated handler reads (as `int.from_bytes(frame8, 'big')`),
+    found in its source: every read is `((le|be >> shift) & mask)`. None when the source
+    reads the frame any other way (the kernel then delivers every frame of the id)."""
+    reads = _READ.findall(code)
+    if not reads:
+        return None
+    be_len = _BE_LEN.search(code)
+    out = 0
+    for var_shifted, shift, var_plain, mask in reads:
+        var = var_shifted or var_plain
+        bits = int(mask, 16) << int(shift or 0)
+        if var == "le":
+            if bits >> 64:
+                return None
+            out |= int.from_bytes(bits.to_bytes(8, "little"), "big")
+        else:
+            if be_len is None:
+                return None
+            length = int(be_len.group(1))
+            if length > 8 or bits >> (8 * length):
+                return None
+            out |= bits << (8 * (8 - length))
+    if "data[" in code:  # the frame read another way: no mask
+        return None
+    return out
+
+
+_BCM_HEAD = struct.Struct("@IIIllllII")  # struct bcm_msg_head (64-bit longs, padding)
+_BCM_RX_FLAGS = (socket.CAN_BCM_SETTIMER | socket.CAN_BCM_STARTTIMER
+                 | socket.CAN_BCM_RX_CHECK_DLC | socket.CAN_BCM_RX_ANNOUNCE_RESUME)
+
+
+def _timeval(seconds: float) -> tuple[int, int]:
+    whole = int(seconds)
+    return whole, round((seconds - whole) * 1e6)
+
+
+def bcm_rx_setup(key: int, mask: int | None, timeout_s: float, throttle_s: float) -> bytes:
+    """One RX_SETUP: a notification when the masked bits (or, with no mask, anything)
+    change, RX_TIMEOUT when the id is silent for `timeout_s`, at most one notification
+    per `throttle_s` (0: no throttle)."""
+    flags = _BCM_RX_FLAGS
+    if mask is None:
+        flags |= socket.CAN_BCM_RX_FILTER_ID
+    head = _BCM_HEAD.pack(socket.CAN_BCM_RX_SETUP, flags, 0, *_timeval(timeout_s),
+                          *_timeval(throttle_s), key, 0 if mask is None else 1)
+    if mask is None:
+        return head
+    return head + _FRAME.pack(key, 8, mask.to_bytes(8, "big"))
+
+
+class BcmSocket:
+    """A CAN_BCM socket with one RX_SETUP per id the pipeline reads."""
+
+    def __init__(self, cfg: CanBus, masks: dict[int, int | None], timeout_s: float) -> None:
+        s = socket.socket(socket.AF_CAN, socket.SOCK_DGRAM, socket.CAN_BCM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            s.connect((cfg.channel,))
+            for key, mask in masks.items():
+                s.send(bcm_rx_setup(key, mask, timeout_s, cfg.bcm_throttle_s))
+            s.setblocking(False)
+        except BaseException:
+            s.close()
+            raise
+        self.sock = s
+        self.masks = masks
+        self.buf = bytearray(_BCM_HEAD.size + _FRAME.size)
+        self.last: dict[int, bytes] = {}  # id -> last frame the kernel delivered
+        self.silent: set[int] = set()  # ids in RX_TIMEOUT (no frame for timeout_s)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def shutdown(self) -> None:
+        self.sock.close()
+
+    def send_frame(self, can_id: int, data: bytes, extended: bool) -> None:
+        # transmitting (polls) goes through a raw socket: BCM's TX_SEND needs a head too
+        with socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW) as tx:
+            tx.bind((self.sock.getpeername()[0],))
+            tx.send(_FRAME.pack(can_id | _EFF if extended else can_id, len(data), data))
+
+    def drain(self, out: list[Frame], name: str, stats: Any) -> int:
+        sock = self.sock
+        buf = self.buf
+        head = _BCM_HEAD.unpack_from
+        frame = _FRAME.unpack_from
+        off = _BCM_HEAD.size
+        count = 0
+        while count < BATCH:
+            try:
+                _n, anc, _flags, _addr = sock.recvmsg_into([buf], _ANC)
+            except BlockingIOError:
+                break
+            count += 1
+            opcode, _f, _c, _a, _b, _d, _e, key, nframes = head(buf)
+            if opcode == socket.CAN_BCM_RX_TIMEOUT:
+                self.silent.add(key)
+                continue
+            if opcode != socket.CAN_BCM_RX_CHANGED or not nframes:
+                continue
+            can_id, length, data = frame(buf, off)
+            data = data if length == 8 else data[:length]
+            ts = 0.0
+            for level, kind, value in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, ns = _TIMESPEC.unpack_from(value)
+                    ts = sec + ns * 1e-9
+            self.silent.discard(can_id)
+            self.last[can_id] = data
+            out.append((ts or time.time(), can_id, data, name))
+        return count
+
+
+class BcmSource(RawSource):
+    """receive: bcm. The kernel delivers a frame only when bits a profile reads change and
+    reports silent ids; between changes the last frame of each live id is fed again every
+    `REFEED_S`, so the pipeline's staleness (`stale_after_s`) sees the BMS alive."""
+
+    receive_path = "bcm"
+
+    def __init__(self, cfg: CanBus, on_batch: BatchSink, on_state: StateSink,
+                 keys: Callable[[], Collection[int]] | None = None,
+                 codes: Callable[[], dict[int, list[str]]] | None = None,
+                 stale_s: float = 5.0) -> None:
+        super().__init__(cfg, on_batch, on_state, keys)
+        self.codes = codes
+        self.stale_s = stale_s
+        self.refeed_s = max(0.1, min(1.0, stale_s / 4))
+        self._refeed: asyncio.TimerHandle | None = None
+
+    def _masks(self) -> dict[int, int | None]:
+        keys = self.keys() if self.keys is not None else ()
+        self._nkeys = len(keys)
+        codes = self.codes() if self.codes is not None else {}
+        out: dict[int, int | None] = {}
+        for key in keys:
+            mask: int | None = 0
+            for code in codes.get(key) or [""]:
+                m = content_mask(code) if code else None
+                mask = None if m is None or mask is None else mask | m
+            out[key] = mask
+        return out
+
+    def _open(self) -> Any:
+        return BcmSocket(self.cfg, self._masks(), self.refeed_s * 2)
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        super()._watch(loop, fd)
+        self._refeed = loop.call_later(self.refeed_s, self._on_refeed)
+
+    def _unwatch(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        if self._refeed is not None:
+            self._refeed.cancel()
+            self._refeed = None
+        super()._unwatch(loop, fd)
+
+    def _on_readable(self) -> None:
+        sock = self.bus
+        if sock is None:
+            return
+        if self.keys is not None and len(self.keys()) != self._nkeys:
+            # ids added after the socket opened (the poller's reply taps): set up the new ones
+            masks = self._masks()
+            for key in masks.keys() - sock.masks.keys():
+                with contextlib.suppress(OSError):
+                    sock.sock.send(bcm_rx_setup(key, masks[key], self.refeed_s * 2,
+                                                self.cfg.bcm_throttle_s))
+            sock.masks = masks
+        super()._on_readable()
+
+    def _on_refeed(self) -> None:
+        sock = self.bus
+        if sock is None:
+            return
+        now = time.time()
+        name = self.cfg.name
+        batch = [(now, key, data, name) for key, data in sock.last.items()
+                 if key not in sock.silent]
+        if batch:
+            self.on_batch(batch)
+        self._refeed = self._loop.call_later(self.refeed_s, self._on_refeed)
+
+
+def make_source(cfg: CanBus, bus: int, on_batch: BatchSink, on_state: StateSink,
+                pipeline: Callable[[], Any]) -> LiveSource:
+    """The source for configured bus number `bus`; `pipeline()` is the running pipeline
+    (the ids it reads on this bus set the kernel's filter, asked again when they grow)."""
+    if cfg.interface != "socketcan" or cfg.receive == "python-can":
+        return LiveSource(cfg, on_batch, on_state)
+
+    def keys() -> Collection[int]:
+        return pipeline().tables[bus]  # type: ignore[no-any-return]
+
+    if cfg.receive == "raw":
         return RawSource(cfg, on_batch, on_state, keys)
-    return LiveSource(cfg, on_batch, on_state)
+
+    def codes() -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for rt in pipeline().packs:
+            if rt.compiled.cfg.bus == cfg.name:
+                for key, code in rt.compiled.code.items():
+                    out.setdefault(key, []).append(code)
+        return out
+
+    packs = [p for p in pipeline().cfg.packs if p.bus == cfg.name]
+    stale = min((p.stale_after_s for p in packs), default=5.0)
+    return BcmSource(cfg, on_batch, on_state, keys, codes, stale)

@@ -462,12 +462,17 @@ class LiveSource:
                         break
                     self._to_frame(m, batch)
             except Exception as e:
-                loop.call_soon_threadsafe(self._fail, e)
+                # the loop may be closed already when the bus fails during shutdown
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(self._fail, e)
                 return
             busy = bool(batch)
             if batch:
                 last = time.monotonic()
-                loop.call_soon_threadsafe(self._deliver, batch)
+                try:
+                    loop.call_soon_threadsafe(self._deliver, batch)
+                except RuntimeError:  # the event loop closed under us: shutting down
+                    return
 
     def _deliver(self, batch: list[Frame]) -> None:
         self.stats.frames += len(batch)

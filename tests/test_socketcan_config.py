@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load_config
-from gateway.socketcan import RawSource, can_filters, make_source
+from gateway.pipeline import Pipeline
+from gateway.socketcan import BcmSource, RawSource, can_filters, content_mask, make_source
 from gateway.source import LiveSource
 
 
@@ -24,11 +25,16 @@ def cfg(tmp_path: Path, can: str) -> Path:
 
 
 def test_socketcan_reads_the_socket_directly_unless_told_otherwise(tmp_path: Path) -> None:
+    def source(can: str) -> object:
+        c = load_config(cfg(tmp_path, can))
+        p = Pipeline(c)
+        return make_source(c.buses[0], 0, lambda b: None, lambda c, a, d: None, lambda: p)
+
     raw = load_config(cfg(tmp_path, "{interface: socketcan, channel: can0}")).buses[0]
     assert raw.receive == "raw" and raw.kernel_filter
-    assert type(make_source(raw, lambda b: None, lambda c, a, d: None, dict)) is RawSource
-    pc = load_config(cfg(tmp_path, "{interface: socketcan, receive: python-can}")).buses[0]
-    assert type(make_source(pc, lambda b: None, lambda c, a, d: None, dict)) is LiveSource
+    assert type(source("{interface: socketcan, channel: can0}")) is RawSource
+    assert type(source("{interface: socketcan, receive: python-can}")) is LiveSource
+    assert type(source("{interface: socketcan, receive: bcm}")) is BcmSource
     virt = load_config(cfg(tmp_path, "{interface: virtual, channel: x}")).buses[0]
     assert virt.receive == "python-can"
 
@@ -52,3 +58,12 @@ def test_the_kernel_filter_matches_each_id_exactly_in_its_own_id_space() -> None
     # standard id: 11-bit mask plus the EFF and RTR flags, so 29-bit 0x400 and remote
     # frames do not pass; extended: the 29-bit mask, EFF flag required
     assert pairs == [(0x400, 0xC00007FF), (0x98FF50E5, 0xDFFFFFFF)]
+
+
+def test_the_kernel_compares_only_the_bits_the_profile_reads(tmp_path: Path) -> None:
+    """example-bms PackStatus (0x400): bytes 0-6 are read, byte 7 (AliveCounter) is not,
+    so a frame differing only in its counter never wakes the gateway."""
+    p = Pipeline(load_config(cfg(tmp_path, "{interface: socketcan, receive: bcm}")))
+    code = p.packs[0].compiled.code
+    assert content_mask(code[0x400]) == 0xFFFFFFFFFFFFFF00
+    assert content_mask("def handler(ts, data):\n    x = data[3]\n") is None  # unknown reads
