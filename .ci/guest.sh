@@ -8,8 +8,8 @@
 # The guest has no root filesystem of its own: it mounts the host's / read-only over 9p,
 # puts an overlayfs with a tmpfs upper layer on it and chroots there, so the checkout, the
 # venv, mosquitto, can-utils and valgrind are all the host's, at the same paths, and nothing
-# the guest writes reaches the host except through the run folder (.ci/guest-cache/run):
-# the command's exit status and the console log.
+# the guest writes reaches the host except through its run folder (.ci/guest-cache/run.*):
+# the command's exit status and the console log (.ci/guest-cache/run.*, removed after).
 #
 #   .ci/guest.sh [--mem MB] [--timeout S] -- COMMAND...   (runs COMMAND in the checkout)
 #   .ci/guest.sh --prepare                                (only download and build the cache)
@@ -19,7 +19,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 CACHE=$ROOT/.ci/guest-cache      # gitignored: the kernel package, vmlinux, initramfs
-RUN=$CACHE/run
 MEM=1536
 TIMEOUT=${GUEST_TIMEOUT:-600}
 BOOT_TIMEOUT=${GUEST_BOOT_TIMEOUT:-60}
@@ -102,7 +101,9 @@ fi
 KERNEL=$KDIR/vmlinux
 [ -s "$KERNEL" ] || KERNEL=$KDIR/boot/vmlinuz-$KVER
 
-rm -rf "$RUN" && mkdir -p "$RUN"
+# one folder per run (several guests may run at once): cmd.sh in, status and console out
+RUN=$(mktemp -d "$CACHE/run.XXXXXX")
+trap 'rm -rf "$RUN"' EXIT
 {
   echo "cd $(printf %q "$ROOT")"
   printf '%q ' "$@"
