@@ -105,6 +105,8 @@ class Runtime:
         return pubs
 
     def ship(self) -> None:
+        if self.outbox.maintain():  # events held through a storage error are now stored
+            self.sink.flush()
         out = self.pipeline.drain_ordered()
         if self.discovery is not None:
             out.extend(self.discovery.learn(self.pipeline))
@@ -160,6 +162,8 @@ class Runtime:
             } for rt in p.packs},
             "outbox_depth": self.outbox.depth(),
             "outbox_dropped": self.outbox.dropped_total,
+            "outbox_held": self.outbox.held,
+            "storage_error": self.outbox.storage_error or None,
             "published": getattr(sink, "published", getattr(sink, "count", 0)),
             "events_published": getattr(sink, "events_published", 0),
             "mqtt_reconnects": getattr(sink, "reconnects", 0),
@@ -167,7 +171,8 @@ class Runtime:
             "dropped_oversize": getattr(sink, "dropped_oversize", 0),
             "last_error": self.last_error or getattr(sink, "last_error", "") or None,
             # gateway-level faults (the MQTT link, the daemon's own tasks): not pack faults
-            "faults": sink.faults() if isinstance(sink, MqttSink) else [],
+            "faults": (sink.faults() if isinstance(sink, MqttSink) else [])
+            + self.outbox.faults(),
             "mqtt_refused": getattr(sink, "refused_total", 0),
             "inbound_errors": getattr(sink, "inbound_errors", 0),
             "inbound_rejected": self.discovery.rejected if self.discovery is not None else 0,

@@ -13,11 +13,27 @@ the seq range dropped. While that notice has not been handed out by `pending`, l
 are folded into it rather than adding a notice per append, so a long outage does not fill
 the outbox with notices.
 
+Storage failures degrade, never crash. When a write fails (disk full, I/O error), the
+events keep their seq and wait in memory (at most ``HELD_MAX``; beyond that the oldest are
+dropped and one ``outbox_overflow`` notice says which), a ``storage_error`` event is
+raised, and the write is retried with backoff (`maintain`); once it works the held events
+are stored and ``storage_error`` is cleared. Held events are handed out by `pending` like
+stored ones, so they are delivered while the disk is full, but lost if the process dies
+before they could be written.
+
+``seq`` is never given twice: the highest seq ever given is also kept in a small sidecar
+file (``<outbox>.seq``, two checksummed slots overwritten in place, so updating it needs
+no new disk space). An outbox file that was emptied (``: > outbox.sqlite``), deleted or
+replaced by an older copy continues after that mark, with a logged error naming the
+range of seqs whose events are gone. A held event is handed out only once the mark
+covers its seq.
+
 Exceptions::
 
-    OutboxError   the outbox cannot be used: a corrupt file or one that is not an outbox,
-                  an unwritable state directory, a disk full or I/O error on write.
-                  The message names the path and the fix; a bad file is never recreated.
+    OutboxError   the outbox cannot be opened: a corrupt file or one that is not an
+                  outbox, an unwritable state directory. The message names the path
+                  and the fix; a bad file is never recreated. After a successful open,
+                  only a broken reader (not a write) raises it.
 """
 
 from __future__ import annotations
@@ -28,18 +44,20 @@ import math
 import os
 import sqlite3
 import stat
+import struct
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
-from gateway.model import FaultEvent, Value
+from gateway.model import FaultEvent, Value, iso_ts
 
-__all__ = ["FILENAME", "Outbox", "OutboxError", "Row"]
+__all__ = ["FILENAME", "HELD_MAX", "Outbox", "OutboxError", "Row", "SeqMark"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +71,8 @@ _SCHEMA = (
     "CREATE TABLE meta(key TEXT PRIMARY KEY, value)",
 )
 
+HELD_MAX = 10_000  # events kept in memory while writing fails (also <= max_events / 2)
+RETRY_MAX_S = 30.0  # longest wait between two attempts to write held events
 Row = tuple[int, str, bytes]  # (seq, topic, payload)
 _MakePayload = Callable[[int, str], dict[str, Value]]
 
@@ -73,11 +93,79 @@ class _Notice:
     by_count: bool
 
 
+@dataclass(slots=True)
+class _Held:
+    """An event with its seq, waiting in memory because writing it failed."""
+
+    seq: int
+    event_id: str
+    pack_id: str
+    topic: str
+    payload: bytes
+    created: float
+
+
+class SeqMark:
+    """The highest seq ever given, in a 64-byte file beside the outbox.
+
+    Two 32-byte slots (magic, generation, value, CRC32) are overwritten in place in
+    turn and fdatasync'ed: a torn write spoils at most one slot, and no write needs a
+    new block, so the mark can still move while the disk is full.
+    """
+
+    _SLOT = struct.Struct("<8sQQI4x")
+    _MAGIC = b"BMSGSEQ1"
+
+    __slots__ = ("_fd", "_gen", "path", "value")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._gen = 0
+        self.value = 0
+        try:
+            raw = os.pread(self._fd, 2 * self._SLOT.size, 0)
+            for k in range(2):
+                chunk = raw[k * self._SLOT.size:(k + 1) * self._SLOT.size]
+                if len(chunk) < self._SLOT.size:
+                    continue
+                magic, gen, value, crc = self._SLOT.unpack(chunk)
+                if magic == self._MAGIC and crc == zlib.crc32(chunk[:24]) and gen >= self._gen:
+                    self._gen, self.value = gen, value
+            if len(raw) < 2 * self._SLOT.size:
+                if raw.strip(b"\0"):
+                    log.warning("outbox seq mark %s is damaged; rebuilding it", path)
+                # allocate both slots now, while there is room
+                os.pwrite(self._fd, raw.ljust(2 * self._SLOT.size, b"\0"), 0)
+                os.fsync(self._fd)
+        except OSError:
+            os.close(self._fd)
+            raise
+
+    def write(self, value: int) -> None:
+        """Record ``value`` durably (raises OSError); never moves the mark back."""
+        if value <= self.value:
+            return
+        gen = self._gen + 1
+        head = struct.pack("<8sQQ", self._MAGIC, gen, value)
+        slot = self._SLOT.pack(self._MAGIC, gen, value, zlib.crc32(head))
+        os.pwrite(self._fd, slot, (gen % 2) * self._SLOT.size)
+        os.fdatasync(self._fd)
+        self._gen, self.value = gen, value
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 class Outbox:
     """Pending fault events in SQLite; see the module docstring. Build with `Outbox.open`."""
 
-    __slots__ = ("_conn", "_dropped_total", "_gateway_id", "_handed_out", "_last_seq",
-                 "_max_age_s", "_max_events", "_overflow_topic", "_path")
+    __slots__ = ("_conn", "_dropped_total", "_gateway_id", "_handed_out", "_held",
+                 "_held_max", "_held_notice", "_last_seq", "_mark", "_mark_failed",
+                 "_max_age_s", "_max_events", "_overflow_topic", "_path", "_retries",
+                 "_retry_at", "_since", "_storage_error", "_storage_topic", "_unacked")
 
     def __init__(self, conn: sqlite3.Connection, path: str, *, max_events: int,
                  max_age_s: float, gateway_id: str, overflow_topic: str | None) -> None:
@@ -92,6 +180,20 @@ class Outbox:
         # Highest seq returned by pending() in this process: a notice at or below it may
         # be on the wire, so it must not change any more.
         self._handed_out = 0
+        # Degraded mode (a write failed): events in seq order, acks not yet written.
+        self._held: dict[int, _Held] = {}
+        # at most half the stored bound, so storing the held events after recovery can
+        # only push out older stored rows, never the held overflow notice
+        self._held_max = max(2, min(HELD_MAX, max_events // 2))
+        self._held_notice: _Notice | None = None
+        self._unacked: set[int] = set()
+        self._storage_error = ""
+        self._since = 0.0
+        self._storage_topic = overflow_topic or ""
+        self._retry_at = 0.0
+        self._retries = 0
+        self._mark: SeqMark | None = None
+        self._mark_failed = False
 
     @classmethod
     def open(cls, path: Path | str, *, max_events: int, max_age_s: float, gateway_id: str,
@@ -124,12 +226,35 @@ class Outbox:
                   gateway_id=gateway_id, overflow_topic=overflow_topic)
         try:
             box._setup()
+            if where != _MEMORY:
+                box._open_mark(Path(path))
             with box._write("trimming on open"):
                 box._trim(time.time())
+            box._sync_mark()
         except BaseException:
-            conn.close()
+            box.close()
             raise
         return box
+
+    def _open_mark(self, path: Path) -> None:
+        mark_path = path.with_name(path.name + ".seq")
+        try:
+            self._mark = mark = SeqMark(mark_path)
+        except OSError as exc:
+            msg = (f"cannot use the outbox seq mark {mark_path}: {exc.strerror or exc}; it "
+                   "must be a regular file the gateway user can read and write, next to "
+                   "the outbox")
+            raise OutboxError(msg) from exc
+        if mark.value > self._last_seq:
+            # The file was emptied, deleted or replaced by an older copy: events after
+            # its last seq are gone, and their seqs must not be given again.
+            log.error("outbox %s ends at seq %d but seq %d was already given (the file was "
+                      "emptied or replaced): events %d..%d are lost; continuing after %d",
+                      self._path, self._last_seq, mark.value, self._last_seq + 1,
+                      mark.value, mark.value)
+            with self._write("moving past the seq mark"):
+                self._last_seq = mark.value
+                self._set_meta("last_seq", mark.value)
 
     @property
     def path(self) -> str:
@@ -143,40 +268,111 @@ class Outbox:
     def dropped_total(self) -> int:
         return self._dropped_total
 
+    @property
+    def storage_error(self) -> str:
+        """Why writing fails now ("" while it works); events are held in memory meanwhile."""
+        return self._storage_error
+
+    def faults(self) -> list[dict[str, Value]]:
+        """The gateway fault for the status topic's `faults` list while writing fails."""
+        if not self._storage_error:
+            return []
+        return [{"code": "storage_error", "severity": "critical", "since": iso_ts(self._since),
+                 "held": len(self._held), "message": self._storage_error}]
+
+    @property
+    def held(self) -> int:
+        """Events waiting in memory for the disk (0 while writing works)."""
+        return len(self._held)
+
     def append(self, events: list[tuple[FaultEvent, str]]) -> list[Row]:
         """Store (event, topic) pairs in one transaction; return (seq, topic, payload) each.
 
         When the bounds then drop rows, an overflow notice is stored too (see `pending`);
-        a batch larger than ``max_events`` loses its own oldest events this way.
+        a batch larger than ``max_events`` loses its own oldest events this way. When
+        writing fails, the events are held in memory instead (module docstring); every
+        event gets its seq either way.
         """
         if not events:
             return []
         now = time.time()
-        out: list[Row] = []
-        with self._write("append"):
-            for event, topic in events:
-                out.append(self._insert(topic, event.pack_id, event.payload, now))
-            self._trim(now)
-        return out
+        self.maintain(now)
+        entries = [self._new(topic, event.pack_id, event.payload, now)
+                   for event, topic in events]
+        self._store_or_hold(entries, now)
+        return [(h.seq, h.topic, h.payload) for h in entries]
+
+    def maintain(self, now: float | None = None) -> bool:
+        """Retry writing held events and acks when due; True when they are now stored."""
+        if not self._storage_error and not self._held and not self._unacked:
+            return False
+        now = time.time() if now is None else now
+        if now < self._retry_at:
+            return False
+        held = list(self._held.values())
+        try:
+            with self._write("writing held events"):
+                for h in held:
+                    self._store(h)
+                self._conn.executemany("DELETE FROM events WHERE seq = ?",
+                                       [(s,) for s in sorted(self._unacked)])
+                # a real write even when nothing is held: an empty transaction
+                # succeeds on a full disk and would clear storage_error too early
+                self._set_meta("last_seq", self._last_seq)
+                self._set_meta("dropped_total", self._dropped_total)
+                self._trim(now)
+        except OutboxError as exc:
+            self._failed(exc, now)
+            return False
+        for h in held:
+            self._held.pop(h.seq, None)
+        self._unacked.clear()
+        self._held_notice = None
+        self._sync_mark()
+        if self._storage_error:
+            log.warning("outbox %s: writing works again; %d held events stored",
+                        self._path, len(held))
+            was, self._storage_error = self._storage_error, ""
+            self._retries = 0
+            cleared = self._storage_event("cleared", f"outbox writable again (was: {was})", now)
+            self._store_or_hold([self._new(self._storage_topic, "gateway", cleared.payload,
+                                           now)], now)
+        return True
 
     def pending(self, limit: int = 100) -> list[Row]:
         """Up to ``limit`` undelivered events, oldest first; expired ones are dropped first."""
-        with self._write("expiring old events"):
-            self._trim(time.time())
+        now = time.time()
+        self.maintain(now)
+        if not self._storage_error:
+            try:
+                with self._write("expiring old events"):
+                    self._trim(now)
+            except OutboxError as exc:
+                log.debug("%s", exc)  # expiry waits for the next call; delivery must not
         try:
             rows: list[Row] = [
                 (int(seq), str(topic), bytes(payload)) for seq, topic, payload in
                 self._conn.execute(
-                    "SELECT seq, topic, payload FROM events ORDER BY seq LIMIT ?", (limit,))]
+                    "SELECT seq, topic, payload FROM events ORDER BY seq LIMIT ?",
+                    (limit + len(self._unacked),)) if seq not in self._unacked][:limit]
         except sqlite3.Error as exc:
             raise OutboxError(f"outbox {self._path}: reading pending events failed: {exc}") \
                 from exc
+        # held events are newer than every stored one; hand out only those whose seq the
+        # mark already covers, so a crash cannot give their seq again
+        covered = self._mark.value if self._mark is not None else self._last_seq
+        for h in self._held.values():
+            if len(rows) >= limit or h.seq > covered:
+                break
+            rows.append((h.seq, h.topic, h.payload))
         if rows:
             self._handed_out = max(self._handed_out, rows[-1][0])
         return rows
 
     def ack(self, seq: int) -> None:
         """Forget a delivered event; an unknown seq is ignored."""
+        if self._held.pop(seq, None) is not None:
+            return
         # A lost ack costs a duplicate with the same event_id, never an event, so this
         # commit skips its fsync; the next append's commit (or close) makes it durable.
         try:
@@ -186,16 +382,28 @@ class Outbox:
             finally:
                 self._conn.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
-            raise OutboxError(f"outbox {self._path}: ack of seq {seq} failed: {exc}") from exc
+            # the disk refuses even a delete: remember it, so the event is not sent again
+            self._unacked.add(seq)
+            self._failed(OutboxError(f"outbox {self._path}: ack of seq {seq} failed: {exc}"),
+                         time.time())
 
     def depth(self) -> int:
         try:
-            return int(self._conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+            stored = int(self._conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
         except sqlite3.Error as exc:
             raise OutboxError(f"outbox {self._path}: counting events failed: {exc}") from exc
+        return stored - len(self._unacked) + len(self._held)
 
     def close(self) -> None:
+        if self._storage_error:
+            self._retry_at = 0.0
+            self.maintain()
+        if self._held:
+            log.error("outbox %s: %d events could not be written before exit and are lost "
+                      "(%s)", self._path, len(self._held), self._storage_error)
         self._conn.close()  # idempotent; checkpoints the WAL into the main file
+        if self._mark is not None:
+            self._mark.close()
 
     def __enter__(self) -> Self:
         return self
@@ -267,8 +475,9 @@ class Outbox:
             self._set_meta("last_seq", max_seq)
 
     def _load_meta(self) -> None:
-        self._last_seq = int(self._meta("last_seq") or 0)
-        self._dropped_total = int(self._meta("dropped_total") or 0)
+        # never back: after a failed transaction its seqs belong to held events
+        self._last_seq = max(self._last_seq, int(self._meta("last_seq") or 0))
+        self._dropped_total = max(self._dropped_total, int(self._meta("dropped_total") or 0))
 
     def _meta(self, key: str) -> int | float | str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -298,16 +507,122 @@ class Outbox:
                 raise OutboxError(msg) from exc
             raise
 
-    def _insert(self, topic: str, pack_id: str, make: _MakePayload, now: float) -> Row:
+    def _new(self, topic: str, pack_id: str, make: _MakePayload, now: float) -> _Held:
         seq = self._last_seq + 1
         event_id = f"{self._gateway_id}-{seq}-{uuid.uuid4().hex[:12]}"
-        payload = _encode(make(seq, event_id))
+        self._last_seq = seq
+        return _Held(seq, event_id, pack_id, topic, _encode(make(seq, event_id)), now)
+
+    def _store(self, h: _Held) -> None:
         self._conn.execute(
             "INSERT INTO events(seq, event_id, pack_id, topic, payload, created)"
-            " VALUES (?, ?, ?, ?, ?, ?)", (seq, event_id, pack_id, topic, payload, now))
-        self._set_meta("last_seq", seq)
-        self._last_seq = seq
-        return seq, topic, payload
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (h.seq, h.event_id, h.pack_id, h.topic, h.payload, h.created))
+        self._set_meta("last_seq", self._last_seq)
+
+    def _insert(self, topic: str, pack_id: str, make: _MakePayload, now: float) -> Row:
+        h = self._new(topic, pack_id, make, now)
+        self._store(h)
+        return h.seq, h.topic, h.payload
+
+    def _store_or_hold(self, entries: list[_Held], now: float) -> None:
+        if not self._storage_topic and entries:
+            self._storage_topic = entries[0].topic
+        if not self._storage_error:  # degraded: new events queue behind the held ones
+            try:
+                with self._write("append"):
+                    for h in entries:
+                        self._store(h)
+                    self._trim(now)
+            except OutboxError as exc:
+                for h in entries:  # first: held stays in seq order
+                    self._held[h.seq] = h
+                entries = []
+                self._failed(exc, now)
+            else:
+                self._sync_mark()
+                return
+        for h in entries:
+            self._held[h.seq] = h
+        self._bound_held(now)
+        self._sync_mark()
+
+    def _failed(self, exc: OutboxError, now: float) -> None:
+        """A write failed: say so once (log and a storage_error event), retry later."""
+        self._retries += 1
+        self._retry_at = now + min(RETRY_MAX_S, 0.25 * 2 ** min(self._retries, 10))
+        if self._storage_error:
+            self._storage_error = str(exc)
+            log.debug("%s (still failing, attempt %d)", exc, self._retries)
+            return
+        self._storage_error = str(exc)
+        self._since = now
+        log.error("%s; fault events are held in memory (up to %d) and the write is retried",
+                  exc, self._held_max)
+        raised = self._storage_event("raised", str(exc), now)
+        h = self._new(self._storage_topic, "gateway", raised.payload, now)
+        self._held[h.seq] = h
+
+    def _storage_event(self, state: Literal["raised", "cleared"], message: str,
+                       now: float) -> FaultEvent:
+        return FaultEvent(ts=now, pack_id="gateway", code="storage_error",
+                          severity="critical", state=state, source="gateway",
+                          message=message, value=len(self._held), limit=self._held_max)
+
+    def _bound_held(self, now: float) -> None:
+        """Past ``_held_max`` drop the oldest held events; one notice says which."""
+        excess = len(self._held) - self._held_max
+        if excess <= 0:
+            return
+        live = self._held_notice
+        if live is not None and (live.seq <= self._handed_out or live.seq not in self._held):
+            live = None
+        keep = live.seq if live is not None else 0
+        if live is None:
+            excess += 1  # room for the notice
+        # the gateway's own notices (storage_error, this one) stay: they explain the gap
+        drop = [seq for seq, h in self._held.items()
+                if seq != keep and h.pack_id != "gateway"][:excess]
+        if not drop:
+            return
+        for seq in drop:
+            del self._held[seq]
+        self._dropped_total += len(drop)
+        if live is not None:
+            notice = _Notice(seq=live.seq, first=min(live.first, drop[0]),
+                             last=max(live.last, drop[-1]), count=live.count + len(drop),
+                             pack_id="gateway", by_count=True)
+            h = self._held[live.seq]
+            h.payload = _encode(self._held_event(notice, now).payload(h.seq, h.event_id))
+        else:
+            notice = _Notice(seq=self._last_seq + 1, first=drop[0], last=drop[-1],
+                             count=len(drop), pack_id="gateway", by_count=True)
+            h = self._new(self._storage_topic, "gateway", self._held_event(notice, now).payload,
+                          now)
+            self._held[h.seq] = h
+            log.warning("outbox %s: %s", self._path, self._held_event(notice, now).message)
+        self._held_notice = notice
+
+    def _held_event(self, notice: _Notice, now: float) -> FaultEvent:
+        return FaultEvent(ts=now, pack_id="gateway", code="outbox_overflow", severity="warning",
+                          state="raised", source="gateway",
+                          message=(f"storage error: dropped {notice.count} events held in "
+                                   f"memory (seq {notice.first}..{notice.last})"),
+                          value=notice.count, limit=self._held_max)
+
+    def _sync_mark(self) -> None:
+        """Move the seq mark up to the last seq given; a failure is logged, retried later."""
+        if self._mark is None or self._mark.value >= self._last_seq:
+            return
+        try:
+            self._mark.write(self._last_seq)
+        except OSError as exc:
+            if not self._mark_failed:
+                log.error("outbox seq mark %s cannot be written: %s; held events wait until "
+                          "it can", self._mark.path, exc.strerror or exc)
+            self._mark_failed = True
+        else:
+            self._mark_failed = False
 
     def _notice(self) -> tuple[_Notice, str] | None:
         """The newest overflow notice and its event_id, if still undelivered."""
