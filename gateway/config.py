@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import socket
+import stat
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -316,6 +318,9 @@ class MqttConfig:
         tls = m.group(1) == "mqtts"
         host = m.group(2).strip("[]")
         port = int(m.group(3) or (8883 if tls else 1883))
+        if not 0 < port < 65536:
+            msg = f"port {port} is not 1..65535"
+            raise ValueError(msg)
         return host, port, tls
 
 
@@ -381,11 +386,17 @@ class _Reader:
         if v is None:
             return None
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            self.bad(f"{key}.{name}" if key else name, f"must be a number, got {v!r}")
+            self.bad(f"{key}.{name}" if key else name, f"must be a number, got {v!r}",
+                     "write a plain number without quotes, such as 10 or 0.5")
+            return default
+        if not math.isfinite(v):  # .nan passes every range test; .inf overflows timers
+            self.bad(f"{key}.{name}" if key else name, f"must be a finite number, got {v!r}",
+                     "write a plain number such as 10 or 0.5")
             return default
         if (lo is not None and v < lo) or (hi is not None and v > hi):
             rng = f"{lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
-            self.bad(f"{key}.{name}" if key else name, f"{v} is out of range {rng}")
+            self.bad(f"{key}.{name}" if key else name, f"{v} is out of range {rng}",
+                     f"use a value from {rng.replace('..', ' to ')}")
             return default
         return float(v)
 
@@ -395,7 +406,8 @@ class _Reader:
         if v is None:
             return None
         if isinstance(v, bool) or not isinstance(v, int):
-            self.bad(f"{key}.{name}" if key else name, f"must be a whole number, got {v!r}")
+            self.bad(f"{key}.{name}" if key else name, f"must be a whole number, got {v!r}",
+                     "write an integer without quotes, such as 16")
             return default
         if lo is not None and v < lo:
             self.bad(f"{key}.{name}" if key else name, f"must be at least {lo}",
@@ -429,13 +441,17 @@ class _Reader:
             return None
         if (not isinstance(v, list) or len(v) != 2
                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-                or v[0] > v[1]):
+                or any(math.isnan(x) for x in v) or v[0] > v[1]):
             self.bad(f"{key}.{name}", f"must be [min, max], got {v!r}", "e.g. valid: [2.0, 4.5]")
             return None
         return float(v[0]), float(v[1])
 
 
 def read_yaml(path: Path, problems: list[Problem]) -> Any:
+    if (prob := file_problem(path, YAML_MAX_BYTES)) is not None:
+        problems.append(Problem(str(path), "-", prob,
+                                "point it at a YAML file (a regular file, not a device)"))
+        return None
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -446,7 +462,9 @@ def read_yaml(path: Path, problems: list[Problem]) -> Any:
         problems.append(Problem(str(path), "-", f"cannot read: {e.strerror or e}"))
         return None
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
+        _no_surrogates(path, data, problems)
+        return data
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "-"
@@ -808,7 +826,7 @@ def load_profile(path: Path, problems: list[Problem]) -> Profile | None:
         polls.append(PollRequest(k, r.num(spec, k, "period_s", 1.0, lo=0.01) or 1.0, msg, can_id,
                                  r.bool_(spec, k, "extended", False), data,
                                  r.str_(spec, k, "reply", None)))
-    cc = r.int_(top, "", "cell_count", None, lo=1)
+    cc = r.int_(top, "", "cell_count", None, lo=1, hi=MAX_CELLS)
     return Profile(
         name=str(top.get("name", path.stem)), path=path,
         description=str(top.get("description", "")), dbc=dbcs, fields=fields, cells=cells,
@@ -871,7 +889,8 @@ def _publish_policy(r: _Reader, key: str, obj: Any, base: PublishPolicy) -> Publ
         hi = r.num(t, f"{key}.{name}", "max_interval_s", dflt.max_interval_s, lo=0.1)
         assert lo is not None and hi is not None
         if hi < lo:
-            r.bad(f"{key}.{name}", "max_interval_s is smaller than min_interval_s")
+            r.bad(f"{key}.{name}", "max_interval_s is smaller than min_interval_s",
+                  f"raise max_interval_s to at least {lo:g} or lower min_interval_s")
         return TopicPolicy(lo, hi)
 
     deadband = dict(base.deadband)
@@ -902,6 +921,9 @@ def _can_buses(r: _Reader, obj: Any) -> list[CanBus]:
         channel = r.str_(spec, k, "channel", None)
         if interface is None:
             r.bad(k, "needs `interface`", "e.g. interface: socketcan (or virtual, slcan, ...)")
+            continue
+        if (prob := can_interface_problem(interface)) is not None:
+            r.bad(f"{k}.interface", *prob)
             continue
         if channel is None:
             channel = "can0" if interface == "socketcan" else "0"
@@ -1025,6 +1047,79 @@ def _mqtt(r: _Reader, obj: Any, base: Path) -> MqttConfig:
     return cfg
 
 
+# ------------------------------------------- values the daemon cannot run with (issue 10)
+# check-config is the contract: what it accepts must start and run, so these are the
+# values that got through it and then failed (a traceback, 8 GB, a read of /dev/zero).
+
+MAX_CELLS = 1024  # cells per pack: 16 s x 64 p is the largest seen; bounds allocation
+YAML_MAX_BYTES = 4 * 1024 * 1024
+DBC_MAX_BYTES = 64 * 1024 * 1024
+
+
+def file_problem(path: Path, max_bytes: int) -> str | None:
+    """A config, profile or DBC path must be a regular file of a sane size."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None  # missing files get their own message where they are used
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if st.st_size > max_bytes:
+        return f"{path} is {st.st_size} bytes, more than the {max_bytes} allowed"
+    return None
+
+
+def name_problem(value: str) -> str | None:
+    """An id used in topics, client ids and file names: printable, no spaces."""
+    if any(c.isspace() for c in value):
+        return "must not contain spaces"
+    if not value.isprintable():
+        return "must not contain control characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 text (a lone surrogate escape)"
+    return None
+
+
+def _no_surrogates(path: Path, data: Any, problems: list[Problem]) -> None:
+    """A "\\udc80" escape in YAML gives a str that no UTF-8 encoder takes: MQTT topics,
+    payloads and logs would fail at run time. Walk the tree once (shared nodes once)."""
+    seen: set[int] = set()
+    todo: list[tuple[str, Any]] = [("", data)]
+    while todo:
+        key, node = todo.pop()
+        if isinstance(node, str):
+            try:
+                node.encode("utf-8")
+            except UnicodeEncodeError:
+                problems.append(Problem(str(path), key or "(top level)",
+                                        "text with a lone surrogate escape (\\ud800-\\udfff) "
+                                        "is not valid UTF-8", "remove the \\u escape"))
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            for k, v in node.items():
+                sub = f"{key}.{k}" if key else str(k)
+                todo.append((sub, k))
+                todo.append((sub, v))
+        elif isinstance(node, list):
+            todo.extend((f"{key}[{i}]", v) for i, v in enumerate(node))
+
+
+def can_interface_problem(name: str) -> tuple[str, str] | None:
+    """python-can's interface names; an unknown one otherwise retries for ever at run time."""
+    from can.interfaces import VALID_INTERFACES
+
+    if name in VALID_INTERFACES:
+        return None
+    return (f"unknown CAN interface {name!r}",
+            nearest(name, VALID_INTERFACES)
+            or f"one of {', '.join(sorted(VALID_INTERFACES))} (python-can's names)")
+
+
 def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConfig:
     """Parse and check a gateway config and its profiles; raise ConfigError with all problems.
 
@@ -1040,8 +1135,8 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
     r.known(top, "", _TOP_KEYS)
     base = p.resolve().parent
     gid = r.str_(top, "", "gateway_id", None) or socket.gethostname().split(".")[0] or "gateway"
-    if (prob := topic_segment_problem(gid)) is not None:
-        r.bad("gateway_id", f"{gid!r} {prob}")
+    if (prob := topic_segment_problem(gid) or name_problem(gid)) is not None:
+        r.bad("gateway_id", f"{gid!r} {prob}", "use letters, digits, '-' and '_'")
     sd = r.str_(top, "", "state_dir", None)
     state_dir = (base / os.path.expanduser(sd)) if sd else default_state_dir()
     level = (r.str_(top, "", "log_level", "info") or "info").lower()
@@ -1069,8 +1164,8 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
         if pid is None:
             r.bad(k, "needs an `id`", "e.g. id: house (used in MQTT topics)")
             continue
-        if (prob := topic_segment_problem(pid)) is not None:
-            r.bad(f"{k}.id", f"{pid!r} {prob}")
+        if (prob := topic_segment_problem(pid) or name_problem(pid)) is not None:
+            r.bad(f"{k}.id", f"{pid!r} {prob}", "use letters, digits, '-' and '_'")
         if pid in seen or pid == "gateway":
             r.bad(f"{k}.id", f"{pid!r} is used twice or reserved", "give each pack a unique id")
         seen.add(pid)
@@ -1084,6 +1179,9 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
             r.bad(f"{k}.profile", f"no profile {prof_name!r} (looked for {ppath})",
                   nearest(prof_name, available_profiles())
                   or f"built-in: {', '.join(available_profiles())}")
+            continue
+        if (prob := file_problem(ppath, YAML_MAX_BYTES)) is not None:
+            r.bad(f"{k}.profile", prob, "point it at a profile YAML file")
             continue
         profile = load_profile(ppath, problems)
         if profile is None:
@@ -1100,6 +1198,9 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
             if not d.exists():
                 r.bad(f"{k}.dbc" if extra_dbc else "dbc", f"DBC file {d} does not exist",
                       "point `dbc:` at your copy of the file")
+            elif (prob := file_problem(d, DBC_MAX_BYTES)) is not None:
+                r.bad(f"{k}.dbc" if extra_dbc else "dbc", prob,
+                      "point `dbc:` at a DBC file (a regular file, not a device)")
         bus = r.str_(spec, k, "bus", buses[0].name if buses else "can0") or ""
         if buses and bus not in {b.name for b in buses}:
             r.bad(f"{k}.bus", f"no bus named {bus!r}",
@@ -1113,7 +1214,7 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
         packs.append(PackConfig(
             id=pid, profile=profile, bus=bus, id_offset=r.int_(spec, k, "id_offset", 0) or 0,
             transmit=r.bool_(spec, k, "transmit", False), stale_after_s=stale or 10.0,
-            cell_count=r.int_(spec, k, "cell_count", profile.cell_count, lo=1),
+            cell_count=r.int_(spec, k, "cell_count", profile.cell_count, lo=1, hi=MAX_CELLS),
             publish=_publish_policy(r, f"{k}.publish", spec.get("publish"), publish),
             rules=rules,
             chemistry=_chemistry(r, spec, f"{k}.chemistry") or profile.chemistry or "lfp",
@@ -1133,16 +1234,22 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
     prom = r.str_(top, "", "prometheus", None)
     if prom is not None and not re.fullmatch(r"(\[[^\]]+\]|[^:]+):\d{1,5}|\d{1,5}", prom):
         r.bad("prometheus", f"{prom!r} is not host:port", "e.g. prometheus: 127.0.0.1:9108")
+    port = (prom or "").rsplit(":", 1)[-1]
+    if port.isdigit() and not 0 < int(port) < 65536:
+        r.bad("prometheus", f"port {port} is not 1..65535", "e.g. prometheus: 127.0.0.1:9108")
     if prom is not None and prom.isdigit():
         prom = f"127.0.0.1:{prom}"
+    # parsed before the check below: a problem found after it was silently defaulted
+    outbox = OutboxConfig(r.int_(ob, "outbox", "max_events", 100_000, lo=10) or 100_000,
+                          r.num(ob, "outbox", "max_age_s", 30 * 86400, lo=60) or 30 * 86400)
+    shutdown = r.num(top, "", "shutdown_timeout_s", 10.0, lo=0.1, hi=3600) or 10.0
     if problems:
         raise ConfigError(problems)
     return GatewayConfig(
         path=p, gateway_id=gid, state_dir=state_dir, log_level=level, buses=tuple(buses),
         packs=tuple(packs), mqtt=mqtt,
         homeassistant=ha,
-        outbox=OutboxConfig(r.int_(ob, "outbox", "max_events", 100_000, lo=10) or 100_000,
-                            r.num(ob, "outbox", "max_age_s", 30 * 86400, lo=60) or 30 * 86400),
-        shutdown_timeout_s=r.num(top, "", "shutdown_timeout_s", 10.0, lo=0.1) or 10.0,
+        outbox=outbox,
+        shutdown_timeout_s=shutdown,
         prometheus=prom,
     )

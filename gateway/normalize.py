@@ -252,6 +252,9 @@ class _Compiler:
         return _linear(expr, spec), path
 
     def safe_expr(self, spec: ValueSpec, msg: Message, g: Source) -> tuple[str, tuple[MuxStep, ...]] | None:
+        if (problem := expr_problem(spec.expr or "")) is not None:
+            self.problems.append(Problem(self.file, f"{spec.key}.expr", *problem))
+            return None
         try:
             tree = ast.parse(spec.expr or "", mode="eval")
         except SyntaxError as e:
@@ -923,6 +926,86 @@ def _flag_test(raw: str, bit: int | None, values: tuple[int, ...] | None) -> str
     if values is not None:
         return f"{raw} in {set(values)!r}"
     return f"{raw} != 0"
+
+
+EXPR_MAX_CHARS = 1000
+EXPR_MAX_DEPTH = 40
+_EXPR_SAMPLES = (1.0, 2.0, 0.5, -3.0, 1000.0)
+_EXPR_ARGS = {"abs": (1, 1), "min": (2, 64), "max": (2, 64)}
+
+
+def expr_problem(text: str) -> tuple[str, str] | None:
+    """Why an expression would fail on every frame (or could not even be compiled), as
+    (what, fix); None when it is usable. check-config runs it once on sample inputs, so
+    `1e999`, `max()` or `x / 0` are rejected there, not counted as errors at run time."""
+    fix = "use signal names, finite numbers, + - * / and min(a, b), max(a, b), abs(a)"
+    if len(text) > EXPR_MAX_CHARS:
+        return f"is {len(text)} characters long, more than {EXPR_MAX_CHARS}", fix
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        return None  # reported with its message by the compiler
+    except (RecursionError, MemoryError):
+        return "is nested too deeply to compile", fix
+    depth: dict[int, int] = {id(tree): 0}
+    for node in ast.walk(tree):
+        d = depth[id(node)]
+        if d > EXPR_MAX_DEPTH:
+            return f"is nested more than {EXPR_MAX_DEPTH} levels deep", fix
+        for child in ast.iter_child_nodes(node):
+            depth[id(child)] = d + 1
+        if isinstance(node, ast.Constant) and isinstance(node.value, float) \
+                and not math.isfinite(node.value):
+            return f"the number {ast.get_source_segment(text, node) or node.value} is not " \
+                   "finite (too large for a float)", fix
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in _EXPR_ARGS:
+            lo, hi = _EXPR_ARGS[node.func.id]
+            if not lo <= len(node.args) <= hi:
+                want = "one argument" if lo == hi else f"{lo} to {hi} arguments"
+                return f"{node.func.id}() takes {want}, got {len(node.args)}", fix
+    failures: list[str] = []
+    for sample in _EXPR_SAMPLES:
+        try:
+            value = _trial(tree, sample)
+        except (ArithmeticError, TypeError, ValueError) as e:
+            failures.append(f"{type(e).__name__}: {e}")
+            continue
+        except _ExprError:
+            return None  # not allowed syntax: the compiler says which
+        if math.isfinite(value):
+            return None
+        failures.append(f"gives {value}")
+    return (f"fails for every input value tried ({', '.join(map(str, _EXPR_SAMPLES))}): "
+            f"{failures[0]}"), fix
+
+
+def _trial(node: ast.AST, sample: float) -> float:
+    """Evaluate a whitelisted expression with every signal set to `sample`."""
+    if isinstance(node, ast.Expression):
+        return _trial(node.body, sample)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) \
+            and not isinstance(node.value, bool):
+        return float(node.value)
+    if isinstance(node, ast.Name):
+        return sample
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+        a, b = _trial(node.left, sample), _trial(node.right, sample)
+        if isinstance(node.op, ast.Add):
+            return a + b
+        if isinstance(node.op, ast.Sub):
+            return a - b
+        return a * b if isinstance(node.op, ast.Mult) else a / b
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _trial(node.operand, sample)
+        return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+            and node.func.id in _EXPR_ARGS and not node.keywords:
+        args = [_trial(a, sample) for a in node.args]
+        if node.func.id == "abs":
+            return abs(args[0])
+        return min(args) if node.func.id == "min" else max(args)
+    raise _ExprError("", "")
 
 
 def _linear(expr: str, spec: ValueSpec) -> str:
