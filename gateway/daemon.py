@@ -144,6 +144,7 @@ class Runtime:
                 "errors": (src.stats.error_frames if src else 0),
                 "overruns": (src.stats.overruns if src else 0),
                 "receive": src.receive_path if src else "log",
+                "garbled": (src.stats.bad_lines if src else 0),
                 "short_frames": p.short_frames(),
                 "state": ("lost" if src and src.lost else "up") if src else "log",
                 "transmitted": src.tx_count if src else 0,

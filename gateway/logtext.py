@@ -10,7 +10,7 @@ counted in `SourceStats.bad_lines` with its line number and reading goes on.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -62,7 +62,26 @@ def _data(tokens: list[str], n: int, base: int) -> bytes:
     return out
 
 
-def _emit(batch: list[Frame], stats: SourceStats) -> Iterator[list[Frame]]:
+def _batches(path: Path, stats: SourceStats, kind: str, header: Callable[[str], bool],
+             frame: Callable[[list[str]], Frame | None]) -> Iterator[list[Frame]]:
+    """Lines to batches: `header` takes the lines it knows, `frame` parses the others;
+    a line `frame` refuses is counted with its number and skipped."""
+    batch: list[Frame] = []
+    for lineno, line in _lines(path):
+        if header(line):
+            continue
+        try:
+            _decodable(line)
+            got = frame(line.split())
+        except (ValueError, IndexError) as e:
+            stats.bad(f"{path}:{lineno}", f"{e or f'not a {kind} frame line'}: {line[:60]!r}")
+            continue
+        if got is not None:
+            batch.append(got)
+            if len(batch) >= BATCH:
+                stats.frames += len(batch)
+                yield batch
+                batch = []
     if batch:
         stats.frames += len(batch)
         yield batch
@@ -79,27 +98,20 @@ def asc_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
     times are offsets from the trigger block's (or `date` line's) start."""
     start = 0.0
     base = 16
-    batch: list[Frame] = []
-    for lineno, line in _lines(path):
+
+    def header(line: str) -> bool:
+        nonlocal start, base
         low = line.lower()
-        if _ASC_HEADER.match(low):
-            if low.startswith(("date ", "begin triggerblock ")):
-                start = _asc_start(line) or start
-            elif low.startswith("base "):
-                base = 10 if low.split()[1:2] == ["dec"] else 16
-            continue
-        try:
-            _decodable(line)
-            got = _asc_line(line.split(), start, base, stats)
-        except (ValueError, IndexError) as e:
-            stats.bad(f"{path}:{lineno}", f"{e or 'not an ASC frame line'}: {line[:60]!r}")
-            continue
-        if got is not None:
-            batch.append(got)
-            if len(batch) >= BATCH:
-                yield from _emit(batch, stats)
-                batch = []
-    yield from _emit(batch, stats)
+        if not _ASC_HEADER.match(low):
+            return False
+        if low.startswith(("date ", "begin triggerblock ")):
+            start = _asc_start(line) or start
+        elif low.startswith("base "):
+            base = 10 if low.split()[1:2] == ["dec"] else 16
+        return True
+
+    return _batches(path, stats, "ASC", header,
+                    lambda tok: _asc_line(tok, start, base, stats))
 
 
 def _asc_start(line: str) -> float | None:
@@ -169,27 +181,20 @@ def trc_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
     start = 0.0
     scale = 0.001  # PEAK writes offsets in ms
     dlc_code = False
-    batch: list[Frame] = []
-    for lineno, line in _lines(path):
-        if line.startswith(";"):
-            if line.startswith(";$STARTTIME="):
-                start, scale = _trc_start(line.split("=", 1)[1].strip(), start, scale)
-            elif line.startswith(";$COLUMNS="):
-                cols = line.split("=", 1)[1].split(",")
-                dlc_code = "L" in cols and "l" not in cols
-            continue
-        try:
-            _decodable(line)
-            got = _trc_line(line.split(), start, scale, dlc_code, stats)
-        except (ValueError, IndexError) as e:
-            stats.bad(f"{path}:{lineno}", f"{e or 'not a TRC frame line'}: {line[:60]!r}")
-            continue
-        if got is not None:
-            batch.append(got)
-            if len(batch) >= BATCH:
-                yield from _emit(batch, stats)
-                batch = []
-    yield from _emit(batch, stats)
+
+    def header(line: str) -> bool:
+        nonlocal start, scale, dlc_code
+        if not line.startswith(";"):
+            return False
+        if line.startswith(";$STARTTIME="):
+            start, scale = _trc_start(line.split("=", 1)[1].strip(), start, scale)
+        elif line.startswith(";$COLUMNS="):
+            cols = line.split("=", 1)[1].split(",")
+            dlc_code = "L" in cols and "l" not in cols
+        return True
+
+    return _batches(path, stats, "TRC", header,
+                    lambda tok: _trc_line(tok, start, scale, dlc_code, stats))
 
 
 def _trc_start(text: str, start: float, scale: float) -> tuple[float, float]:

@@ -44,6 +44,7 @@ TS_MAX = 253402300799.0  # 9999-12-31T23:59:59Z
 # The candump parser caches id and channel texts; hostile or huge logs (millions of
 # distinct ids) must not grow them without bound, so they are emptied when this full.
 CACHE_MAX = 4096
+GARBLED_MAX = 1000  # garbled frames in a row before a live bus is taken for lost
 
 
 def ts_ok(ts: float) -> bool:
@@ -440,7 +441,8 @@ class LiveSource:
     def _thread_reader(self, loop: asyncio.AbstractEventLoop, bus: can.BusABC) -> None:
         last = 0.0
         busy = False
-        poll = _nonblocking_recv(bus)
+        poll = self._tolerant(_nonblocking_recv(bus))
+        recv = self._tolerant(lambda: bus.recv(0.2))
         while not self._stop and self.bus is bus:
             batch: list[Frame] = []
             try:
@@ -449,7 +451,7 @@ class LiveSource:
                 # was not empty) just sleeps out the rest of the interval and drains, so
                 # it is woken once per batch instead of once per frame.
                 if not busy:
-                    m = bus.recv(0.2)
+                    m = recv()
                     if m is None:
                         continue
                     self._to_frame(m, batch)
@@ -473,6 +475,22 @@ class LiveSource:
                     loop.call_soon_threadsafe(self._deliver, batch)
                 except RuntimeError:  # the event loop closed under us: shutting down
                     return
+
+    def _tolerant(self, recv: Callable[[], can.Message | None]) -> Callable[[], can.Message | None]:
+        """A garbled frame from a serial adapter (python-can's slcan raises ValueError on
+        `tXYZ`) is counted and skipped, not taken for a lost bus; only a long run of them
+        (an interface that keeps failing that way) is."""
+        def recv0() -> can.Message | None:
+            for _ in range(GARBLED_MAX):
+                try:
+                    return recv()
+                except ValueError as e:  # UnicodeDecodeError included
+                    self.stats.bad(f"CAN bus {self.cfg.name}",
+                                   f"garbled frame from the interface: {e}")
+            msg = f"{GARBLED_MAX} garbled frames in a row"
+            raise can.CanOperationError(msg)
+
+        return recv0
 
     def _deliver(self, batch: list[Frame]) -> None:
         self.stats.frames += len(batch)
@@ -539,7 +557,7 @@ class LiveSource:
 
     def _open(self) -> Any:
         bus = open_bus(self.cfg)
-        self._poll = _nonblocking_recv(bus)
+        self._poll = self._tolerant(_nonblocking_recv(bus))
         return bus
 
     def _watch(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
