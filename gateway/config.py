@@ -411,7 +411,7 @@ class _Reader:
             return default
         if lo is not None and v < lo:
             self.bad(f"{key}.{name}" if key else name, f"must be at least {lo}",
-                     f"use a value from {lo} to {hi}" if hi is not None else "")
+                     f"use a value from {lo} to {hi}" if hi is not None else f"use {lo} or more")
             return default
         if hi is not None and v > hi:
             self.bad(f"{key}.{name}" if key else name, f"{v} is more than the maximum {hi}",
@@ -424,14 +424,16 @@ class _Reader:
         if v is None:
             return None
         if not isinstance(v, (str, int, float)) or isinstance(v, bool):
-            self.bad(f"{key}.{name}" if key else name, f"must be text, got {v!r}")
+            self.bad(f"{key}.{name}" if key else name, f"must be text, got {v!r}",
+                     "write it as a plain value in quotes, e.g. \"can0\"")
             return default
         return str(v)
 
     def bool_(self, obj: dict[str, Any], key: str, name: str, default: bool) -> bool:
         v = obj.get(name, default)
         if not isinstance(v, bool):
-            self.bad(f"{key}.{name}" if key else name, f"must be true or false, got {v!r}")
+            self.bad(f"{key}.{name}" if key else name, f"must be true or false, got {v!r}",
+                     "write true or false without quotes")
             return default
         return v
 

@@ -32,8 +32,8 @@ Exceptions::
 
     OutboxError   the outbox cannot be opened: a corrupt file or one that is not an
                   outbox, an unwritable state directory. The message names the path
-                  and the fix; a bad file is never recreated. After a successful open,
-                  only a broken reader (not a write) raises it.
+                  and the fix; a bad file is never recreated. After a successful open
+                  nothing raises it: a failing read or write is a storage error.
 """
 
 from __future__ import annotations
@@ -356,8 +356,10 @@ class Outbox:
                     "SELECT seq, topic, payload FROM events ORDER BY seq LIMIT ?",
                     (limit + len(self._unacked),)) if seq not in self._unacked][:limit]
         except sqlite3.Error as exc:
-            raise OutboxError(f"outbox {self._path}: reading pending events failed: {exc}") \
-                from exc
+            # stored events wait for the disk; held ones (newer) can still go out
+            self._failed(OutboxError(f"outbox {self._path}: reading pending events failed: "
+                                     f"{exc}"), now)
+            rows = []
         # held events are newer than every stored one; hand out only those whose seq the
         # mark already covers, so a crash cannot give their seq again
         covered = self._mark.value if self._mark is not None else self._last_seq
@@ -390,8 +392,9 @@ class Outbox:
     def depth(self) -> int:
         try:
             stored = int(self._conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
-        except sqlite3.Error as exc:
-            raise OutboxError(f"outbox {self._path}: counting events failed: {exc}") from exc
+        except sqlite3.Error as exc:  # the status must not die with the disk
+            log.debug("outbox %s: counting events failed: %s", self._path, exc)
+            stored = len(self._unacked)
         return stored - len(self._unacked) + len(self._held)
 
     def close(self) -> None:

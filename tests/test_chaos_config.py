@@ -168,7 +168,10 @@ STATS = {"examples": 0, "accepted": 0, "rejected": 0}
 ACCEPTABLE_NEAR_VALID: set[str] = set()
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: the same 100 examples on every run (CI must not be flaky); change the code
+# or the strategies and hypothesis explores anew
+@settings(max_examples=100, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(configs())
 def test_every_config_check_config_accepts_starts_and_runs(spec: dict[str, str]) -> None:
     STATS["examples"] += 1
