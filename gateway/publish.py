@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import TracebackType
 from typing import Any, TextIO
 
 from .config import MqttConfig, PackConfig
@@ -495,6 +496,22 @@ def acked_client_class() -> type[Any]:
             self._codes[mid] = int(getattr(reason_code, "value", 0) or 0)
             super()._on_publish(client, userdata, mid, reason_code, properties)
 
+        async def __aexit__(self, exc_type: type[BaseException] | None,
+                            exc: BaseException | None, tb: TracebackType | None) -> None:
+            # Leaving because of a bug, not the link: a clean DISCONNECT would discard
+            # the last will and leave `online` retained for a gateway that stopped
+            # working. MQTT 5 can ask the broker to publish the will anyway (0x04).
+            if (isinstance(exc, Exception) and _is_bug(exc, aiomqtt.MqttError)
+                    and not self._disconnected.done() and self._client.protocol == 5):
+                from paho.mqtt.packettypes import PacketTypes
+                from paho.mqtt.reasoncodes import ReasonCode
+
+                with contextlib.suppress(Exception):
+                    self._client.disconnect(reasoncode=ReasonCode(
+                        PacketTypes.DISCONNECT, "Disconnect with will message"))
+                    await self._wait_for(self._disconnected, timeout=5)
+            await super().__aexit__(exc_type, exc, tb)
+
         async def publish_acked(self, topic: str, payload: bytes, *, qos: int, retain: bool,
                                 timeout: float) -> int:
             # aiomqtt's publish calls paho's synchronously before its first await, and
@@ -504,6 +521,13 @@ def acked_client_class() -> type[Any]:
             return code if qos else 0
 
     return AckedClient
+
+
+def _is_bug(e: BaseException, link_error: type[BaseException]) -> bool:
+    """True unless `e` is (a group of only) broker link errors."""
+    if isinstance(e, BaseExceptionGroup):
+        return e.split(link_error)[1] is not None
+    return not isinstance(e, link_error)
 
 
 def _nodelay(client: Any) -> None:

@@ -30,7 +30,7 @@ from gateway.daemon import Daemon, replay
 from gateway.model import FaultEvent
 from gateway.outbox import Outbox
 from gateway.publish import MqttSink
-from tests.conftest import REPO, Broker, started
+from tests.conftest import REPO, Broker, Subscriber, started
 from tests.test_daemon import DB, pack_frame, write_cfg
 from tests.test_events_e2e import write_config as events_config
 from tests.test_events_e2e import write_log
@@ -365,27 +365,36 @@ def test_watchdog_not_fed_while_the_sink_is_dead(tmp_path: Path, broker: Broker,
     monkeypatch.setattr(daemon_mod, "backoff", lambda attempt: 3.0)
     cfg = write_cfg(tmp_path / "gw.yaml", gid="wd", url=broker.url)
     pings: dict[str, int] = {}
+    avail = "bms/gateway/wd/availability"
 
     async def scenario() -> None:
         d = Daemon(load_config(cfg))
         task = asyncio.create_task(d.serve())
+        sub = Subscriber(broker.port, [avail])
         try:
             await started(d)
+            assert await until(sub, lambda ms: sub.topic(avail)[-1:] == [b"online"])
             await asyncio.to_thread(ns.pump, lambda: ns.has("WATCHDOG=1"), 10)
-            # a real failure in the sink: a callback it runs on every connect raises
-            def broken() -> list[Any]:
-                msg = "injected: on-connect callback broken"
+            sink = d.rt.sink
+            assert isinstance(sink, MqttSink)
+
+            # a real failure inside the sink's sender: reading the outbox raises
+            def broken() -> list[tuple[int, str, bytes]]:
+                msg = "injected: outbox read failed"
                 raise RuntimeError(msg)
 
-            d.rt.extra_on_connect.append(broken)
-            await asyncio.to_thread(broker.stop)  # the link drops; the reconnect runs it
-            await asyncio.to_thread(broker.start)
+            sink.next_events = broken
+            sink.flush()  # "new events": the sender reads the outbox, and dies
             assert await asyncio.to_thread(ns.pump, lambda: "mqtt" not in d.alive, 15)
+            # it left with its last will: nobody is told that it is still online
+            assert await until(sub, lambda ms: sub.topic(avail)[-1:] == [b"offline"], 5), \
+                sub.messages
             start = len(ns.got)
             await asyncio.to_thread(ns.pump, None, 1.5)  # the sink is backing off (3 s)
             pings["while_dead"] = sum(1 for _, m in ns.got[start:] if "WATCHDOG=1" in m)
-            pings["restarts"] = d.rt.task_deaths
+            pings["deaths"] = d.rt.task_deaths
         finally:
+            sub.close()
             d._on_term()
             await asyncio.wait_for(task, 15)
 
@@ -393,7 +402,7 @@ def test_watchdog_not_fed_while_the_sink_is_dead(tmp_path: Path, broker: Broker,
         asyncio.run(scenario())
     finally:
         ns.close()
-    assert pings["restarts"] >= 1
+    assert pings["deaths"] >= 1
     assert pings["while_dead"] == 0, "watchdog fed while the sink was dead"
 
 

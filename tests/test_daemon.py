@@ -214,9 +214,12 @@ def test_second_sigint_forces_exit(tmp_path: Path, broker: Broker, subscriber_fa
     assert gw.wait_log("SIGINT: stopping")
     with pytest.raises(subprocess.TimeoutExpired):
         gw.proc.wait(1.0)  # still draining
+    wal = tmp_path / "state" / "outbox.sqlite-wal"
+    assert wal.exists()  # the outbox is open
     gw.signal(signal.SIGINT)
     assert gw.proc.wait(10) == 130
     assert "second SIGINT: exiting now" in gw.log()
+    assert not wal.exists(), "the outbox was not closed (its WAL not checkpointed)"
 
 
 # ---------------------------------------------------------------- 2. SIGHUP
