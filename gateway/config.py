@@ -178,6 +178,24 @@ class BmsFault:
     cell_base: int = 1  # the raw value of that signal that means cell 1
 
 
+CHECKSUM_METHODS = ("sum8", "xor8", "crc8_sae_j1850")
+
+
+@dataclass(frozen=True, slots=True)
+class FrameCheck:
+    """Frames of `message` failing the checksum or the rolling counter are dropped."""
+
+    key: str
+    message: str
+    checksum: str | None = None  # signal holding the checksum (one whole byte)
+    method: str = "sum8"  # one of CHECKSUM_METHODS, over the frame's other bytes
+    with_id: bool = False  # add the frame id (sum8/xor8 of its bytes; Orion adds 0x36)
+    with_length: bool = False  # add the frame length
+    counter: str | None = None  # rolling counter signal
+    # a counter may advance by 1..max_step (lost frames); default: half its range
+    max_step: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class DtcStream:
     """A signal carrying one trouble code per frame: each distinct code is a fault
@@ -222,6 +240,7 @@ class Profile:
     poll_id_offset_shift: int = 0
     gates: tuple[Gate, ...] = ()
     dtcs: tuple[DtcStream, ...] = ()
+    checks: tuple[FrameCheck, ...] = ()
 
 
 # ---------------------------------------------------------------- gateway schema
@@ -692,6 +711,46 @@ def _gates(r: _Reader, obj: Any) -> tuple[Gate, ...]:
     return tuple(out)
 
 
+def _checks(r: _Reader, obj: Any) -> tuple[FrameCheck, ...]:
+    if obj is None:
+        return ()
+    if not isinstance(obj, list):
+        r.bad("checks", "must be a list", "checks: [{message: ..., checksum: ..., counter: ...}]")
+        return ()
+    out: list[FrameCheck] = []
+    seen: set[str] = set()
+    for i, item in enumerate(obj):
+        k = f"checks[{i}]"
+        spec = r.mapping(item, k)
+        r.known(spec, k, {"message", "checksum", "method", "with_id", "with_length", "counter",
+                          "max_step"})
+        message = r.str_(spec, k, "message", None)
+        checksum, counter = r.str_(spec, k, "checksum", None), r.str_(spec, k, "counter", None)
+        if not message or not (checksum or counter):
+            r.bad(k, "needs `message` and a `checksum` or `counter` signal (or both)")
+            continue
+        if message in seen:
+            r.bad(f"{k}.message", f"{message!r} already has checks", "merge the two entries")
+            continue
+        seen.add(message)
+        method = r.str_(spec, k, "method", "sum8") or "sum8"
+        if method not in CHECKSUM_METHODS:
+            r.bad(f"{k}.method", f"unknown checksum method {method!r}",
+                  nearest(method, CHECKSUM_METHODS) or f"one of {', '.join(CHECKSUM_METHODS)}")
+            continue
+        if checksum is None and any(x in spec for x in ("method", "with_id", "with_length")):
+            r.bad(k, "`method`, `with_id` and `with_length` describe a `checksum`",
+                  "add checksum: <signal>, or remove them")
+            continue
+        if counter is None and "max_step" in spec:
+            r.bad(f"{k}.max_step", "only applies to a `counter`", "add counter: <signal>")
+            continue
+        out.append(FrameCheck(k, message, checksum, method, r.bool_(spec, k, "with_id", False),
+                              r.bool_(spec, k, "with_length", False), counter,
+                              r.int_(spec, k, "max_step", None, lo=1)))
+    return tuple(out)
+
+
 def _dtcs(r: _Reader, obj: Any) -> tuple[DtcStream, ...]:
     if obj is None:
         return ()
@@ -745,7 +804,7 @@ def available_profiles() -> list[str]:
 
 
 _PROFILE_KEYS = {"name", "description", "dbc", "fields", "cells", "faults", "poll", "gates",
-                 "dtcs",
+                 "dtcs", "checks",
                  "cell_count", "stale_after_s", "extras", "notes", "chemistry", "isotp",
                  "poll_id_offset_shift"}
 CHEMISTRIES = ("lfp", "nmc", "nca", "lmo", "lto", "sodium", "other")
@@ -809,6 +868,7 @@ def load_profile(path: Path, problems: list[Problem]) -> Profile | None:
                                r.int_(spec, k, "cell_base", 1) or 0))
     gates = _gates(r, top.get("gates"))
     dtcs = _dtcs(r, top.get("dtcs"))
+    checks = _checks(r, top.get("checks"))
     polls: list[PollRequest] = []
     for i, p in enumerate(top.get("poll") or []):
         k = f"poll[{i}]"
@@ -832,7 +892,7 @@ def load_profile(path: Path, problems: list[Problem]) -> Profile | None:
     return Profile(
         name=str(top.get("name", path.stem)), path=path,
         description=str(top.get("description", "")), dbc=dbcs, fields=fields, cells=cells,
-        faults=tuple(faults), poll=tuple(polls), cell_count=cc, gates=gates, dtcs=dtcs,
+        faults=tuple(faults), poll=tuple(polls), cell_count=cc, gates=gates, dtcs=dtcs, checks=checks,
         stale_after_s=r.num(top, "", "stale_after_s", None, lo=0.1), extras=extras,
         chemistry=_chemistry(r, top, "chemistry"),
         isotp=_isotp_list(r, top.get("isotp")),

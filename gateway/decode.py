@@ -314,6 +314,10 @@ class Source:
         self._n = 0
         self._mux_vars = {name: f"m{i}" for i, name in enumerate(layout.muxers)}
 
+    def tag(self, key: str) -> None:
+        """Tag the lines emitted from now on with this profile key ("" for none)."""
+        self._key = key
+
     def const(self, value: Any, hint: str = "k") -> str:
         self._n += 1
         name = f"_{hint}{self._n}"

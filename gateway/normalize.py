@@ -23,7 +23,17 @@ from typing import Any
 from cantools.database import Database
 from cantools.database.can import Message, Signal
 
-from .config import BmsFault, CellSource, DtcStream, Gate, PackConfig, Problem, ValueSpec, nearest
+from .config import (
+    BmsFault,
+    CellSource,
+    DtcStream,
+    FrameCheck,
+    Gate,
+    PackConfig,
+    Problem,
+    ValueSpec,
+    nearest,
+)
 from .decode import (
     BitField,
     DbcError,
@@ -68,6 +78,8 @@ class PackCounters:
     frames: int = 0
     short_frames: int = 0
     gated: int = 0  # frames ignored by a validity gate (format 2 `gates`)
+    bad_checksum: int = 0  # frames dropped: checksum wrong (format 2 `checks`)
+    bad_counter: int = 0  # frames dropped: rolling counter repeated or jumped
     implausible: dict[str, int] = field(default_factory=dict)
 
 
@@ -120,6 +132,7 @@ class _Compiler:
         self.gates: list[Callable[[Source, int], int]] = []
         # format 2 `gates`: (state message, state signal, values, ignored messages or None)
         self.gate_specs: list[tuple[str, SignalRead, frozenset[int], list[str] | None]] = []
+        self.checks: dict[str, tuple[FrameCheck, SignalRead | None, SignalRead | None]] = {}
         self.fault_count = 0
 
     # -- lookups with helpful errors
@@ -409,6 +422,36 @@ class _Compiler:
                 ignore.append(m.name)
         self.msgs.setdefault(msg.name, [])
         self.gate_specs.append((msg.name, rd, frozenset(values), ignore))
+
+    def check(self, chk: FrameCheck) -> None:
+        """`checks`: a frame failing its checksum or rolling counter is dropped."""
+        msg = self.message(chk.key, chk.message)
+        if msg is None:
+            return
+        cs = ctr = None
+        if chk.checksum is not None:
+            cs = self.read(f"{chk.key}.checksum", msg, chk.checksum)
+            if cs is None:
+                return
+            if cs.path or cs.field.length != 8 or \
+                    (cs.field.shift % 8 if not cs.field.big_endian else
+                     (msg.length * 8 - cs.field.shift - 8) % 8):
+                self.problems.append(Problem(self.file, f"{chk.key}.checksum",
+                                             f"{chk.checksum!r} is not one whole byte of "
+                                             "every frame", "checksums are 8-bit, byte-aligned, "
+                                             "not multiplexed"))
+                return
+        if chk.counter is not None:
+            ctr = self.read(f"{chk.key}.counter", msg, chk.counter)
+            if ctr is None:
+                return
+            if ctr.path:
+                self.problems.append(Problem(self.file, f"{chk.key}.counter",
+                                             f"{chk.counter!r} is multiplexed",
+                                             "a rolling counter must be in every frame"))
+                return
+        self.msgs.setdefault(msg.name, [])
+        self.checks[msg.name] = (chk, cs, ctr)
 
     def add_with_sentinel(self, msg: Message, spec: ValueSpec, path: tuple[MuxStep, ...],
                           gen: Callable[[Source, int], None], target: str) -> None:
@@ -792,6 +835,49 @@ class _Compiler:
     dtc_streams: list[tuple[DtcStream, dict[int, str]]]
     dtc_hook: list[DtcHook | None]
 
+    def emit_checks(self, g: Source, key: int, chk: FrameCheck, cs: SignalRead | None,
+                    ctr: SignalRead | None) -> None:
+        k = chk.key
+        if cs is not None:
+            bf = cs.field
+            pos = bf.shift // 8 if not bf.big_endian else (self.layout_len(chk) * 8 - bf.shift - 8) // 8
+            fid = key & 0x1FFFFFFF
+            id_bytes = fid.to_bytes(4 if key & 0x80000000 else 2, "big").lstrip(b"\0") or b"\0"
+            g.tag(k)
+            got = g.read(bf, raw=True)
+            if chk.method == "crc8_sae_j1850":
+                want = f"_crc8(data[:{pos}] + data[{pos} + 1:])"
+            else:
+                op = "^" if chk.method == "xor8" else "+"
+                extra: list[int | str] = []
+                if chk.with_id:
+                    extra.append(sum(id_bytes) if op == "+" else _xor(id_bytes))
+                if chk.with_length:
+                    extra.append("n")
+                agg = "_sum" if op == "+" else "_xor"
+                want = f"{agg}(data[:{pos}] + data[{pos} + 1:])"
+                for e in extra:
+                    want = f"({want} {op} {e})"
+                want = f"{want} & 0xFF"
+            g.emit(1, f"if {got} != {want}:")
+            g.emit(2, "CNT.bad_checksum += 1")
+            g.emit(2, "return")
+        if ctr is not None:
+            g.tag(k)
+            mod = 1 << ctr.field.length
+            step = chk.max_step or max(1, mod // 2)
+            slot = g.const([None], "counter")
+            g.emit(1, f"c = {g.read(ctr.field, raw=True)}")
+            g.emit(1, f"p = {slot}[0]")
+            g.emit(1, f"{slot}[0] = c")
+            g.emit(1, f"if p is not None and not 0 < (c - p) % {mod} <= {step}:")
+            g.emit(2, "CNT.bad_counter += 1")
+            g.emit(2, "return")
+        g.tag("")
+
+    def layout_len(self, chk: FrameCheck) -> int:
+        return self.msg_objs[chk.message].length
+
     def build(self, state: PackState, impl: list[int], fault_state: list[bool],
               fault_hook: list[FaultHook | None]) -> tuple[dict[int, Callable[[float, bytes],
                                                                             None]],
@@ -803,6 +889,9 @@ class _Compiler:
         for name, items in self.msgs.items():
             msg = self.msg_objs[name]
             body = Source(self.layout(msg))
+            key = message_key(msg) + offset
+            if name in self.checks:
+                self.emit_checks(body, key, *self.checks[name])
             gated = []
             for k, (gmsg, rd, values, ignore) in enumerate(self.gate_specs):
                 if gmsg == name:
@@ -816,7 +905,6 @@ class _Compiler:
                 body.emit(2, "return")
             body.items(items, 1)
             L = msg.length
-            key = message_key(msg) + offset
             lines = [f"def handler(ts, data):  # pack {self.cfg.id}: {self.file}: {name} "
                      f"({key & 0x1FFFFFFF:#x})",
                      "    CNT.frames += 1", "    n = len(data)",
@@ -834,7 +922,8 @@ class _Compiler:
                 "_fb": int.from_bytes, "_unpack": unpack_float, "_INF": math.inf, "st": state, "V": state.values,
                 "CV": state.cell_v, "CT": state.cell_t, "CB": state.balancing,
                 "X": state.extras, "IMPL": impl, "CNT": self.counters, "FS": fault_state,
-                "FH": fault_hook, "DH": self.dtc_hook, "G": gate_flags, **body.consts,
+                "FH": fault_hook, "DH": self.dtc_hook, "G": gate_flags, "_sum": sum,
+                "_xor": _xor, "_crc8": crc8_sae_j1850, **body.consts,
             }
             compile_source(src, f"<pack {self.cfg.id} profile {self.cfg.profile.name} "
                            f"message {name}>", ns)
@@ -911,6 +1000,34 @@ def _uniform_mux(plans: dict[int | None, Plan], src: CellSource, per_group: int,
                     or layout(inv) != layout(rinv)):
                 return None
     return [m for m, _ in groups], a, b, [(d, bf, inv) for d, bf, inv in rel]
+
+
+def _xor(data: bytes) -> int:
+    x = 0
+    for b in data:
+        x ^= b
+    return x
+
+
+def _crc8_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = ((c << 1) ^ 0x1D) & 0xFF if c & 0x80 else (c << 1) & 0xFF
+        table.append(c)
+    return table
+
+
+_CRC8 = _crc8_table()
+
+
+def crc8_sae_j1850(data: bytes) -> int:
+    """CRC-8 SAE J1850 (poly 0x1D, init 0xFF, final xor 0xFF), as AUTOSAR E2E profile 1."""
+    c = 0xFF
+    for b in data:
+        c = _CRC8[c ^ b]
+    return c ^ 0xFF
 
 
 def _lit(x: float) -> str:
@@ -1079,6 +1196,8 @@ def compile_pack(cfg: PackConfig, cache: DbcCache, problems: list[Problem]) -> C
     c.dtc_streams = []
     for i, stream in enumerate(prof.dtcs):
         c.dtc(i, stream)
+    for chk in prof.checks:
+        c.check(chk)
     for gate in prof.gates:
         c.gate(gate)
     if len(problems) > before:

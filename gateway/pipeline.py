@@ -216,7 +216,8 @@ class Pipeline:
             pc = rt.compiled.counters
             if pc.frames != rt.frames_reported:
                 rt.frames_reported = pc.frames
-                eng.decode_errors(ts, pc.short_frames, pc.frames)
+                eng.decode_errors(ts, pc.short_frames + pc.bad_checksum + pc.bad_counter,
+                                  pc.frames)
             counts = rt.compiled.implausible
             total_impl = sum(counts)
             if total_impl != rt.impl_reported:

@@ -425,3 +425,117 @@ def test_dtc_and_fault_cell_mistakes_are_config_errors(tmp_path: Path, body: str
     (tmp_path / "d.dbc").write_text(DTC_DBC)
     text = config_problems(tmp_path, profile(tmp_path, tmp_path / "d.dbc", body + "\n"))
     assert f": {key}: " in text and words in text, text
+
+
+# ------------------------------------------------------------------ checksums, rolling counters
+
+
+def orion_frames() -> list[Frame]:
+    out: list[Frame] = []
+    for m in can.ASCReader(str(shared("orion-we-ev/candump1_can0.asc"))):
+        if m.arbitration_id == 0x36 and not m.is_error_frame and not m.is_remote_frame:
+            out.append((m.timestamp, 0x36, bytes(m.data), "x"))
+    return out
+
+
+def test_orion_cell_broadcast_checksum_on_real_capture(tmp_path: Path) -> None:
+    """Every real 0x36 broadcast passes the shipped profile's checksum; a frame with one
+    bit flipped is dropped and counted, and its cell keeps the real value."""
+    frames = orion_frames()
+    assert len(frames) >= 70
+    db = load_db(shared("orion-we-ev/Orion_CANBUS.dbc"))
+    for _, _, data, _ in frames:  # the rule, independently: (0x36 + 8 + bytes 0-6) & 0xFF
+        assert db.decode_message(0x36, data)["Checksum"] == (0x36 + 8 + sum(data[:7])) & 0xFF
+    p = pipeline(tmp_path, "{id: orion, profile: orion-bms2}")
+    p.feed(frames, 0)
+    counters = p.packs[0].compiled.counters
+    assert counters.bad_checksum == 0
+    st = p.packs[0].compiled.state
+    ts, _, data, _ = frames[-1]
+    cell = db.decode_message(0x36, data)["CellId"]
+    before = st.cell_v[cell]
+    assert before == pytest.approx(db.decode_message(0x36, data)["CellVoltage"])
+    bad = bytearray(data)
+    bad[2] ^= 0x10  # CellVoltage's low byte: 409.6 mV off, checksum now wrong
+    p.feed([(ts + 1, 0x36, bytes(bad), "x")], 0)
+    assert counters.bad_checksum == 1
+    assert st.cell_v[cell] == before
+
+
+COUNTER_DBC = """\
+VERSION ""
+
+NS_ :
+
+BS_:
+
+BU_: BMS
+
+BO_ 1900 Pack: 8 BMS
+ SG_ PackV : 0|16@1+ (0.1,0) [0|6553.5] "V" Vector__XXX
+ SG_ Alive : 48|4@1+ (1,0) [0|15] "" Vector__XXX
+ SG_ Crc : 63|8@0+ (1,0) [0|255] "" Vector__XXX
+"""
+
+
+def test_crc_and_rolling_counter(tmp_path: Path) -> None:
+    """An AUTOSAR-style frame: CRC-8 SAE J1850 over the other bytes and a 4-bit alive
+    counter. A bad CRC, a repeated counter (a stuck sender) or one that jumps by more
+    than half its range (an old frame) drops the frame; a smaller jump is lost frames."""
+    (tmp_path / "c.dbc").write_text(COUNTER_DBC)
+    db = cantools.database.load_file(str(tmp_path / "c.dbc"), strict=False)
+    body = ("fields:\n  voltage_v: {message: Pack, signal: PackV}\n"
+            "checks:\n  - {message: Pack, checksum: Crc, method: crc8_sae_j1850, counter: Alive}\n")
+    p = pipeline(tmp_path, profile(tmp_path, tmp_path / "c.dbc", body))
+    st, counters = p.packs[0].compiled.state, p.packs[0].compiled.counters
+
+    def crc8(data: bytes) -> int:  # bit by bit, written from the J1850 definition
+        c = 0xFF
+        for b in data:
+            c ^= b
+            for _ in range(8):
+                c = ((c << 1) ^ 0x1D) & 0xFF if c & 0x80 else (c << 1) & 0xFF
+        return c ^ 0xFF
+
+    assert crc8(b"123456789") == 0x4B  # the catalogue check value of CRC-8/SAE-J1850
+
+    def frame(v: float, alive: int, ts: float, good: bool = True) -> Frame:
+        m = db.get_message_by_name("Pack")
+        data = bytearray(m.encode({"PackV": v, "Alive": alive, "Crc": 0}))
+        data[7] = crc8(bytes(data[:7])) ^ (0 if good else 1)
+        return (ts, m.frame_id, bytes(data), "x")
+
+    steps = [(frame(50.0, 14, 1.0), 50.0, 0, 0),
+             (frame(50.1, 15, 1.1), 50.1, 0, 0),
+             (frame(50.2, 0, 1.2), 50.2, 0, 0),    # wraps 15 -> 0
+             (frame(50.3, 0, 1.3), 50.2, 0, 1),    # repeated: dropped
+             (frame(50.4, 1, 1.4), 50.4, 0, 1),
+             (frame(50.5, 3, 1.5), 50.5, 0, 1),    # a jump of 2: one frame lost, accepted
+             (frame(50.6, 4, 1.6, good=False), 50.5, 1, 1),
+             (frame(50.7, 5, 1.7), 50.7, 1, 1),    # 3 -> 5 across the dropped frame
+             (frame(50.8, 14, 1.8), 50.7, 1, 2),   # 5 -> 14: 9 > 8 (half of 16): dropped
+             (frame(50.9, 15, 1.9), 50.9, 1, 2)]
+    for f, v, bad_crc, bad_ctr in steps:
+        p.feed([f], 0)
+        assert (st.get("voltage_v"), counters.bad_checksum, counters.bad_counter) == \
+            (pytest.approx(v), bad_crc, bad_ctr), f
+
+
+@pytest.mark.parametrize(("body", "key", "words"), [
+    ("checks: [{message: Pack}]", "checks[0]", "needs `message` and a `checksum`"),
+    ("checks: [{message: Pack, checksum: Crc, method: crc16}]", "checks[0].method",
+     "unknown checksum method"),
+    ("checks: [{message: Pack, checksum: Alive}]", "checks[0].checksum", "not one whole byte"),
+    ("checks: [{message: Pack, counter: Alive, with_id: true}]", "checks[0]",
+     "describe a `checksum`"),
+    ("checks: [{message: Pack, checksum: Crc, max_step: 2}]", "checks[0].max_step",
+     "only applies to a `counter`"),
+    ("checks: [{message: Pack, checksum: Crc}, {message: Pack, counter: Alive}]",
+     "checks[1].message", "already has checks"),
+    ("checks: [{message: Pack, counter: Alve}]", "checks[0].counter", "did you mean 'Alive'"),
+])
+def test_check_mistakes_are_config_errors(tmp_path: Path, body: str, key: str,
+                                          words: str) -> None:
+    (tmp_path / "c.dbc").write_text(COUNTER_DBC)
+    text = config_problems(tmp_path, profile(tmp_path, tmp_path / "c.dbc", body + "\n"))
+    assert f": {key}: " in text and words in text, text
