@@ -103,13 +103,20 @@ def _speed(text: str) -> float | None:
     return v
 
 
-def _log_options(args: argparse.Namespace) -> tuple[LineFormat | None, float | None] | int:
-    """--log-format / --ts-unit / --ts-base / --start, or an exit code after the message."""
+def _log_options(args: argparse.Namespace, cfg: GatewayConfig | None = None
+                 ) -> tuple[LineFormat | None, float | None] | int:
+    """--log-format / --ts-unit / --ts-base (else the config's `log_format`) and --start,
+    or an exit code after the message."""
     from .logformats import FormatError, LineFormat, parse_start
 
     try:
-        fmt = (LineFormat.parse(args.log_format, args.ts_unit, args.ts_base)
-               if args.log_format else None)
+        if args.log_format:
+            fmt: LineFormat | None = LineFormat.parse(args.log_format, args.ts_unit,
+                                                      args.ts_base)
+        elif cfg is not None and cfg.log_format is not None:
+            fmt = LineFormat.parse(*cfg.log_format)
+        else:
+            fmt = None
         start = parse_start(args.start) if args.start is not None else None
     except FormatError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -121,12 +128,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .daemon import replay, run_loop
     from .source import LogError
 
-    opts = _log_options(args)
-    if isinstance(opts, int):
-        return opts
     cfg = _load(args, args.mqtt)
     if cfg is None:
         return EXIT_CONFIG
+    opts = _log_options(args, cfg)
+    if isinstance(opts, int):
+        return opts
     _setup_logging(args.log_level or cfg.log_level)
     try:
         rt = run_loop(replay(cfg, args.log, speed=args.speed, outbox_path=args.outbox,
@@ -317,12 +324,12 @@ def cmd_decode(args: argparse.Namespace) -> int:
     from .export import Progress, Summary, events_path, records, write_csv, write_jsonl
     from .source import LogError
 
-    opts = _log_options(args)
-    if isinstance(opts, int):
-        return opts
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG
+    opts = _log_options(args, cfg)
+    if isinstance(opts, int):
+        return opts
     _setup_logging(args.log_level or "warning")
     if not args.log_level:  # fault events are the output here, not news for stderr
         logging.getLogger("gateway.pipeline").setLevel(logging.ERROR)

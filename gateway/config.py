@@ -368,6 +368,8 @@ class GatewayConfig:
     outbox: OutboxConfig
     shutdown_timeout_s: float
     prometheus: str | None  # "host:port" or None
+    # `log_format:` for replay/decode/identify (logformats.LineFormat), kept as written
+    log_format: tuple[str, str | None, int | None] | None = None
 
 
 # ---------------------------------------------------------------- parsing helpers
@@ -922,7 +924,8 @@ def _chemistry(r: _Reader, obj: dict[str, Any], key: str) -> str | None:
 # ---------------------------------------------------------------- gateway parsing
 
 _TOP_KEYS = {"gateway_id", "state_dir", "log_level", "can", "packs", "mqtt", "publish",
-             "homeassistant", "outbox", "shutdown_timeout_s", "prometheus", "rules"}
+             "homeassistant", "outbox", "shutdown_timeout_s", "prometheus", "rules",
+             "log_format"}
 _CAN_KEYS = {"name", "interface", "channel", "bitrate", "fd", "data_bitrate", "options",
              "receive", "kernel_filter", "bcm_throttle_s"}
 _RECEIVE_PATHS = ("raw", "bcm", "python-can")
@@ -1182,6 +1185,31 @@ def can_interface_problem(name: str) -> tuple[str, str] | None:
             or f"one of {', '.join(sorted(VALID_INTERFACES))} (python-can's names)")
 
 
+def _log_format(r: _Reader, obj: Any) -> tuple[str, str | None, int | None] | None:
+    """`log_format: hex-ms` or `{regex: ..., ts_unit: ms, ts_base: 16}`, checked here."""
+    from .logformats import FormatError, LineFormat
+
+    if obj is None:
+        return None
+    spec = {"regex": obj} if isinstance(obj, str) else r.mapping(obj, "log_format")
+    r.known(spec, "log_format", {"regex", "preset", "ts_unit", "ts_base"})
+    text = r.str_(spec, "log_format", "regex", None) or r.str_(spec, "log_format", "preset", None)
+    if text is None:
+        r.bad("log_format", "needs `regex` (or `preset`)",
+              "e.g. log_format: {preset: hex-ms} or {regex: '^(?P<ts>...) (?P<id>...) "
+              "(?P<data>...)$', ts_unit: ms}; docs/config.md")
+        return None
+    unit = r.str_(spec, "log_format", "ts_unit", None)
+    base = r.int_(spec, "log_format", "ts_base", None)
+    try:
+        LineFormat.parse(text, unit, base)
+    except FormatError as e:
+        r.bad("log_format", str(e).removeprefix("log format: "),
+              "see docs/config.md, Reading logs of other loggers")
+        return None
+    return text, unit, base
+
+
 def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConfig:
     """Parse and check a gateway config and its profiles; raise ConfigError with all problems.
 
@@ -1305,6 +1333,7 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
     outbox = OutboxConfig(r.int_(ob, "outbox", "max_events", 100_000, lo=10) or 100_000,
                           r.num(ob, "outbox", "max_age_s", 30 * 86400, lo=60) or 30 * 86400)
     shutdown = r.num(top, "", "shutdown_timeout_s", 10.0, lo=0.1, hi=3600) or 10.0
+    log_format = _log_format(r, top.get("log_format"))
     if problems:
         raise ConfigError(problems)
     return GatewayConfig(
@@ -1314,4 +1343,5 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
         outbox=outbox,
         shutdown_timeout_s=shutdown,
         prometheus=prom,
+        log_format=log_format,
     )

@@ -123,3 +123,20 @@ def test_format_specs_are_checked() -> None:
     with pytest.raises(FormatError, match="epoch seconds or an ISO date"):
         parse_start("yesterday")
     assert parse_start("2026-01-01T00:00:00") == T0
+
+
+def test_log_format_in_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    want = final_state(capsys, tmp_path, SAMPLE)
+    sd = tmp_path / "LOG0001.TXT"
+    write_hex_ms(sd)
+    c = cfg(tmp_path)
+    c.write_text(c.read_text() + "log_format: {preset: hex-ms}\n")
+    assert main(["replay", str(sd), "-c", str(c), "--mqtt", "-", "--start", str(T0)]) == EXIT_OK
+    lines = [ln.split(" ", 1) for ln in capsys.readouterr().out.splitlines() if " " in ln]
+    got = {"state": [json.loads(p) for t, p in lines if t.endswith("/house/state")][-1],
+           "cells": [json.loads(p) for t, p in lines if t.endswith("/house/cells")][-1]}
+    _same(got, want)
+    c.write_text(c.read_text().replace("{preset: hex-ms}", "{regex: '(?P<ts>\\d+)', ts_unit: h}"))
+    assert main(["check-config", "-c", str(c)]) == 3
+    err = capsys.readouterr().err
+    assert "log_format" in err and "named groups data, id" in err
