@@ -404,8 +404,11 @@ class Daemon:
         frames = sum(c.received for c in p.counters)
         online = sum(1 for rt in p.packs if rt.compiled.state.online)
         lost = [s.cfg.name for s in self.rt.sources if s.lost]
+        sink = self.rt.sink
+        refused = sorted(sink.refused) if isinstance(sink, MqttSink) else []
         return (f"{frames} frames, {online}/{len(p.packs)} packs online, outbox "
-                f"{self.rt.outbox.depth()}" + (f", bus lost: {','.join(lost)}" if lost else ""))
+                f"{self.rt.outbox.depth()}" + (f", bus lost: {','.join(lost)}" if lost else "")
+                + (f", broker refuses: {','.join(refused)}" if refused else ""))
 
     async def _poller(self) -> None:
         """Request frames and ISO-TP exchanges (gateway/poll.py); only packs with

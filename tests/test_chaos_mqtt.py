@@ -224,7 +224,7 @@ def test_refused_events_stay_until_the_broker_allows_them(
     channel = f"acl-{uuid.uuid4().hex[:8]}"
     cfg = write_cfg(tmp_path / "gw.yaml", gid=gid, url=broker.url,
                     can_cfg=f"{{interface: virtual, channel: {channel}}}")
-    pairs = 10
+    pairs = 25
     # a persistent QoS 1 session: it gets the events published while it is reconnecting
     sub = subscriber_factory(broker.port, ["bms/#"], client_id="acl-sub", clean=False)
     sub.client.reconnect_delay_set(0.1, 1)
@@ -237,11 +237,15 @@ def test_refused_events_stay_until_the_broker_allows_them(
         try:
             await started(d)
             await toggle_alarm(tx, pairs)
+            # refused, kept, and retried with backoff (three tries at least)
             assert await until(sub, lambda ms: any(
-                s["faults"] and s["outbox_depth"] == 2 * pairs for s in statuses(sub, gid)))
-            refused_status.update(next(s for s in statuses(sub, gid) if s["faults"]))
+                s["faults"] and s["outbox_depth"] == 2 * pairs and s["mqtt_refused"] >= 3
+                for s in statuses(sub, gid)))
+            refused_status.update(next(s for s in statuses(sub, gid)
+                                       if s["faults"] and s["mqtt_refused"] >= 3))
             assert d.rt.outbox.depth() == 2 * pairs
             assert events(sub) == []
+            assert "broker refuses: bms/p1/events" in d._status_line()  # systemctl status
             broker.stop()
             acl.write_text(ALLOW_ALL)
             broker.start()
