@@ -551,8 +551,10 @@ def _value_spec(r: _Reader, key: str, obj: Any, default_message: str | None) -> 
         return None
     if "sources" in spec:
         return _sources_spec(r, key, spec)
-    if "fresh_s" in spec:
-        r.bad(f"{key}.fresh_s", "only applies to `sources`", "remove it, or list `sources`")
+    cross = bool(spec.get("expr")) and not spec.get("message")  # Message.Signal names
+    if "fresh_s" in spec and not cross:
+        r.bad(f"{key}.fresh_s", "only applies to `sources` and to an `expr` over "
+              "Message.Signal names", "remove it, or list `sources`")
     r.known(spec, key, _VALUE_KEYS)
     message = r.str_(spec, key, "message", default_message)
     signal = r.str_(spec, key, "signal", None)
@@ -563,7 +565,7 @@ def _value_spec(r: _Reader, key: str, obj: Any, default_message: str | None) -> 
         r.bad(key, "needs exactly one of `signal`, `expr` or `const`",
               "e.g. {message: Pack, signal: Voltage}")
         return None
-    if (signal or expr) and not message:
+    if signal and not message:
         r.bad(key, "names a signal but no `message`", "add message: <DBC message name>")
         return None
     unit = r.str_(spec, key, "unit", None)
@@ -595,6 +597,7 @@ def _value_spec(r: _Reader, key: str, obj: Any, default_message: str | None) -> 
         mapping={(k if isinstance(k, int) else str(k)): str(v) for k, v in mapping.items()}
         if mapping else None,
         bit=bit, values=values,
+        fresh_s=r.num(spec, key, "fresh_s", None, lo=0.01) if cross else None,
     )
 
 

@@ -264,7 +264,11 @@ class _Compiler:
             expr, path = got
         return _linear(expr, spec), path
 
-    def safe_expr(self, spec: ValueSpec, msg: Message, g: Source) -> tuple[str, tuple[MuxStep, ...]] | None:
+    def safe_expr(self, spec: ValueSpec, msg: Message | None, g: Source | None,
+                  cross: Callable[[str, str], str] | None = None,
+                  ) -> tuple[str, tuple[MuxStep, ...]] | None:
+        """The expression as Python over whitelisted nodes. Bare names are signals of
+        `msg`; with `cross`, names are `Message.Signal` and `cross` gives their code."""
         if (problem := expr_problem(spec.expr or "")) is not None:
             self.problems.append(Problem(self.file, f"{spec.key}.expr", *problem))
             return None
@@ -283,7 +287,16 @@ class _Compiler:
             if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) \
                     and not isinstance(node.value, bool):
                 return repr(node.value)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                if cross is None:
+                    raise _ExprError(f"{node.value.id}.{node.attr}: a Message.Signal name "
+                                     "next to `message:`",
+                                     "remove `message:` and write every name as Message.Signal")
+                return cross(node.value.id, node.attr)
             if isinstance(node, ast.Name):
+                if msg is None or g is None:
+                    raise _ExprError(f"{node.id!r} names no message",
+                                     "write Message.Signal, or give the field a `message:`")
                 got = self.find_read(msg, node.id)
                 if isinstance(got, tuple):
                     raise _ExprError(*got)
@@ -306,8 +319,69 @@ class _Compiler:
         except _ExprError as e:
             self.problems.append(Problem(self.file, f"{spec.key}.expr", e.args[0], e.args[1]))
             return None
+        if msg is None:
+            return expr, ()
         path = self.together(f"{spec.key}.expr", msg, used)
         return None if path is None else (expr, path)
+
+    def cross_expr(self, spec: ValueSpec, target: str, impl: str, lo: float, hi: float,
+                   is_int: bool) -> None:
+        """An expression over signals of several messages (`Message.Signal`): each
+        message's handler stores its inputs, then computes the value if every input is
+        fresh (seen within fresh_s), else the value is null."""
+        refs: dict[tuple[str, str], int] = {}
+        reads: list[tuple[Message, SignalRead]] = []
+        failed = False
+
+        def cross(message: str, signal: str) -> str:
+            nonlocal failed
+            k = refs.get((message, signal))
+            if k is None:
+                msg = self.message(f"{spec.key}.expr", message)
+                rd = self.read(f"{spec.key}.expr", msg, signal) if msg is not None else None
+                if msg is None or rd is None:
+                    failed = True
+                    return "0"
+                k = refs[(message, signal)] = len(reads)
+                reads.append((msg, rd))
+            return f"XV[{k}]"
+
+        got = self.safe_expr(spec, None, None, cross)
+        if got is None or failed:
+            return
+        if len({m.name for m, _ in reads}) < 2:
+            self.problems.append(Problem(self.file, f"{spec.key}.expr",
+                                         "names signals of one message only",
+                                         "give `message:` and bare signal names"))
+            return
+        expr = _linear(got[0], spec)
+        window = spec.fresh_s or self.cfg.stale_after_s
+        values: list[float | None] = [None] * len(reads)
+        seen = [-math.inf] * len(reads)
+        for k, (msg, rd) in enumerate(reads):
+            def gen(g: Source, ind: int, k: int = k, rd: SignalRead = rd) -> None:
+                xv, xt = g.const(values, "xv"), g.const(seen, "xt")
+                g.emit(ind, f"{xv}[{k}] = {g.read(rd.field)}")
+                g.emit(ind, f"{xt}[{k}] = ts")
+                fresh = " and ".join(f"ts - {xt}[{j}] <= {window!r}" for j in range(len(reads)))
+                g.emit(ind, f"if {fresh}:")
+                g.emit(ind + 1, "try:")
+                g.emit(ind + 2, f"v = {expr.replace('XV[', f'{xv}[')}")
+                g.emit(ind + 1, "except ZeroDivisionError:")
+                g.emit(ind + 2, "v = None")
+                g.emit(ind, "else:  # an input is stale")
+                g.emit(ind + 1, "v = None")
+                g.emit(ind, f"if v is not None and not {_lit(lo)} <= v <= {_lit(hi)}:")
+                g.emit(ind + 1, f"IMPL[{impl}] += 1")
+                g.emit(ind, "else:")
+                if is_int:
+                    g.emit(ind + 1, "v = None if v is None else int(v)")
+                current = target.replace("X[", "X.get(").replace("]", ")") \
+                    if target.startswith("X[") else target
+                g.emit(ind + 1, f"if {current} != v:")
+                g.emit(ind + 2, f"{target} = v")
+                g.emit(ind + 2, "st.changed = True")
+            self.add(msg, spec.key, rd.path, gen)
 
     # -- profile parts
     def field(self, name: str, spec: ValueSpec) -> None:
@@ -316,6 +390,15 @@ class _Compiler:
             return
         info = FIELD_BY_NAME[name]
         slot = FIELD_INDEX[name]
+        if spec.message is None and spec.expr is not None:
+            if info.kind in ("enum", "bool"):
+                self.problems.append(Problem(self.file, f"{spec.key}.expr",
+                                             f"{name} is a {info.kind}: it needs a `message`",
+                                             "add message: and a signal"))
+                return
+            lo, hi = spec.valid or DEFAULT_VALID.get(name, (float("-inf"), float("inf")))
+            self.cross_expr(spec, f"V[{slot}]", str(slot), lo, hi, info.kind == "int")
+            return
         if spec.message is None:  # constant
             self.constants[slot] = spec.const
             return
@@ -358,6 +441,10 @@ class _Compiler:
     def extra(self, name: str, spec: ValueSpec) -> None:
         if spec.sources:
             self.with_sources(spec, lambda sub: self.extra(name, sub))
+            return
+        if spec.message is None and spec.expr is not None:
+            lo, hi = spec.valid or (float("-inf"), float("inf"))
+            self.cross_expr(spec, f"X[{name!r}]", str(len(FIELD_INDEX) + 2), lo, hi, False)
             return
         msg = self.message(spec.key, spec.message) if spec.message else None
         if spec.message is None:

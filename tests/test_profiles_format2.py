@@ -539,3 +539,93 @@ def test_check_mistakes_are_config_errors(tmp_path: Path, body: str, key: str,
     (tmp_path / "c.dbc").write_text(COUNTER_DBC)
     text = config_problems(tmp_path, profile(tmp_path, tmp_path / "c.dbc", body + "\n"))
     assert f": {key}: " in text and words in text, text
+
+
+# ------------------------------------------------------------------ expressions across messages
+
+CROSS_DBC = """\
+VERSION ""
+
+NS_ :
+
+BS_:
+
+BU_: BMS
+
+BO_ 1808 Limits: 8 BMS
+ SG_ MaxChargePower : 0|16@1+ (0.01,0) [0|655.35] "kW" Vector__XXX
+
+BO_ 1809 Pack: 8 BMS
+ SG_ PackV : 0|16@1+ (0.1,0) [0|6553.5] "V" Vector__XXX
+"""
+
+CROSS_PROFILE = """\
+fields:
+  voltage_v: {message: Pack, signal: PackV}
+  # the BMS gives its charge limit in kW: divide by the pack voltage for amperes
+  charge_current_limit_a: {expr: "Limits.MaxChargePower * 1000 / Pack.PackV", fresh_s: 2}
+extras:
+  charge_limit_w: {expr: "Limits.MaxChargePower * 1000 + Pack.PackV * 0", fresh_s: 2}
+"""
+
+
+def test_expression_across_messages_with_staleness(tmp_path: Path) -> None:
+    (tmp_path / "x.dbc").write_text(CROSS_DBC)
+    db = cantools.database.load_file(str(tmp_path / "x.dbc"), strict=False)
+    p = pipeline(tmp_path, profile(tmp_path, tmp_path / "x.dbc", CROSS_PROFILE))
+    st = p.packs[0].compiled.state
+
+    def limits(kw: float, ts: float) -> Frame:
+        return encoded(db, "Limits", {"MaxChargePower": kw}, ts)
+
+    def pack(v: float, ts: float) -> Frame:
+        return encoded(db, "Pack", {"PackV": v}, ts)
+
+    def amps(lim: Frame, pk: Frame) -> float:  # cantools' values, our formula
+        kw = db.decode_message(lim[1], lim[2])["MaxChargePower"]
+        return float(kw * 1000 / db.decode_message(pk[1], pk[2])["PackV"])
+
+    l1, p1, l2, p0, p2, l3 = (limits(10.0, 1.0), pack(400.0, 1.1), limits(12.0, 1.5),
+                              pack(0.0, 1.6), pack(480.0, 2.0), limits(11.0, 5.0))
+    steps: list[tuple[Frame, float | None]] = [
+        (l1, None),              # no pack voltage yet
+        (p1, amps(l1, p1)),      # 25 A
+        (l2, amps(l2, p1)),      # 30 A
+        (p0, None),              # 0 V: no value, no crash
+        (p2, amps(l2, p2)),      # 25 A
+        (l3, None),              # the pack voltage is 3 s old (fresh_s 2): null
+    ]
+    for frame, expected in steps:
+        p.feed([frame], 0)
+        got = st.get("charge_current_limit_a")
+        assert got == (None if expected is None else pytest.approx(expected)), frame
+    assert st.extras.get("charge_limit_w") is None
+    p.feed([pack(480.0, 5.1)], 0)
+    assert st.get("charge_current_limit_a") == pytest.approx(11.0 * 1000 / 480.0)
+    assert st.extras["charge_limit_w"] == pytest.approx(11000.0)
+    assert p.packs[0].compiled.counters.frames == 7
+    assert sum(c.handler_errors for c in p.counters) == 0
+
+
+@pytest.mark.parametrize(("body", "key", "words"), [
+    ("charge_current_limit_a: {expr: \"Limits.MaxChargePower / Pack.PackVolt\"}",
+     "fields.charge_current_limit_a.expr", "did you mean 'PackV'"),
+    ("charge_current_limit_a: {expr: \"Limitz.MaxChargePower / Pack.PackV\"}",
+     "fields.charge_current_limit_a.expr.message", "did you mean 'Limits'"),
+    ("charge_current_limit_a: {expr: \"MaxChargePower / Pack.PackV\"}",
+     "fields.charge_current_limit_a.expr", "names no message"),
+    ("charge_current_limit_a: {message: Pack, expr: \"Limits.MaxChargePower / PackV\"}",
+     "fields.charge_current_limit_a.expr", "next to `message:`"),
+    ("charge_current_limit_a: {expr: \"Pack.PackV * 2\"}",
+     "fields.charge_current_limit_a.expr", "one message only"),
+    ("bms_state: {expr: \"Pack.PackV + Limits.MaxChargePower\"}",
+     "fields.bms_state.expr", "needs a `message`"),
+    ("voltage_v: {message: Pack, signal: PackV, fresh_s: 2}",
+     "fields.voltage_v.fresh_s", "only applies"),
+])
+def test_cross_message_mistakes_are_config_errors(tmp_path: Path, body: str, key: str,
+                                                  words: str) -> None:
+    (tmp_path / "x.dbc").write_text(CROSS_DBC)
+    text = config_problems(tmp_path, profile(tmp_path, tmp_path / "x.dbc",
+                                             f"fields:\n  {body}\n"))
+    assert f": {key}: " in text and words in text, text
