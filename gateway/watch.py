@@ -61,6 +61,26 @@ def require_rich() -> None:
 # ------------------------------------------------------------------ view model
 
 
+# What any client on the broker may publish under our topics is hostile input for the
+# dashboard too: numbers must be finite and of a size a pack can have, lists and the
+# number of packs are bounded, so one bad payload can neither crash the view nor grow it.
+MAX_SLOTS = 1024
+MAX_PACKS = 256
+_NUMBER_LIMIT = 1e9
+
+
+def _number(v: object) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    f = float(v)
+    return f if math.isfinite(f) and abs(f) < _NUMBER_LIMIT else None
+
+
+def _no_constant(name: str) -> object:
+    msg = f"{name} is not JSON"
+    raise ValueError(msg)
+
+
 @dataclass(frozen=True, slots=True)
 class FaultView:
     code: str
@@ -83,10 +103,7 @@ class PackView:
     updated: float | None = None  # the state's ts
 
     def num(self, name: str) -> float | None:
-        v = self.values.get(name)
-        if isinstance(v, bool) or not isinstance(v, int | float):
-            return None
-        return float(v)
+        return _number(self.values.get(name))
 
     @classmethod
     def from_payloads(cls, pack_id: str, state: dict[str, Any] | None,
@@ -99,12 +116,11 @@ class PackView:
         def floats(xs: object) -> tuple[float | None, ...]:
             if not isinstance(xs, list):
                 return ()
-            return tuple(float(x) if isinstance(x, int | float) and not isinstance(x, bool)
-                         else None for x in xs)
+            return tuple(_number(x) for x in xs[:MAX_SLOTS])
 
         bal = cells.get("balancing")
         fv = []
-        for f in faults or []:
+        for f in (faults or [])[:MAX_SLOTS]:
             if not isinstance(f, dict):
                 continue
             fv.append(FaultView(
@@ -116,7 +132,7 @@ class PackView:
             pack_id=pack_id,
             values={k: v for k, v in state.items() if k not in ("ts", "pack_id")},
             cell_v=floats(cells.get("voltages_v")), cell_t=floats(cells.get("temps_c")),
-            balancing=tuple(b if isinstance(b, bool) else None for b in bal)
+            balancing=tuple(b if isinstance(b, bool) else None for b in bal[:MAX_SLOTS])
             if isinstance(bal, list) else (),
             availability=availability, faults=tuple(fv), updated=parse_ts(state.get("ts")))
 
@@ -156,19 +172,26 @@ class WatchStore:
         prefix, _, pack = head.rpartition("/")
         if rest not in self.LEAVES or prefix != self.prefix or not pack:
             return False
+        if pack not in self.data and len(self.data) >= MAX_PACKS:
+            self.bad += 1
+            return False
         slot = self.data.setdefault(pack, {})
         if not payload:  # a cleared retained topic
             slot.pop(rest, None)
             return True
         text = payload.decode(errors="replace")
         if rest == "availability":
-            slot[rest] = text
+            slot[rest] = text[:16]
             return True
         try:
-            slot[rest] = json.loads(text)
-        except ValueError:
+            value = json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError):
             self.bad += 1
             return False
+        if not isinstance(value, list if rest == "faults" else dict):
+            self.bad += 1
+            return False
+        slot[rest] = value
         return True
 
     def view(self, now: float, source: str = "", note: str = "", *, ok_mv: float = 5.0,

@@ -534,3 +534,33 @@ def test_check_config_rejects_topic_prefix(tmp_path: Path, prefix: str) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(cfg)
     assert {p.key for p in e.value.problems} == {"mqtt.topic_prefix"}
+
+
+# ---------------------------------------------------------------- 6. the dashboard's inbound
+
+WATCH_HOSTILE = [
+    ("bms/p/state", b"[" * 100_000),  # RecursionError in json
+    ("bms/p/state", b'{"voltage_v":"x","soc_pct":[1],"current_a":{"a":1},"cell_count":"many"}'),
+    ("bms/p/cells", b'{"voltages_v":"abc","temps_c":[null,"x",1e308],"balancing":5}'),
+    ("bms/p/cells", b'{"voltages_v":[1e308,-1e308,null,"3.3",true]}'),  # inf spread, once NaN
+    ("bms/p/faults", b'[1,"x",{"code":5,"severity":[],"since":3,"message":"[/v]"}]'),
+    ("bms/p/faults", b'{"not":"a list"}'),
+    ("bms/p/availability", b"\xff" * 10_000),
+    ("bms/q/state", b'{"voltage_v":NaN,"soc_pct":Infinity,"cell_v_delta":-Infinity}'),
+    ("bms/q/state", b'{"voltage_v":1e300,"soc_pct":-1e300,"temp_max_c":1e300}'),
+]
+
+
+def test_watch_dashboard_survives_hostile_payloads() -> None:
+    pytest.importorskip("rich")
+    from gateway.watch import MAX_PACKS, WatchStore, render_text
+
+    store = WatchStore("bms")
+    for topic, payload in WATCH_HOSTILE:
+        store.apply(topic, payload)
+        render_text(store.view(time.time()))  # the view a broken payload used to crash
+    assert store.bad == 3  # deep nesting, a faults object, NaN/Infinity
+    for i in range(MAX_PACKS + 50):  # a flood of invented packs stays bounded
+        store.apply(f"bms/flood{i}/availability", b"online")
+    assert len(store.data) == MAX_PACKS
+    assert store.bad == 3 + 52  # p and q took two of the places
