@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from .source import Frame, SourceStats
 
 log = logging.getLogger("gateway.source")
-BATCH = 512
 RELATIVE_BEFORE = 10 * 365 * 86400.0  # a first timestamp before 1980: relative time
 _UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 
@@ -83,21 +82,6 @@ class LineFormat:
         return cls(rx, ts_unit, ts_base, name)
 
 
-def _batches(frames: Iterator[Frame | None], stats: SourceStats) -> Iterator[list[Frame]]:
-    batch: list[Frame] = []
-    for f in frames:
-        if f is None:
-            continue
-        batch.append(f)
-        if len(batch) >= BATCH:
-            stats.frames += len(batch)
-            yield batch
-            batch = []
-    if batch:
-        stats.frames += len(batch)
-        yield batch
-
-
 def anchor(batches: Iterator[list[Frame]], path: Path, start: float | None
            ) -> Iterator[list[Frame]]:
     """Shift a log whose timestamps are relative (first frame before 1980) to `start`;
@@ -115,14 +99,6 @@ def anchor(batches: Iterator[list[Frame]], path: Path, start: float | None
                                 "published times will be in 1970; give --start TIME "
                                 "(e.g. --start 2025-11-22T16:20:54) to anchor them", path, first)
         yield [(f[0] + shift, f[1], f[2], f[3]) for f in batch] if shift else batch
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    with path.open("r", encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            s = line.strip()
-            if s:
-                yield n, s
 
 
 def _key(ident: str, ext: bool | None) -> int:
@@ -143,59 +119,61 @@ def is_gvret(head: str) -> bool:
 
 
 def gvret_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
-    def frames() -> Iterator[Frame | None]:
-        lines = _lines(path)
-        _, head = next(lines, (0, ""))
-        cols = [c.strip().lower() for c in head.split(",")]
-        i_ts, i_id, i_ext, i_len = (cols.index(c) for c in ("time stamp", "id", "extended",
-                                                            "len"))
-        i_bus = cols.index("bus") if "bus" in cols else None
-        i_d1 = cols.index("d1") if "d1" in cols else i_len + 1
-        for n, line in lines:
-            f = line.split(",")
-            try:
-                length = int(f[i_len])
-                if not 0 <= length <= 64:
-                    msg = f"length {length} is not 0-64"
-                    raise ValueError(msg)
-                data = bytes(int(x, 16) for x in f[i_d1:i_d1 + length])
-                if len(data) != length:
-                    msg = f"LEN says {length} bytes, the line has {len(data)}"
-                    raise ValueError(msg)
-                ext = f[i_ext].strip().lower() in ("true", "1", "yes")
-                yield (int(f[i_ts]) * 1e-6, _key(f[i_id].strip(), ext), data,
-                       f[i_bus].strip() if i_bus is not None else "0")
-            except (ValueError, IndexError) as e:
-                stats.bad(f"{path}:{n}", f"not a GVRET CSV frame: {e}")
-                yield None
-    return _batches(frames(), stats)
+    from .logtext import line_batches as batches  # it imports source, which imports us
+
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        cols = [c.strip().lower() for c in f.readline().split(",")]
+    i_ts, i_id, i_ext, i_len = (cols.index(c) for c in ("time stamp", "id", "extended", "len"))
+    i_bus = cols.index("bus") if "bus" in cols else None
+    i_d1 = cols.index("d1") if "d1" in cols else i_len + 1
+
+    def frame(tokens: list[str]) -> Frame:
+        f = "".join(tokens).split(",")
+        length = int(f[i_len])
+        if not 0 <= length <= 64:
+            msg = f"length {length} is not 0-64"
+            raise ValueError(msg)
+        data = bytes(int(x, 16) for x in f[i_d1:i_d1 + length])
+        if len(data) != length:
+            msg = f"LEN says {length} bytes, the line has {len(data)}"
+            raise ValueError(msg)
+        ext = f[i_ext].strip().lower() in ("true", "1", "yes")
+        return (_ts(int(f[i_ts]) * 1e-6), _key(f[i_id].strip(), ext), data,
+                f[i_bus].strip() if i_bus is not None else "0")
+    return batches(path, stats, "GVRET CSV", is_gvret, frame)
 
 
 # ---------------------------------------------------------------- user line formats
 
 def line_batches(path: Path, stats: SourceStats, fmt: LineFormat) -> Iterator[list[Frame]]:
+    """Lines of a text logger; runs of blanks count as one space for the expression."""
+    from .logtext import line_batches as batches  # it imports source, which imports us
+
     unit = _UNITS[fmt.ts_unit]
 
-    def frames() -> Iterator[Frame | None]:
-        for n, line in _lines(path):
-            m = fmt.regex.search(line)
-            if m is None:
-                stats.bad(f"{path}:{n}", f"does not match the {fmt.name} log format")
-                yield None
-                continue
-            try:
-                ts = int(m["ts"], 16) * unit if fmt.ts_base == 16 else float(m["ts"]) * unit
-                raw_ext = m.groupdict().get("ext")
-                ext = None if raw_ext is None else raw_ext.lower() in ("1", "x", "true", "e")
-                data = bytes.fromhex(m["data"].replace(" ", ""))
-                if len(data) > 64:
-                    msg = f"{len(data)} data bytes"
-                    raise ValueError(msg)
-                yield (ts, _key(m["id"], ext), data, m.groupdict().get("channel") or "0")
-            except ValueError as e:
-                stats.bad(f"{path}:{n}", f"{fmt.name} log format: {e}")
-                yield None
-    return _batches(frames(), stats)
+    def frame(tokens: list[str]) -> Frame:
+        m = fmt.regex.search(" ".join(tokens))
+        if m is None:
+            msg = f"does not match the {fmt.name} log format"
+            raise ValueError(msg)
+        ts = int(m["ts"], 16) * unit if fmt.ts_base == 16 else float(m["ts"]) * unit
+        raw_ext = m.groupdict().get("ext")
+        ext = None if raw_ext is None else raw_ext.lower() in ("1", "x", "true", "e")
+        data = bytes.fromhex(m["data"].replace(" ", ""))
+        if len(data) > 64:
+            msg = f"{len(data)} data bytes"
+            raise ValueError(msg)
+        return (_ts(ts), _key(m["id"], ext), data, m.groupdict().get("channel") or "0")
+    return batches(path, stats, fmt.name, lambda _line: False, frame)
+
+
+def _ts(ts: float) -> float:
+    from .source import ts_ok
+
+    if not ts_ok(ts):
+        msg = f"timestamp {ts!r} is not a time between 1970 and 9999"
+        raise ValueError(msg)
+    return ts
 
 
 def parse_start(text: str) -> float:

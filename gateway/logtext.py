@@ -20,7 +20,7 @@ from can.util import dlc2len
 from .decode import EXTENDED_FLAG
 from .source import BATCH, Frame, SourceStats, ts_ok
 
-__all__ = ["asc_batches", "trc_batches"]
+__all__ = ["asc_batches", "line_batches", "trc_batches"]
 
 _HEX = frozenset("0123456789abcdefABCDEF")
 _EPOCH_DAYS = 25569  # 1970-01-01 in TRC's day count (days since 1899-12-30)
@@ -62,8 +62,8 @@ def _data(tokens: list[str], n: int, base: int) -> bytes:
     return out
 
 
-def _batches(path: Path, stats: SourceStats, kind: str, header: Callable[[str], bool],
-             frame: Callable[[list[str]], Frame | None]) -> Iterator[list[Frame]]:
+def line_batches(path: Path, stats: SourceStats, kind: str, header: Callable[[str], bool],
+                 frame: Callable[[list[str]], Frame | None]) -> Iterator[list[Frame]]:
     """Lines to batches: `header` takes the lines it knows, `frame` parses the others;
     a line `frame` refuses is counted with its number and skipped."""
     batch: list[Frame] = []
@@ -110,7 +110,7 @@ def asc_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
             base = 10 if low.split()[1:2] == ["dec"] else 16
         return True
 
-    return _batches(path, stats, "ASC", header,
+    return line_batches(path, stats, "ASC", header,
                     lambda tok: _asc_line(tok, start, base, stats))
 
 
@@ -193,7 +193,7 @@ def trc_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
             dlc_code = "L" in cols and "l" not in cols
         return True
 
-    return _batches(path, stats, "TRC", header,
+    return line_batches(path, stats, "TRC", header,
                     lambda tok: _trc_line(tok, start, scale, dlc_code, stats))
 
 
