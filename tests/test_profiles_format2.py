@@ -4,15 +4,18 @@ expected values come from cantools' decode of the same frames, never from gatewa
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
 import can
 import cantools
 import pytest
-from conftest import shared
+from conftest import Broker, shared
 
 from gateway.config import ConfigError, load_config
+from gateway.daemon import replay
 from gateway.pipeline import Pipeline
 from gateway.source import Frame
 
@@ -68,6 +71,26 @@ def test_foxbms2_voltage_from_string_values_on_real_log(tmp_path: Path) -> None:
     p = pipeline(tmp_path, "{id: fox, profile: foxbms2}")  # the shipped profile and DBC
     p.feed(frames, 0)
     assert p.packs[0].compiled.state.get("voltage_v") == pytest.approx(sv[-1]["Voltage"])
+
+
+def test_foxbms2_voltage_reaches_mosquitto(tmp_path: Path, broker: Broker,
+                                          subscriber_factory: Any) -> None:
+    """The real foxBMS log replayed to a real mosquitto: the retained state says what
+    cantools reads in f_StringValuesP0 (63.93 V)."""
+    trc = shared("foxbms2/can-log.trc")
+    db = load_db(shared("foxbms2/foxbms.dbc"))
+    want = [db.decode_message(m.arbitration_id, bytes(m.data))["Voltage"]
+            for m in can.LogReader(str(trc)) if m.arbitration_id == 0x243]
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(f"gateway_id: t\nstate_dir: {tmp_path}/state\nlog_level: warning\n"
+                   "can: {interface: virtual, channel: x}\n"
+                   "packs:\n  - {id: fox, profile: foxbms2}\n"
+                   f"mqtt: {{url: '{broker.url}', topic_prefix: bms}}\n")
+    asyncio.run(replay(load_config(cfg), trc, speed=None))
+    late = subscriber_factory(broker.port, ["bms/fox/state"], client_id="fox-late")
+    assert late.wait_for(lambda ms: any(r for _, _, r in ms))
+    state = json.loads(late.topic("bms/fox/state")[-1])
+    assert want and state["voltage_v"] == pytest.approx(want[-1]) == 63.93
 
 
 def test_sources_first_fresh_wins(tmp_path: Path) -> None:
