@@ -152,6 +152,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
         log.info("replayed %d frames (%d decoded, %d unknown id, %d malformed lines, %d too short)",
                  st.frames, sum(x.decoded for x in c), sum(x.unknown for x in c), st.bad_lines,
                  rt.pipeline.short_frames())
+    if rt.sink_error:
+        return EXIT_RUNTIME  # logged where it happened
     if rt.undelivered:
         where = (f"they stay in {args.outbox}: replay with the same --outbox to deliver them"
                  if args.outbox else "give --outbox FILE to keep them for another try")

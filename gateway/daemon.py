@@ -76,6 +76,7 @@ class Runtime:
         self.sources: list[LiveSource] = []
         self.log_stats: SourceStats | None = None
         self.undelivered = 0  # events still in the outbox when a replay gave up
+        self.sink_error = ""  # why a replay's MQTT sink died, if it did
         self.last_error = ""
         self.task_deaths = 0
         self._rate_t = time.monotonic()
@@ -200,6 +201,13 @@ async def _with_sink(rt: Runtime, body: Callable[[], Any], drain_timeout: float,
         sink.flush()
         return
     task = asyncio.create_task(sink.run(), name="mqtt.run")
+
+    def ended(t: asyncio.Task[None]) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            sink.dead = True  # release a replay waiting for room or for delivery
+            sink.space.set()
+
+    task.add_done_callback(ended)
     try:
         await body()
         deadline = time.monotonic() + drain_timeout
@@ -216,8 +224,13 @@ async def _with_sink(rt: Runtime, body: Callable[[], Any], drain_timeout: float,
         sink.stopping = True
         sink.wake.set()
         task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
+        try:
             await task
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # a dead sink is never swallowed: logged, and exit 1
+            rt.sink_error = f"{type(e).__name__}: {e}"
+            log.error("the MQTT sink died: %s", rt.sink_error, exc_info=e)
 
 
 async def replay(cfg: GatewayConfig, log_path: str | Path, *, speed: float | None,

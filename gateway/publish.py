@@ -220,6 +220,7 @@ class MqttSink:
         self.events_dirty = True  # the outbox may hold events from before (a crash)
         self.connected = asyncio.Event()
         self.stopping = False
+        self.dead = False  # run() ended by an exception and nobody restarts it (replay)
         self.published = 0
         self.events_published = 0
         self.reconnects = 0
@@ -254,7 +255,7 @@ class MqttSink:
 
     async def backpressure(self, limit: int = 256) -> None:
         """In replay (no coalescing), wait while too much is queued for the broker."""
-        while len(self.queue) > limit:
+        while len(self.queue) > limit and not self.dead:
             self.space.clear()
             await self.space.wait()
 
@@ -433,7 +434,7 @@ class MqttSink:
         """Wait until nothing is pending (or timeout); True when all was delivered."""
         deadline = time.monotonic() + timeout
         self.wake.set()
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not self.dead:
             if self.connected.is_set() and not self._undelivered():
                 return True
             await asyncio.sleep(0.02)

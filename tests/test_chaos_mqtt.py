@@ -564,3 +564,27 @@ def test_watch_dashboard_survives_hostile_payloads() -> None:
         store.apply(f"bms/flood{i}/availability", b"online")
     assert len(store.data) == MAX_PACKS
     assert store.bad == 3 + 52  # p and q took two of the places
+
+
+def test_replay_whose_sink_dies_ends_nonzero_at_once(
+        tmp_path: Path, broker: Broker, subscriber_factory: Any,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    log = tmp_path / "faults.log"
+    write_log(log, 16.0)
+    cfg_path = events_config(tmp_path, broker.url)
+    sub = subscriber_factory(broker.port, ["bms/gateway/#"])
+
+    def broken(self: Any) -> list[Any]:
+        msg = "injected: on-connect failed"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(daemon_mod.Runtime, "_on_connect", broken)
+    t0 = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="gateway"):
+        rt = asyncio.run(replay(load_config(cfg_path), log, speed=None, drain_timeout=20))
+    assert time.monotonic() - t0 < 10, "the replay waited for a sink that was dead"
+    assert "injected: on-connect failed" in rt.sink_error
+    assert any("the MQTT sink died" in r.getMessage() for r in caplog.records)
+    # it left with its last will (MQTT 5): the replay's gateway is not 'online'
+    assert sub.wait_for(lambda ms: any(
+        t == "bms/gateway/ev-test/availability" and p == b"offline" for t, p, _ in ms), 5)
