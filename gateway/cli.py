@@ -59,8 +59,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG
+    from .source import interface_problems
+
     try:
         pipeline = Pipeline(cfg)
+        if problems := interface_problems(cfg):
+            raise ConfigError(problems)
     except ConfigError as e:
         _print_problems(e)
         return EXIT_CONFIG
@@ -175,9 +179,13 @@ def _stopped_early() -> bool:
 def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import Daemon, run_loop
     from .outbox import OutboxError
+    from .source import interface_problems
 
     cfg = _load(args, args.mqtt)
     if cfg is None:
+        return EXIT_CONFIG
+    if problems := interface_problems(cfg):
+        _print_problems(ConfigError(problems))
         return EXIT_CONFIG
     _setup_logging(args.log_level or cfg.log_level)
     if _stopped_early():
@@ -540,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="jsonl (default): every record; csv: one row per state")
     p.add_argument("--out", type=Path, help="output file (default: stdout)")
     p.add_argument("--events", type=Path,
-                   help="csv: the fault events file (default: <out>.events.csv)")
+                   help="csv: the fault events file (default: <stem>.events.csv beside "
+                        "--out, e.g. run.csv -> run.events.csv)")
     p.add_argument("--every-frame-time", type=float, metavar="S",
                    help="resample state and cells every S seconds of frame time")
     log_opts(p, alias=False)  # --format is the output format here

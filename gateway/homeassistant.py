@@ -456,7 +456,7 @@ class Discovery:
         for rt in pipeline.packs:
             st = rt.compiled.state
             pid = st.pack_id
-            if pid not in self.packs:
+            if pid not in self.packs or not st.cells_known:  # no entities in steps
                 continue
             n_cells, n_temps = len(st.cell_v), len(st.cell_t)
             if n_cells > self.cells.get(pid, 0) or n_temps > self.temps.get(pid, 0):

@@ -107,6 +107,9 @@ class PackState:
     cell_t: list[float | None] = field(default_factory=list)
     balancing: list[bool | None] = field(default_factory=list)
     expected_cells: int | None = None
+    # False while the cell count is still being learned (gateway/cellcount.py): cells
+    # are then neither published nor summarised, so nobody sees a 4-cell pack first.
+    cells_known: bool = True
     last_seen: float | None = None  # frame time of the last frame for this pack
     last_ts: float = 0.0  # frame time of the newest value
     online: bool = False
@@ -137,8 +140,9 @@ class PackState:
         if not mapped[ix["power_w"]]:
             vals[ix["power_w"]] = (v * i if isinstance(v, (int, float))
                                    and isinstance(i, (int, float)) else None)
-        cells = [c for c in self.cell_v if c is not None]
-        count = max(len(self.cell_v), self.expected_cells or 0)
+        known = self.cells_known
+        cells = [c for c in self.cell_v if c is not None] if known else []
+        count = self.cell_count() if known else 0
         if not mapped[ix["cell_count"]]:
             vals[ix["cell_count"]] = count or None
         if cells:
@@ -155,14 +159,23 @@ class PackState:
         if not mapped[ix["cell_v_delta"]] and isinstance(lo_v, (int, float)) \
                 and isinstance(hi_v, (int, float)):
             vals[ix["cell_v_delta"]] = hi_v - lo_v
-        temps = [t for t in self.cell_t if t is not None]
+        temps = [t for t in self.cell_t if t is not None] if known else []
         if temps:
             if not mapped[ix["temp_min_c"]]:
                 vals[ix["temp_min_c"]] = min(temps)
             if not mapped[ix["temp_max_c"]]:
                 vals[ix["temp_max_c"]] = max(temps)
-        if not mapped[ix["balancing_active"]] and self.balancing:
-            vals[ix["balancing_active"]] = any(b for b in self.balancing)
+        if not mapped[ix["balancing_active"]] and self.balancing and known:
+            vals[ix["balancing_active"]] = any(b for b in self.cell_balancing())
+
+    def cell_count(self) -> int:
+        return max(len(self.cell_v), self.expected_cells or 0)
+
+    def cell_balancing(self) -> list[bool | None]:
+        """One flag per cell: balancing messages often carry more slots than the pack
+        has cells (32 flags for 16 cells); without voltages, every flag received."""
+        n = self.cell_count() or len(self.balancing)
+        return (self.balancing + [None] * (n - len(self.balancing)))[:n]
 
     def snapshot(self) -> dict[str, Value]:
         out: dict[str, Value] = {"ts": iso_ts(self.last_ts), "pack_id": self.pack_id}
@@ -180,7 +193,7 @@ class PackState:
             "temps_c": [clean(t) for t in self.cell_t],
         }
         if self.balancing:
-            out["balancing"] = list(self.balancing)
+            out["balancing"] = self.cell_balancing()
         return out
 
 

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .cellcount import CellLearner, cell_learner
 from .config import GatewayConfig, PackConfig, Problem
 from .decode import DbcError, where_failed
 from .faults import FaultEngine, parse_rules
@@ -78,6 +79,8 @@ class Pipeline:
         problems: list[Problem] = []
         cache = cache or DbcCache()
         self.packs: list[PackRuntime] = []
+        # cell-count learners listen only until the count is known (gateway/cellcount.py)
+        self.learners: list[tuple[CellLearner, int]] = []
         bus_index = {b.name: i for i, b in enumerate(cfg.buses)}
         tables: list[dict[int, list[Callable[[float, bytes], None]]]] = [
             {} for _ in cfg.buses]
@@ -95,13 +98,18 @@ class Pipeline:
             rt = PackRuntime(compiled, PackPublisher(pc, compiled.state, self.topics), engine,
                              self.topics.pack(pc.id, "events"))
             self.packs.append(rt)
-            table = tables[bus_index.get(pc.bus, 0)]
+            bus = bus_index.get(pc.bus, 0)
             for key, h in compiled.handlers.items():
-                table.setdefault(key, []).append(h)
+                tables[bus].setdefault(key, []).append(h)
+            learner = cell_learner(pc, compiled.state,
+                                   [cache.get(str(d)) for d in pc.profile.dbc])
+            if learner is not None:
+                self.learners.append((learner, bus))
         if problems:
             raise ConfigError(problems)
-        self.tables: list[dict[int, Callable[[float, bytes], None]]] = [
-            {k: hs[0] if len(hs) == 1 else _fanout(hs) for k, hs in t.items()} for t in tables]
+        self.handler_lists = tables
+        self.tables: list[dict[int, Callable[[float, bytes], None]]] = []
+        self._build_tables()
         self.bus_names = [b.name for b in cfg.buses]
         self.bus_lookup: dict[str, int] = {}
         for i, b in enumerate(cfg.buses):
@@ -113,6 +121,25 @@ class Pipeline:
         self.clock = float("-inf")
         self.next_tick = float("-inf")
         self.first_ts: float | None = None
+
+    def _build_tables(self) -> None:
+        tables = [{k: list(hs) for k, hs in t.items()} for t in self.handler_lists]
+        for learner, bus in self.learners:
+            for key, h in learner.handlers().items():
+                tables[bus].setdefault(key, []).append(h)
+        self.tables = [{k: hs[0] if len(hs) == 1 else _fanout(hs) for k, hs in t.items()}
+                       for t in tables]
+
+    def _learned(self, ts: float | None) -> None:
+        """Time out cell-count learners (None: the log ended) and drop finished ones."""
+        for learner, _ in self.learners:
+            if ts is None:
+                learner.finish()
+            else:
+                learner.tick(ts)
+        if any(learner.done for learner, _ in self.learners):
+            self.learners = [(lr, b) for lr, b in self.learners if not lr.done]
+            self._build_tables()
 
     # ----------------------------------------------------------- hot path
 
@@ -186,6 +213,8 @@ class Pipeline:
         if self.first_ts is None:
             self.first_ts = ts
         self.next_tick = ts + TICK_S
+        if self.learners:
+            self._learned(ts)
         out = self.out
         for rt in self.packs:
             st = rt.compiled.state
@@ -253,6 +282,8 @@ class Pipeline:
         t = self.clock if ts is None else ts
         if t == float("-inf"):
             return
+        if self.learners:
+            self._learned(None)
         self.tick(t, force=True)
 
     def offline(self) -> list[Publication]:

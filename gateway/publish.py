@@ -115,7 +115,7 @@ class PackPublisher:
                 self._emit_state(ts, out)
             st.changed = False
         cp = self.cells_pol
-        if not st.cell_v and not st.cell_t:
+        if (not st.cell_v and not st.cell_t) or not st.cells_known:
             return
         age = ts - self.last_cells_ts
         if (st.cells_changed and (age >= cp.min_interval_s or force)) \

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import contextlib
+import importlib.util
 import logging
 import random
 import socket
@@ -29,7 +30,7 @@ from typing import Any
 import can
 
 from . import logformats
-from .config import CanBus
+from .config import CanBus, GatewayConfig, Problem
 from .decode import EXTENDED_FLAG
 from .logformats import LineFormat
 
@@ -337,11 +338,45 @@ class Pacer:
 # ------------------------------------------------------------------ live bus
 
 
+# python-can interfaces that need a package python-can does not install itself:
+# interface -> (the module it imports, our extra that installs it)
+INTERFACE_EXTRAS = {
+    "slcan": ("serial", "serial"), "serial": ("serial", "serial"),
+    "robotell": ("serial", "serial"), "seeedstudio": ("serial", "serial"),
+    "gs_usb": ("gs_usb", "gs_usb"), "canalystii": ("canalystii", "canalystii"),
+    "cantact": ("cantact", "cantact"), "udp_multicast": ("msgpack", "multicast"),
+}
+
+
+def missing_extra(interface: str) -> tuple[str, str] | None:
+    """(what is missing, how to install it) when the interface cannot be imported."""
+    need = INTERFACE_EXTRAS.get(interface)
+    if need is None or importlib.util.find_spec(need[0]) is not None:
+        return None
+    return (f"interface {interface!r} needs the Python module {need[0]!r}, which is not "
+            "installed", f"pip install 'bms-gateway[{need[1]}]' (into the gateway's venv)")
+
+
+def interface_problems(cfg: GatewayConfig) -> list[Problem]:
+    """Buses that cannot open in this installation: a config error at start, not a
+    retry loop at run time."""
+    out = []
+    for i, bus in enumerate(cfg.buses):
+        miss = missing_extra(bus.interface)
+        if miss is not None:
+            key = "can.interface" if len(cfg.buses) == 1 else f"can[{i}].interface"
+            out.append(Problem(str(cfg.path), key, *miss))
+    return out
+
+
 def open_bus(cfg: CanBus) -> can.BusABC:
     if cfg.interface == "socketcan":
         # python-can leaks its socket when bind fails: a daemon retrying a missing
         # adapter for hours would run out of file descriptors
         socket.if_nametoindex(cfg.channel)
+    miss = missing_extra(cfg.interface)
+    if miss is not None:
+        raise can.CanInterfaceNotImplementedError(f"{miss[0]}: {miss[1]}")
     kwargs: dict[str, Any] = dict(cfg.options)
     if cfg.bitrate is not None:
         kwargs.setdefault("bitrate", cfg.bitrate)

@@ -1,0 +1,91 @@
+"""The first minute after start (issue 13): the cell count is announced once, when known.
+
+The bundled sample sends its 16 cells in four multiplexed groups of four and 32
+balancing flags. Before, the first `cells` had 4 voltages, then 8, 12, 16, Home Assistant
+got its cell entities in four steps, and `balancing` had 32 entries. Everything here runs
+the real replay into a real mosquitto and records every message, retained or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.config import load_config
+from gateway.daemon import replay
+from tests.conftest import REPO, Broker
+
+SAMPLE = REPO / "config" / "sample.log"
+
+
+def _config(tmp: Path, url: str, pack: str) -> Path:
+    cfg = tmp / "gw.yaml"
+    cfg.write_text(textwrap.dedent(f"""\
+        gateway_id: first
+        state_dir: {tmp / 'state'}
+        can: {{interface: virtual, channel: first-{tmp.name}}}
+        packs: [{pack}]
+        mqtt: {{url: '{url}', topic_prefix: bms}}
+        homeassistant: {{discovery: true, prefix: homeassistant}}
+        """))
+    return cfg
+
+
+def _everything(tmp: Path, broker: Broker, subscriber_factory: Any,
+                pack: str) -> list[tuple[str, bytes, bool]]:
+    sub = subscriber_factory(broker.port, ["homeassistant/#", "bms/#"])
+    asyncio.run(replay(load_config(_config(tmp, broker.url, pack)), SAMPLE, speed=None))
+    last = -1
+    deadline = time.monotonic() + 20
+    while last != len(sub.messages) and time.monotonic() < deadline:  # until a quiet 0.3 s
+        last = len(sub.messages)
+        time.sleep(0.3)
+    return list(sub.messages)
+
+
+def _check(messages: list[tuple[str, bytes, bool]], cells: int) -> None:
+    cell_cfg = re.compile(r"^homeassistant/sensor/bms_first_house/cell_(\d+)/config$")
+    announced = [int(m.group(1)) for t, p, _ in messages if p and (m := cell_cfg.match(t))]
+    assert set(announced) == set(range(1, cells + 1))
+    # (configs are sent again on connecting; each time the whole set, never a part)
+    assert len(announced) % cells == 0
+    assert all(announced.count(i) == announced.count(1) for i in range(1, cells + 1))
+    registries = {p for t, p, _ in messages if t == "bms/gateway/first/discovery" and p}
+    with_cells = [json.loads(r) for r in registries if re.search(rb"sensor/cell_\d", r)]
+    assert len(with_cells) == 1, "one set of cell entities, not grown in steps"
+    listed = [k for keys in with_cells[0]["nodes"].values() for k in keys
+              if re.fullmatch(r"sensor/cell_\d+", k)]
+    assert len(listed) == cells
+
+    snaps = [json.loads(p) for t, p, _ in messages if t == "bms/house/cells"]
+    assert snaps, "cells were published"
+    for s in snaps:
+        assert len(s["voltages_v"]) == cells
+        assert len(s["balancing"]) == cells  # the frames carry 32 flags
+    counts = [json.loads(p)["cell_count"] for t, p, _ in messages if t == "bms/house/state"]
+    assert set(counts) <= {None, cells}, "never a partial count"
+    assert counts[-1] == cells
+    assert counts.index(cells) < 3, "known within the first cycle (about a second)"
+
+
+def test_sample_announces_the_learned_cell_count_once(tmp_path: Path, broker: Broker,
+                                                       subscriber_factory: Any) -> None:
+    msgs = _everything(tmp_path, broker, subscriber_factory, "{id: house, profile: example-bms}")
+    _check(msgs, 16)
+    # until the count is known the state says nothing about cells rather than 4
+    first = json.loads(next(p for t, p, _ in msgs if t == "bms/house/state"))
+    assert first["cell_count"] is None and first["cell_v_min"] is None
+
+
+def test_configured_cell_count_is_used_from_the_first_frame(
+        tmp_path: Path, broker: Broker, subscriber_factory: Any) -> None:
+    msgs = _everything(tmp_path, broker, subscriber_factory,
+                       "{id: house, profile: example-bms, cell_count: 16}")
+    _check(msgs, 16)
+    first = json.loads(next(p for t, p, _ in msgs if t == "bms/house/state"))
+    assert first["cell_count"] == 16
