@@ -6,19 +6,21 @@
 # Fails on any message verify prints about our unit, on a verify error, and when the
 # exposure score rises above THRESHOLD (tenths, as systemd-analyze counts: 20 = 2.0).
 #
-#   systemd/verify.sh            # from anywhere; needs systemd-analyze >= 250
+#   systemd/verify.sh [UNIT-FILE]   # from anywhere; needs systemd-analyze >= 250
+#                                   # default: the bms-gateway.service beside this script
 set -eu
 
 THRESHOLD=${THRESHOLD:-20}
 here=$(cd "$(dirname "$0")" && pwd)
 unit=bms-gateway.service
+src=${1:-$here/$unit}
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 # Keep the arguments so verify still parses the whole command line.
 sed 's|^ExecStart=/usr/local/bin/bms-gateway |ExecStart=/bin/true |' \
-    "$here/$unit" >"$tmp/$unit"
+    "$src" >"$tmp/$unit"
 if ! grep -q '^ExecStart=/bin/true ' "$tmp/$unit"; then
     echo "verify.sh: ExecStart= not in the expected form, update the sed above" >&2
     exit 1
