@@ -103,11 +103,13 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "can": {
         "interface": "virtual", "channel": "docs", "name": "bus0", "bitrate": 250000,
         "fd": True, "data_bitrate": 2000000, "options": {"receive_own_messages": False},
+        "receive": "python-can", "kernel_filter": False,
     },
     "packs": {
         "id": "house", "profile": "example-bms", "dbc": "{repo}/dbc/example-bms.dbc",
         "bus": "docs", "id_offset": 0, "transmit": False, "stale_after_s": 7,
         "cell_count": 16, "chemistry": "nmc", "rules": {}, "publish": {"deadband": {}},
+        "dbc_lenient": True,
     },
     "mqtt": {
         "url": "mqtts://broker.example:8883", "topic_prefix": "site/bms",
