@@ -545,6 +545,9 @@ def _sources_spec(r: _Reader, key: str, spec: dict[str, Any]) -> ValueSpec | Non
 
 def _value_spec(r: _Reader, key: str, obj: Any, default_message: str | None) -> ValueSpec | None:
     if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        if not math.isfinite(obj):
+            r.bad(key, f"must be a finite number, got {obj!r}", "write a plain number")
+            return None
         return ValueSpec(key=key, const=float(obj))
     spec = r.mapping(obj, key)
     if not spec:
@@ -966,8 +969,10 @@ def _publish_policy(r: _Reader, key: str, obj: Any, base: PublishPolicy) -> Publ
         if name not in FIELD_BY_NAME:
             r.bad(f"{key}.deadband.{name}", "not a field of the pack model",
                   nearest(name, FIELD_BY_NAME.keys()))
-        elif isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-            r.bad(f"{key}.deadband.{name}", f"must be a number >= 0, got {v!r}")
+        elif isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 \
+                or not math.isfinite(v):
+            r.bad(f"{key}.deadband.{name}", f"must be a finite number >= 0, got {v!r}",
+                  f"e.g. deadband: {{{name}: 0.1}}")
         else:
             deadband[name] = float(v)
     return PublishPolicy(

@@ -57,6 +57,11 @@ REJECTED = {
                           "packs[0].stale_after_s", "finite"),
     "inf publish interval": ({"extra": "publish: {state: {max_interval_s: .inf}}"},
                              "publish.state.max_interval_s", "finite"),
+    "NaN deadband": ({"extra": "publish: {deadband: {voltage_v: .nan}}"},
+                     "publish.deadband.voltage_v", "finite"),
+    "1.0e+400 (YAML's inf) stale_after_s": (
+        {"pack": "{id: h, profile: example-bms, stale_after_s: 1.0e+400}"},
+        "packs[0].stale_after_s", "finite"),
     "port 99999": ({"extra": "mqtt: {url: 'mqtt://127.0.0.1:99999'}"}, "mqtt.url", "65535"),
     "prometheus port 99999": ({"extra": "prometheus: 127.0.0.1:99999"}, "prometheus", "65535"),
     "expression 1e999": ({"expr": "PackVoltage * 1e999"}, "fields.voltage_v.expr",
@@ -110,7 +115,7 @@ WILD = st.floats(allow_nan=True, allow_infinity=True).map(repr)  # valid or not
 NUMERIC = ("cell_count", "stale_after_s", "min_interval_s", "shutdown_timeout_s", "max_events")
 
 
-BAD_NUM = st.sampled_from(["'10'", ".nan", ".inf", "-.inf", "1.0e400", "-5.0", "-5",
+BAD_NUM = st.sampled_from(["'10'", ".nan", ".inf", "-.inf", "1.0e+400", "-5.0", "-5",
                            "2000000000", "true", "[1]", "{a: 1}"])
 # each key: (valid values, near-valid ones that check-config must judge)
 FIELDS: dict[str, tuple[st.SearchStrategy[str], st.SearchStrategy[str]]] = {
