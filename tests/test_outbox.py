@@ -8,7 +8,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -246,25 +245,29 @@ def test_overflow_seq_is_gapless(tmp_path: Path) -> None:
 
 def test_overflow_by_age(tmp_path: Path) -> None:
     path = tmp_path / FILENAME
-    with _open(path, max_age_s=0.3) as box:
+    with _open(path, max_age_s=60) as box:
         _append(box, 3, pack="pack1")
         _append(box, 1, pack="pack2")
-        time.sleep(0.4)
+        with sqlite3.connect(path) as db:  # age them (a sleep is flaky on a loaded machine)
+            db.execute("UPDATE events SET created = created - 120")
         _append(box, 1)  # seq 5; 1..4 expired; notice is seq 6
         assert _seqs(box) == [5, 6]
         assert box.dropped_total == 4
         (notice,) = _overflow_notices(box)
         assert (notice["seq"], notice["value"], notice["limit"], notice["pack_id"]) == (
-            6, 4, 0.3, "gateway")
-        assert notice["message"] == "outbox: dropped 4 events older than 0.3 s (seq 1..4)"
+            6, 4, 60, "gateway")
+        assert notice["message"] == "outbox: dropped 4 events older than 60 s (seq 1..4)"
 
 
 def test_expired_events_are_dropped_on_open(tmp_path: Path) -> None:
     path = tmp_path / FILENAME
     with _open(path) as box:
         _append(box, 2)
-    time.sleep(0.2)
-    with _open(path, max_age_s=0.1) as box:
+    # age the events instead of sleeping: with max_age_s=0.1 and a sleep, a loaded
+    # machine let the overflow notice itself expire between two calls
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE events SET created = created - 120")
+    with _open(path, max_age_s=60) as box:
         assert _seqs(box) == [3]
         assert box.dropped_total == 2
         assert _overflow_notices(box)[0]["value"] == 2
