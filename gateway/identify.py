@@ -60,6 +60,7 @@ class Fit:
     length_ok: float = 1.0
     steady: float = 1.0
     cells: int = 0
+    cell_v_avg: float | None = None
     voltage_v: float | None = None
     soc_pct: float | None = None
     notes: list[str] = field(default_factory=list)
@@ -142,7 +143,9 @@ def score_profile(profile: str, frames: list[Frame], ids: Counter[int], tmp: Pat
     bad_fields = {n for n in bad if n in FIELD_INDEX}
     fit.mapped = len(mapped) + (1 if pc.cfg.profile.cells.get("voltages") else 0)
     have = [i for i in mapped if st.values[i] is not None and FIELDS[i].name not in bad_fields]
-    fit.cells = sum(1 for c in st.cell_v if c is not None)
+    known = [c for c in st.cell_v if c is not None]
+    fit.cells = len(known)
+    fit.cell_v_avg = round(sum(known) / len(known), 4) if known else None
     fit.values = len(have) + (1 if fit.cells else 0)
     fit.voltage_v = _num(st.get("voltage_v"))
     fit.soc_pct = _num(st.get("soc_pct"))
@@ -234,14 +237,32 @@ def identify(log: Path, dbcs: Sequence[Path] = (), *, profiles: Sequence[str] | 
     return fits, stats
 
 
+def guess_chemistry(cell_v_avg: float | None) -> str | None:
+    """A resting cell above 3.6 V is not LFP (its plateau is 3.2-3.35 V, full 3.6 V);
+    2.9-3.45 V is LFP's range. The fault rules' cell limits follow the chemistry, so the
+    default (lfp) on an NMC pack raises over-voltage alarms on healthy cells."""
+    if cell_v_avg is None:
+        return None
+    if cell_v_avg > 3.6:
+        return "nmc"
+    if 2.9 <= cell_v_avg <= 3.45:
+        return "lfp"
+    return None
+
+
 def starter_config(fit: Fit, log: Path) -> str:
     dbc = f", dbc: [{', '.join(fit.own_dbc)}]" if fit.own_dbc else ""
+    chem = guess_chemistry(fit.cell_v_avg)
+    chem_key = f", chemistry: {chem}" if chem else ""
+    chem_note = (f"; chemistry from the cells' {fit.cell_v_avg:.3f} V: check it"
+                 if chem and fit.cell_v_avg is not None else "")
     return (f"# starter config from `bms-gateway identify {log.name}` "
             f"(profile {fit.profile}, score {fit.score:.0f}); docs/config.md has every key\n"
             "can: {interface: socketcan, channel: can0, bitrate: 500000}  # your bus and bitrate\n"
             "packs:\n"
-            f"  - {{id: pack1, profile: {fit.profile}{dbc}}}"
-            f"  # cells seen in the capture: {fit.cells}; set cell_count to your pack's\n"
+            f"  - {{id: pack1, profile: {fit.profile}{dbc}{chem_key}}}"
+            f"  # cells seen in the capture: {fit.cells}; set cell_count to your pack's"
+            f"{chem_note}\n"
             "mqtt: {url: mqtt://localhost:1883, topic_prefix: bms}\n")
 
 

@@ -19,7 +19,8 @@ def identify_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, 
     return rc, json.loads(capsys.readouterr().out)
 
 
-def test_orion_capture_ranks_an_orion_profile_first(capsys: pytest.CaptureFixture[str]) -> None:
+def test_orion_capture_ranks_an_orion_profile_first(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     rc, fits = identify_json(capsys, str(shared("orion-we-ev/candump1_can0.asc")))
     assert rc == EXIT_OK
     assert [f["profile"] for f in fits[:2]] == ["orion-bms2", "orion-inverter"]
@@ -33,6 +34,16 @@ def test_orion_capture_ranks_an_orion_profile_first(capsys: pytest.CaptureFixtur
     # CAN-BMS reads Orion's 0.1 V pack voltage as 0.01 V: against its own limits it is absurd
     assert by_name["can-bms"]["score"] < FITS_AT
     assert by_name["foxbms2"]["score"] == 0
+    assert 4.05 <= best["cell_v_avg"] <= 4.07
+    # the starter config names the chemistry the cells show (lfp, the default, would
+    # raise over-voltage alarms on these 4.06 V cells)
+    assert main(["identify", str(shared("orion-we-ev/candump1_can0.asc"))]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "{id: pack1, profile: orion-bms2, chemistry: nmc}" in out
+    # and it is a config check-config accepts as it stands
+    starter = tmp_path / "starter.yaml"
+    starter.write_text(out[out.index("# starter config"):])
+    assert main(["check-config", "-c", str(starter)]) == EXIT_OK
 
 
 def test_orion_capture_with_the_users_dbc(capsys: pytest.CaptureFixture[str]) -> None:
