@@ -691,16 +691,20 @@ def _cell_sources(r: _Reader, key: str, obj: Any) -> tuple[CellSource, ...]:
     return tuple(out)
 
 
-def _gates(r: _Reader, obj: Any) -> tuple[Gate, ...]:
+def _entries(r: _Reader, key: str, obj: Any, example: str,
+             ) -> list[tuple[str, dict[str, Any]]]:
+    """A profile list of mappings as (key, mapping); a problem if it is not a list."""
     if obj is None:
-        return ()
+        return []
     if not isinstance(obj, list):
-        r.bad("gates", "must be a list", "gates: [{message: ..., signal: ..., values: [...]}]")
-        return ()
+        r.bad(key, "must be a list", example)
+        return []
+    return [(f"{key}[{i}]", r.mapping(item, f"{key}[{i}]")) for i, item in enumerate(obj)]
+
+
+def _gates(r: _Reader, obj: Any) -> tuple[Gate, ...]:
     out: list[Gate] = []
-    for i, item in enumerate(obj):
-        k = f"gates[{i}]"
-        spec = r.mapping(item, k)
+    for k, spec in _entries(r, "gates", obj, "gates: [{message: ..., signal: ..., values: [...]}]"):
         r.known(spec, k, {"message", "signal", "values", "ignore"})
         message, signal = r.str_(spec, k, "message", None), r.str_(spec, k, "signal", None)
         vals: Any = spec.get("values")
@@ -720,22 +724,16 @@ def _gates(r: _Reader, obj: Any) -> tuple[Gate, ...]:
 
 
 def _checks(r: _Reader, obj: Any) -> tuple[FrameCheck, ...]:
-    if obj is None:
-        return ()
-    if not isinstance(obj, list):
-        r.bad("checks", "must be a list", "checks: [{message: ..., checksum: ..., counter: ...}]")
-        return ()
     out: list[FrameCheck] = []
     seen: set[str] = set()
-    for i, item in enumerate(obj):
-        k = f"checks[{i}]"
-        spec = r.mapping(item, k)
+    for k, spec in _entries(r, "checks", obj, "checks: [{message: ..., checksum: ..., counter: ...}]"):
         r.known(spec, k, {"message", "checksum", "method", "with_id", "with_length", "counter",
                           "max_step"})
         message = r.str_(spec, k, "message", None)
         checksum, counter = r.str_(spec, k, "checksum", None), r.str_(spec, k, "counter", None)
         if not message or not (checksum or counter):
-            r.bad(k, "needs `message` and a `checksum` or `counter` signal (or both)")
+            r.bad(k, "needs `message` and a `checksum` or `counter` signal (or both)",
+                  "e.g. {message: Pack, checksum: Crc, method: crc8_sae_j1850, counter: Alive}")
             continue
         if message in seen:
             r.bad(f"{k}.message", f"{message!r} already has checks", "merge the two entries")
@@ -760,19 +758,13 @@ def _checks(r: _Reader, obj: Any) -> tuple[FrameCheck, ...]:
 
 
 def _dtcs(r: _Reader, obj: Any) -> tuple[DtcStream, ...]:
-    if obj is None:
-        return ()
-    if not isinstance(obj, list):
-        r.bad("dtcs", "must be a list", "dtcs: [{message: ..., signal: ...}]")
-        return ()
     out: list[DtcStream] = []
-    for i, item in enumerate(obj):
-        k = f"dtcs[{i}]"
-        spec = r.mapping(item, k)
+    for k, spec in _entries(r, "dtcs", obj, "dtcs: [{message: ..., signal: ...}]"):
         r.known(spec, k, {"message", "signal", "code", "severity", "clear_after_s", "none"})
         message, signal = r.str_(spec, k, "message", None), r.str_(spec, k, "signal", None)
         if not message or not signal:
-            r.bad(k, "needs `message` and `signal` (the signal carrying the trouble code)")
+            r.bad(k, "needs `message` and `signal` (the signal carrying the trouble code)",
+                  "e.g. {message: Dtc, signal: DtcCode}")
             continue
         code = r.str_(spec, k, "code", "bms_dtc") or "bms_dtc"
         if (prob := topic_segment_problem(code)) is not None:

@@ -472,14 +472,18 @@ class _Compiler:
 
         self.add_with_sentinel(msg, spec, path, gen, f"X[{name!r}]")
 
+    def message_read(self, key: str, message: str, signal: str,
+                     ) -> tuple[Message, SignalRead] | None:
+        msg = self.message(key, message)
+        rd = self.read(f"{key}.signal", msg, signal) if msg is not None else None
+        return None if msg is None or rd is None else (msg, rd)
+
     def gate(self, gate: Gate) -> None:
         """`gates`: while a state signal has given values, listed messages are ignored."""
-        msg = self.message(gate.key, gate.message)
-        if msg is None:
+        got = self.message_read(gate.key, gate.message, gate.signal)
+        if got is None:
             return
-        rd = self.read(f"{gate.key}.signal", msg, gate.signal)
-        if rd is None:
-            return
+        msg, rd = got
         if rd.path:
             self.problems.append(Problem(self.file, f"{gate.key}.signal",
                                          f"{gate.signal!r} is multiplexed: a gate needs a "
@@ -667,12 +671,10 @@ class _Compiler:
 
     def dtc(self, index: int, d: DtcStream) -> None:
         """`dtcs`: a signal carrying one trouble code per frame."""
-        msg = self.message(d.key, d.message)
-        if msg is None:
+        got = self.message_read(d.key, d.message, d.signal)
+        if got is None:
             return
-        rd = self.read(f"{d.key}.signal", msg, d.signal)
-        if rd is None:
-            return
+        msg, rd = got
         sig = next(s for s in msg.signals if s.name == rd.name)
         texts = {int(k): str(v) for k, v in (sig.choices or {}).items()}
         self.dtc_streams.append((d, texts))

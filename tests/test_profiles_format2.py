@@ -13,26 +13,12 @@ import can
 import cantools
 import pytest
 from conftest import Broker, shared
+from test_profiles import load_db
+from test_profiles import pipeline_for as pipeline
 
 from gateway.config import ConfigError, load_config
 from gateway.daemon import replay
-from gateway.pipeline import Pipeline
 from gateway.source import Frame
-
-
-def load_db(path: Path) -> Any:
-    return cantools.database.load_file(str(path), strict=False)
-
-
-def config(tmp: Path, pack: str) -> Path:
-    p = tmp / "gateway.yaml"
-    p.write_text(f"gateway_id: t\nstate_dir: {tmp}/state\nlog_level: warning\n"
-                 f"can: {{interface: virtual, channel: x}}\npacks:\n  - {pack}\n")
-    return p
-
-
-def pipeline(tmp: Path, pack: str) -> Pipeline:
-    return Pipeline(load_config(config(tmp, pack), mqtt_url="-"))
 
 
 def profile(tmp: Path, dbc: Path, body: str, name: str = "p2") -> str:
@@ -55,6 +41,21 @@ def config_problems(tmp: Path, pack: str) -> str:
     with pytest.raises(ConfigError) as err:
         pipeline(tmp, pack)
     return str(err.value)
+
+
+DBC_HEADER = 'VERSION ""\n\nNS_ :\n\nBS_:\n\nBU_: BMS\n\n'
+
+
+def assert_rejected(tmp: Path, dbc: str | Path, body: str, key: str, words: str) -> None:
+    """check-config refuses the profile `body` on `dbc` (a DBC's text or a file), naming
+    `key`, saying `words`, and giving a fix (a bound's "at least" names its own)."""
+    if isinstance(dbc, str):
+        (tmp / "t.dbc").write_text(dbc)
+        dbc = tmp / "t.dbc"
+    text = config_problems(tmp, profile(tmp, dbc, body + "\n"))
+    assert f": {key}: " in text and words in text, text
+    line = text.split(f": {key}: ")[1].splitlines()[0]
+    assert "Fix:" in line or "at least" in words, line
 
 
 # ------------------------------------------------------------------ sources: [...]
@@ -143,11 +144,10 @@ def test_sources_first_fresh_wins(tmp_path: Path) -> None:
 ])
 def test_sources_mistakes_are_config_errors(tmp_path: Path, body: str, key: str,
                                             words: str) -> None:
-    dbc = shared("foxbms2/foxbms.dbc")
     if not body.startswith("{"):
         body = "{" + body + "}"
-    text = config_problems(tmp_path, profile(tmp_path, dbc, f"fields:\n  voltage_v: {body}\n"))
-    assert f": {key}: " in text and words in text, text
+    assert_rejected(tmp_path, shared("foxbms2/foxbms.dbc"), f"fields:\n  voltage_v: {body}",
+                    key, words)
 
 
 # ------------------------------------------------------------------ cell layouts
@@ -156,7 +156,7 @@ def test_sources_mistakes_are_config_errors(tmp_path: Path, body: str, key: str,
 def modules_dbc() -> str:
     """Three module messages, each multiplexed 0-3 with four 12-bit mV cells per group
     (the Formula Student layout), and one module-indexed temperature message."""
-    lines = ['VERSION ""', "", "NS_ :", "", "BS_:", "", "BU_: BMS", ""]
+    lines = [DBC_HEADER]
     for m in range(3):
         lines.append(f"BO_ {0x600 + m} Module{m + 1}: 8 BMS")
         lines.append(' SG_ Group M : 0|8@1+ (1,0) [0|0] "" Vector__XXX')
@@ -248,25 +248,13 @@ def test_mux_with_first_and_offset_compose(tmp_path: Path) -> None:
 ])
 def test_invalid_cell_layouts_are_config_errors(tmp_path: Path, source: str, key: str,
                                                 words: str) -> None:
-    (tmp_path / "modules.dbc").write_text(modules_dbc())
-    body = f"cells:\n  voltages:\n    - {source}\n"
-    text = config_problems(tmp_path, profile(tmp_path, tmp_path / "modules.dbc", body))
-    assert f": cells.voltages[0].{key}: " in text and words in text, text
-    assert "Fix:" in text.split(f"cells.voltages[0].{key}: ")[1].splitlines()[0] \
-        or words == "at least 1", text
+    assert_rejected(tmp_path, modules_dbc(), f"cells:\n  voltages:\n    - {source}",
+                    f"cells.voltages[0].{key}", words)
 
 
 # ------------------------------------------------------------------ validity gates, sentinels
 
-GATED_DBC = """\
-VERSION ""
-
-NS_ :
-
-BS_:
-
-BU_: BMS
-
+GATED_DBC = DBC_HEADER + """\
 BO_ 1792 Status: 8 BMS
  SG_ State : 0|4@1+ (1,0) [0|15] "" Vector__XXX
  SG_ PackV : 8|16@1+ (0.1,0) [0|6553.5] "V" Vector__XXX
@@ -354,22 +342,12 @@ def test_startup_gate_and_sentinels(tmp_path: Path) -> None:
 ])
 def test_gate_and_sentinel_mistakes_are_config_errors(tmp_path: Path, body: str, key: str,
                                                       words: str) -> None:
-    (tmp_path / "g.dbc").write_text(GATED_DBC)
-    text = config_problems(tmp_path, profile(tmp_path, tmp_path / "g.dbc", body + "\n"))
-    assert f": {key}: " in text and words in text, text
+    assert_rejected(tmp_path, GATED_DBC, body, key, words)
 
 
 # ------------------------------------------------------------------ trouble codes, fault cells
 
-DTC_DBC = """\
-VERSION ""
-
-NS_ :
-
-BS_:
-
-BU_: BMS
-
+DTC_DBC = DBC_HEADER + """\
 BO_ 1800 Dtc: 8 BMS
  SG_ DtcCode : 0|16@1+ (1,0) [0|65535] "" Vector__XXX
 
@@ -445,9 +423,7 @@ def test_trouble_code_stream_and_fault_cell(tmp_path: Path) -> None:
 ])
 def test_dtc_and_fault_cell_mistakes_are_config_errors(tmp_path: Path, body: str, key: str,
                                                       words: str) -> None:
-    (tmp_path / "d.dbc").write_text(DTC_DBC)
-    text = config_problems(tmp_path, profile(tmp_path, tmp_path / "d.dbc", body + "\n"))
-    assert f": {key}: " in text and words in text, text
+    assert_rejected(tmp_path, DTC_DBC, body, key, words)
 
 
 # ------------------------------------------------------------------ checksums, rolling counters
@@ -485,15 +461,7 @@ def test_orion_cell_broadcast_checksum_on_real_capture(tmp_path: Path) -> None:
     assert st.cell_v[cell] == before
 
 
-COUNTER_DBC = """\
-VERSION ""
-
-NS_ :
-
-BS_:
-
-BU_: BMS
-
+COUNTER_DBC = DBC_HEADER + """\
 BO_ 1900 Pack: 8 BMS
  SG_ PackV : 0|16@1+ (0.1,0) [0|6553.5] "V" Vector__XXX
  SG_ Alive : 48|4@1+ (1,0) [0|15] "" Vector__XXX
@@ -559,22 +527,12 @@ def test_crc_and_rolling_counter(tmp_path: Path) -> None:
 ])
 def test_check_mistakes_are_config_errors(tmp_path: Path, body: str, key: str,
                                           words: str) -> None:
-    (tmp_path / "c.dbc").write_text(COUNTER_DBC)
-    text = config_problems(tmp_path, profile(tmp_path, tmp_path / "c.dbc", body + "\n"))
-    assert f": {key}: " in text and words in text, text
+    assert_rejected(tmp_path, COUNTER_DBC, body, key, words)
 
 
 # ------------------------------------------------------------------ expressions across messages
 
-CROSS_DBC = """\
-VERSION ""
-
-NS_ :
-
-BS_:
-
-BU_: BMS
-
+CROSS_DBC = DBC_HEADER + """\
 BO_ 1808 Limits: 8 BMS
  SG_ MaxChargePower : 0|16@1+ (0.01,0) [0|655.35] "kW" Vector__XXX
 
@@ -648,7 +606,4 @@ def test_expression_across_messages_with_staleness(tmp_path: Path) -> None:
 ])
 def test_cross_message_mistakes_are_config_errors(tmp_path: Path, body: str, key: str,
                                                   words: str) -> None:
-    (tmp_path / "x.dbc").write_text(CROSS_DBC)
-    text = config_problems(tmp_path, profile(tmp_path, tmp_path / "x.dbc",
-                                             f"fields:\n  {body}\n"))
-    assert f": {key}: " in text and words in text, text
+    assert_rejected(tmp_path, CROSS_DBC, f"fields:\n  {body}", key, words)
