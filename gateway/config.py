@@ -470,13 +470,75 @@ class _Reader:
         return float(v[0]), float(v[1])
 
 
+# Bounds on what one YAML file may cost (configs and profiles are a few kB): the size
+# of the file (YAML_MAX_BYTES), and the number of nodes, also once aliases are expanded. A few hundred bytes
+# of nested aliases (a "billion laughs") otherwise become 10^8 list items that every
+# later step (validation, error messages, logs) walks: minutes and gigabytes.
+MAX_YAML_NODES = 100_000
+MAX_EXPR_CHARS = 1000  # a profile's `expr:`; real ones are a few dozen characters
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a document of more than MAX_YAML_NODES nodes, as
+    written (counted while composing) or with its aliases expanded (before constructing
+    any Python object from it)."""
+
+    _nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._nodes += 1
+        if self._nodes > MAX_YAML_NODES:
+            msg = f"the document has more than {MAX_YAML_NODES:,} values"
+            mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(None, None, msg, mark)
+        return super().compose_node(parent, index)
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        n = expanded_size(node)
+        if n > MAX_YAML_NODES:
+            mark = node.start_mark
+            msg = (f"the document expands to more than {MAX_YAML_NODES:,} values once its "
+                   "aliases (*name) are resolved")
+            raise yaml.constructor.ConstructorError(None, None, msg, mark)
+        return super().construct_document(node)
+
+
+def expanded_size(root: yaml.Node, stop: int = MAX_YAML_NODES) -> int:
+    """Number of nodes with every alias expanded, counting up to just past `stop`.
+
+    An alias is the same node object reached twice: sizes are memoized per node, so
+    this is linear in the file however large the expansion is."""
+    size: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in size:
+            continue
+        if isinstance(node, yaml.SequenceNode):
+            children: list[yaml.Node] = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [x for kv in node.value for x in kv]
+        else:
+            size[id(node)] = 1
+            continue
+        if not done:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in size)
+            continue
+        size[id(node)] = min(stop + 1, 1 + sum(size.get(id(c), 1) for c in children))
+    return size[id(root)]
+
+
 def read_yaml(path: Path, problems: list[Problem]) -> Any:
+    """The one YAML reader (config, profiles, simulator scenarios), bounded in file size
+    (YAML_MAX_BYTES), in nodes and in expanded size (MAX_YAML_NODES)."""
     if (prob := file_problem(path, YAML_MAX_BYTES)) is not None:
         problems.append(Problem(str(path), "-", prob,
                                 "point it at a YAML file (a regular file, not a device)"))
         return None
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(YAML_MAX_BYTES + 1)  # a file that grew since: still bounded
     except FileNotFoundError:
         problems.append(Problem(str(path), "-", "file not found",
                                 "check the path (relative paths are from the config file)"))
@@ -484,15 +546,33 @@ def read_yaml(path: Path, problems: list[Problem]) -> Any:
     except OSError as e:
         problems.append(Problem(str(path), "-", f"cannot read: {e.strerror or e}"))
         return None
+    if len(raw) > YAML_MAX_BYTES:
+        problems.append(Problem(str(path), "-", f"more than the {YAML_MAX_BYTES} bytes allowed",
+                                "check the path; real configs and profiles are a few kB"))
+        return None
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        problems.append(Problem(str(path), f"line {line}", f"not UTF-8 text ({e.reason} at "
+                                f"byte {e.start})", "save the file as UTF-8"))
+        return None
+    try:
+        data = yaml.load(text, Loader=_BoundedLoader)  # a SafeLoader subclass
         _no_surrogates(path, data, problems)
         return data
+    except RecursionError:
+        problems.append(Problem(str(path), "-", "nested too deeply",
+                                "a config or profile needs a few levels of nesting, not hundreds"))
+        return None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "-"
-        problems.append(Problem(str(path), where, f"invalid YAML: {getattr(e, 'problem', e)}",
-                                "fix the indentation or quoting at that spot"))
+        problem = getattr(e, "problem", None) or e
+        fix = ("write the values out, or use fewer nested aliases" if "aliases" in str(problem)
+               else "split the file, or check the path" if "values" in str(problem)
+               else "fix the indentation or quoting at that spot")
+        problems.append(Problem(str(path), where, f"invalid YAML: {problem}", fix))
         return None
 
 
@@ -562,6 +642,12 @@ def _value_spec(r: _Reader, key: str, obj: Any, default_message: str | None) -> 
     message = r.str_(spec, key, "message", default_message)
     signal = r.str_(spec, key, "signal", None)
     expr = r.str_(spec, key, "expr", None)
+    if expr is not None and len(expr) > MAX_EXPR_CHARS:
+        # compiled into a frame handler: a huge one costs seconds to compile (on reload)
+        # and nests past Python's parser limits
+        r.bad(f"{key}.expr", f"{len(expr):,} characters long (at most {MAX_EXPR_CHARS})",
+              "split the computation, or decode the value with a DBC signal")
+        return None
     const = r.num(spec, key, "const", None)
     sources = [x for x in (signal, expr, const) if x is not None]
     if len(sources) != 1:
@@ -1246,6 +1332,7 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
               "e.g. packs: [{id: house, profile: can-bms}]")
         raw_packs = []
     seen: set[str] = set()
+    profiles: dict[Path, Profile | None] = {}
     for i, item in enumerate(raw_packs):
         k = f"packs[{i}]"
         spec = r.mapping(item, k)
@@ -1273,7 +1360,9 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
         if (prob := file_problem(ppath, YAML_MAX_BYTES)) is not None:
             r.bad(f"{k}.profile", prob, "point it at a profile YAML file")
             continue
-        profile = load_profile(ppath, problems)
+        if ppath not in profiles:  # parsed once: 300 packs of one model cost 17 s before
+            profiles[ppath] = load_profile(ppath, problems)
+        profile = profiles[ppath]
         if profile is None:
             continue
         extra_dbc = spec.get("dbc")

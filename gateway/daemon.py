@@ -24,7 +24,7 @@ from .logformats import LineFormat
 from .model import Publication
 from .notify import Notifier, watchdog_interval
 from .outbox import Outbox
-from .pipeline import Pipeline
+from .pipeline import Pipeline, Prepared
 from .publish import MqttSink, StdoutSink, backoff, dumps
 from .socketcan import make_source
 from .source import LiveSource, LogError, Pacer, SourceStats, read_log
@@ -305,9 +305,11 @@ class Daemon:
         self.rt = Runtime(cfg, self.pipeline, stdout=stdout)
         self.notifier = Notifier()
         self.stop_event = asyncio.Event()
-        self.reload_requested = False
-        self._pending: tuple[GatewayConfig, Pipeline] | None = None
-        self.should_exit = False  # sticky, unlike stop_event, which each reload clears
+        self.should_exit = False
+        self._tg: asyncio.TaskGroup | None = None
+        self._poller_task: asyncio.Task[None] | None = None
+        self._reload_task: asyncio.Task[None] | None = None
+        self._hup_again = False
         self.sigint_count = 0
         self.last_progress = time.monotonic()
         self.tasks: list[asyncio.Task[None]] = []
@@ -364,14 +366,30 @@ class Daemon:
 
     # -- sources
     def _start_sources(self, tg: asyncio.TaskGroup) -> None:
-        self.rt.sources = []
+        """Open the configured buses. On a reload, a bus whose config is unchanged keeps
+        its open source (not a frame lost); a changed or removed one is closed."""
+        running = {s.cfg.name: s for s in self.rt.sources}
+        sources = []
         for i, bus in enumerate(self.cfg.buses):
-            src = make_source(bus, i, self._batch_cb(i), self._state_cb(i),
+            src = running.pop(bus.name, None)
+            if src is not None and src.cfg == bus and src.refilter():
+                src.on_batch, src.on_state = self._batch_cb(i), self._state_cb(i)
+                sources.append(src)
+                continue
+            new = make_source(bus, i, self._batch_cb(i), self._state_cb(i),
                               lambda: self.pipeline)
-            self.rt.sources.append(src)
+            if src is not None:
+                log.info("reload: bus %s changed: reopening it", bus.name)
+                src.stop()
+                new.lost = src.lost  # its can_bus_lost clears when the new one opens
+            sources.append(new)
             name = f"source[{bus.name}]"
-            self.tasks.append(tg.create_task(self._supervise(name, src.run, self._stopping),
+            self.tasks.append(tg.create_task(self._supervise(name, new.run, self._stopping),
                                              name=name))
+        for src in running.values():
+            log.info("reload: bus %s removed: closing it", src.cfg.name)
+            src.stop()
+        self.rt.sources = sources
 
     def _batch_cb(self, bus: int) -> Callable[[list[Any]], None]:
         def on_batch(batch: list[Any]) -> None:
@@ -423,13 +441,22 @@ class Daemon:
                 f"{self.rt.outbox.depth()}" + (f", bus lost: {','.join(lost)}" if lost else "")
                 + (f", broker refuses: {','.join(refused)}" if refused else ""))
 
-    async def _poller(self) -> None:
+    def _start_poller(self, tg: asyncio.TaskGroup) -> None:
         """Request frames and ISO-TP exchanges (gateway/poll.py); only packs with
-        `transmit: true` ever send."""
+        `transmit: true` ever send. Built on the current tables (it taps them), so a
+        reload starts a new one."""
         from .poll import Poller
 
-        self.poller = Poller(self.pipeline, self._send)
-        await self.poller.run(self.stop_event)
+        if self._poller_task is not None:
+            self._poller_task.cancel()
+        poller = self.poller = Poller(self.pipeline, self._send)
+
+        async def run() -> None:
+            await poller.run(self.stop_event)
+
+        self._poller_task = tg.create_task(self._supervise("poller", run, self._stopping),
+                                           name="poller")
+        self.tasks.append(self._poller_task)
 
     def _send(self, bus: int, can_id: int, data: bytes, extended: bool) -> bool:
         if bus >= len(self.rt.sources):
@@ -461,32 +488,44 @@ class Daemon:
         self.stop_event.set()
 
     def _on_hup(self) -> None:
-        # Validate first, while the buses keep running: a rejected config must not cost
-        # even a short gap in reception. Only a good one stops the sources to swap.
+        # The new config is read and compiled in a worker thread: the buses keep being
+        # read, and a huge or hostile file cannot starve the loop (or the watchdog).
+        if self._reload_task is not None and not self._reload_task.done():
+            self._hup_again = True  # read the file once more when this one is done
+            return
         self.notifier.reloading()
+        self._reload_task = asyncio.get_running_loop().create_task(self._reload(),
+                                                                   name="reload")
+
+    def _prepare(self) -> Prepared:
+        """Worker thread: parse and compile the config file against the running packs."""
+        return self.pipeline.prepare(load_config(self.cfg.path))
+
+    async def _reload(self) -> None:
         try:
-            new = load_config(self.cfg.path)
-            pipeline = Pipeline(new)
+            prepared = await asyncio.to_thread(self._prepare)
         except ConfigError as e:
             # one line (one journal entry that greps well), however many problems
             log.error("reload: new config rejected, keeping the running one: %s",
                       "; ".join(str(p) for p in e.problems))
-            self.notifier.ready()
-            return
         except Exception as e:
-            log.error("reload: new config rejected, keeping the running one: %s", e)
-            self.notifier.ready()
+            log.error("reload: new config rejected, keeping the running one: %s: %s",
+                      type(e).__name__, e)
+        else:
+            if not self.should_exit:
+                self.reload(prepared)
+        if self._hup_again and not self.should_exit:
+            self._hup_again = False
+            self._reload_task = asyncio.get_running_loop().create_task(self._reload(),
+                                                                       name="reload")
             return
-        self._pending = (new, pipeline)
-        self.reload_requested = True
-        self.stop_event.set()
+        self.notifier.ready()
 
-    def reload(self) -> bool:
-        """Switch to the config `_on_hup` validated."""
-        if self._pending is None:
-            return False
-        new, pipeline = self._pending
-        self._pending = None
+    def reload(self, prepared: Prepared) -> None:
+        """Switch to a config `_prepare` compiled, on the loop, between two batches:
+        packs with an unchanged identity keep their state and faults, removed ones clear
+        theirs and go offline, unchanged buses stay open."""
+        new = prepared.cfg
         unapplied = [k for k, a, b in (
             ("mqtt", self.cfg.mqtt, new.mqtt), ("gateway_id", self.cfg.gateway_id, new.gateway_id),
             ("state_dir", self.cfg.state_dir, new.state_dir),
@@ -496,20 +535,19 @@ class Daemon:
         if unapplied:
             log.warning("reload: changes to %s take effect only after a restart",
                         ", ".join(unapplied))
-        removed = {p.id for p in self.cfg.packs} - {p.id for p in new.packs}
-        for rt in self.pipeline.packs:
-            if rt.compiled.state.pack_id in removed:
-                self.rt.sink.snapshot(rt.publisher.availability(False))
+        kept = sum(1 for *_, old in prepared.packs if old is not None)
+        self.pipeline.apply(prepared, time.time())
         self.cfg = new
-        self.pipeline = pipeline
-        self.rt.pipeline = pipeline
         self.rt.cfg = new
+        if self._tg is not None:
+            self._start_sources(self._tg)
+            self._start_poller(self._tg)
+        self.rt.ship()
         if self.rt.discovery is not None:
             for p in self.rt.discovery.reconfigure(new):
                 self.rt.sink.snapshot(p)
-        log.info("reload: config %s applied (%d packs)", new.path, len(new.packs))
-        self.notifier.ready()
-        return True
+        log.info("reload: config %s applied (%d packs), %d kept their state", new.path,
+                 len(new.packs), kept)
 
     async def serve(self) -> int:
         self._install_signals()
@@ -525,36 +563,31 @@ class Daemon:
                 self._supervise("mqtt", sink.run, lambda: mqtt_sink.stopping), name="mqtt")
         self._start_metrics()
         try:
-            while True:
-                # a stop that came before serve() ran, or during a reload, is not forgotten
-                if not self.should_exit:
-                    self.stop_event.clear()
-                self.tasks = []
-                async with asyncio.TaskGroup() as tg:
-                    self._start_sources(tg)
-                    for name, fn in (("ticker", self._ticker), ("poller", self._poller)):
-                        self.tasks.append(tg.create_task(
-                            self._supervise(name, fn, self._stopping), name=name))
-                    # READY once every bus is open or known to be missing (can_bus_lost
-                    # raised): a pulled adapter must not hold start-up for the full 5 s.
-                    deadline = time.monotonic() + 5
-                    while (time.monotonic() < deadline and not all(
-                            s.opened.is_set() or s.lost for s in rt.sources)):
-                        await asyncio.sleep(0.02)
-                    self.notifier.ready(self._status_line())
-                    log.info("bms-gateway %s running: %d bus(es), %d pack(s), %s", __version__,
-                             len(self.cfg.buses), len(self.cfg.packs),
-                             self.cfg.mqtt.url or "stdout")
-                    await self.stop_event.wait()
-                    for s in rt.sources:
-                        s.stop()
-                    for t in self.tasks:
-                        t.cancel()
-                if self.reload_requested and not self.should_exit:
-                    self.reload_requested = False
-                    self.reload()
-                    continue
-                break
+            self.tasks = []
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self._start_sources(tg)
+                self.tasks.append(tg.create_task(
+                    self._supervise("ticker", self._ticker, self._stopping), name="ticker"))
+                self._start_poller(tg)
+                # READY once every bus is open or known to be missing (can_bus_lost
+                # raised): a pulled adapter must not hold start-up for the full 5 s.
+                deadline = time.monotonic() + 5
+                while (time.monotonic() < deadline and not all(
+                        s.opened.is_set() or s.lost for s in rt.sources)):
+                    await asyncio.sleep(0.02)
+                self.notifier.ready(self._status_line())
+                log.info("bms-gateway %s running: %d bus(es), %d pack(s), %s", __version__,
+                         len(self.cfg.buses), len(self.cfg.packs),
+                         self.cfg.mqtt.url or "stdout")
+                await self.stop_event.wait()
+                self._tg = None
+                if self._reload_task is not None:
+                    self._reload_task.cancel()
+                for s in rt.sources:
+                    s.stop()
+                for t in self.tasks:
+                    t.cancel()
             self.notifier.stopping()
             await self._shutdown_flush()
         finally:

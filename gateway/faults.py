@@ -357,12 +357,49 @@ class FaultEngine:
                  bms_faults: tuple[BmsFault, ...], stale_after_s: float) -> None:
         self.pack_id = pack_id
         self.events: list[FaultEvent] = []
+        self._rules: dict[str, _Rule] = {}
+        self._configure(rules, bms_faults, stale_after_s)
+        self._bms: dict[int, _Inst] = {}
+        self._dtc: dict[tuple[int, int], _Inst] = {}  # (stream, code): `pending` = last seen
+        self._dtc_streams: list[tuple[DtcStream, dict[int, str]]] = []
+        self._simple: dict[str, _Inst] = {}  # comm_lost and the CAN bus problems
+        self._dec: deque[tuple[float, int, int]] = deque()
+        self._impl_last: dict[str, int] | None = None
+        self._impl: deque[tuple[float, dict[str, int]]] = deque()
+        self._impl_why = ""
+
+    def reconfigure(self, ts: float, rules: dict[str, RuleSpec],
+                    bms_faults: tuple[BmsFault, ...], stale_after_s: float) -> None:
+        """A reload: new settings, the same fault state. An active fault stays active
+        (no second `raised`, `since` kept) and is judged against the new limits from the
+        next evaluation on; a rule switched off clears its faults now."""
+        old = self._rules
+        self._configure(rules, bms_faults, stale_after_s)
+        for name, r in self._rules.items():
+            if r.spec.enabled:
+                r.insts = old[name].insts
+                continue
+            for _key, inst in sorted(old[name].insts.items()):
+                if inst.active:
+                    self._emit(ts, inst, "cleared", f"{inst.title} cleared: rule disabled",
+                               value=None, limit=None)
+            gone = self._simple.pop(name, None)
+            if gone is not None:
+                self._emit(ts, gone, "cleared", f"{gone.title} cleared: rule disabled",
+                           value=None, limit=None)
+        for index in [i for i in self._bms if i >= len(bms_faults)]:
+            inst = self._bms.pop(index)
+            self._emit(ts, inst, "cleared", f"{inst.title} cleared: no longer in the profile",
+                       value=None, limit=None)
+
+    def _configure(self, rules: dict[str, RuleSpec], bms_faults: tuple[BmsFault, ...],
+                   stale_after_s: float) -> None:
         self.stale_after_s = stale_after_s
         self._bms_faults = bms_faults
         specs = default_rules()
         specs.update({k: v for k, v in rules.items() if k in specs})
         self._specs = specs
-        self._rules: dict[str, _Rule] = {}
+        self._rules = {}
         for name, d in RULES.items():
             s = specs[name]
             self._rules[name] = _Rule(s, d, d.kind != "low",
@@ -373,14 +410,6 @@ class FaultEngine:
                 and (r.spec.raise_at is not None or r.d.limit_field is not None)]
         self._element_rules = [r for r in live if r.d.element is not None]
         self._scalar_rules = [r for r in live if r.d.element is None]
-        self._bms: dict[int, _Inst] = {}
-        self._dtc: dict[tuple[int, int], _Inst] = {}  # (stream, code): `pending` = last seen
-        self._dtc_streams: list[tuple[DtcStream, dict[int, str]]] = []
-        self._simple: dict[str, _Inst] = {}  # comm_lost and the CAN bus problems
-        self._dec: deque[tuple[float, int, int]] = deque()
-        self._impl_last: dict[str, int] | None = None
-        self._impl: deque[tuple[float, dict[str, int]]] = deque()
-        self._impl_why = ""
 
     # -- BMS flags, comm and bus: raise/clear at once, one event per change
 

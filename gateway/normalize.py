@@ -96,6 +96,11 @@ class CompiledPack:
     # format 2 `dtcs`: the streams with their DBC value tables, and the fault stage's hook
     dtc_streams: list[tuple[DtcStream, dict[int, str]]] = field(default_factory=list)
     dtc_hook: list[DtcHook | None] = field(default_factory=lambda: [None])
+    # Below: what `prime_state` writes into the state (the profile's constants and
+    # layout), kept so a reload can apply it to a state it keeps.
+    fault_state: list[bool] = field(default_factory=list)  # last BMS flag seen, per fault
+    constants: dict[int, Value] = field(default_factory=dict)
+    extra_consts: dict[str, Value] = field(default_factory=dict)
 
     def implausible_counts(self) -> dict[str, int]:
         names = [*FIELD_INDEX, "cell_voltage", "cell_temp", "extra"]
@@ -1248,10 +1253,13 @@ class DbcCache:
         return got
 
 
-def compile_pack(cfg: PackConfig, cache: DbcCache, problems: list[Problem]) -> CompiledPack | None:
+def compile_pack(cfg: PackConfig, cache: DbcCache, problems: list[Problem], *,
+                 keep: CompiledPack | None = None) -> CompiledPack | None:
     """Check the pack's profile against its DBCs and build its frame handlers.
 
     Problems are appended to `problems`; returns None when the pack cannot run.
+    `keep`: the same pack's previous compilation, whose state the handlers take over
+    (then call `prime_state` where nothing else touches that state).
     """
     dbs: list[tuple[str, Database]] = []
     if cfg.dbc_lenient:
@@ -1291,22 +1299,47 @@ def compile_pack(cfg: PackConfig, cache: DbcCache, problems: list[Problem]) -> C
         c.gate(gate)
     if len(problems) > before:
         return None
-    state = PackState(pack_id=cfg.id)
+    if keep is None:
+        state = PackState(pack_id=cfg.id)
+        impl = [0] * (len(FIELD_INDEX) + 3)
+        fault_state = [False] * len(prof.faults)
+        hook: list[FaultHook | None] = [None]
+        c.dtc_hook = [None]
+    else:
+        # A reload of a pack whose identity is unchanged: the new handlers write into the
+        # pack's existing state, counters and BMS flag memory. Nothing here writes to
+        # them (this may run off the event loop); `prime_state` does, on the loop.
+        state, impl, hook, c.counters = keep.state, keep.implausible, keep.fault_hook, \
+            keep.counters
+        c.dtc_hook = keep.dtc_hook
+        fault_state = keep.fault_state
+        if len(fault_state) != len(prof.faults):
+            fault_state = [False] * len(prof.faults)
+    handlers, sources = c.build(state, impl, fault_state, hook)
+    compiled = CompiledPack(cfg, state, handlers, c.counters, impl, sources, hook, c.code,
+                            c.dtc_streams, c.dtc_hook, fault_state, c.constants,
+                            c.extra_consts)
+    if keep is None:
+        prime_state(compiled)
+    return compiled
+
+
+def prime_state(cp: CompiledPack) -> None:
+    """Write the profile's constants and layout into the pack's state (at compile time,
+    or when a reload hands a kept state to newly compiled handlers)."""
+    state, cfg = cp.state, cp.cfg
     state.expected_cells = cfg.cell_count
-    for slot, v in c.constants.items():
+    for slot, v in cp.constants.items():
         state.values[slot] = v
-    for name, v in c.extra_consts.items():
+    for name, v in cp.extra_consts.items():
         state.extras[name] = v
-    for name in prof.fields:
+    state.mapped[:] = [False] * len(state.mapped)
+    for name in cfg.profile.fields:
         state.mapped[FIELD_INDEX[name]] = True
     if cfg.cell_count:
+        # in place: the compiled handlers hold these very lists
+        del state.cell_v[cfg.cell_count:]
+        del state.balancing[cfg.cell_count:]
         state.ensure_cells(cfg.cell_count)
-        if prof.cells.get("balancing"):
+        if cfg.profile.cells.get("balancing"):
             state.ensure_balancing(cfg.cell_count)
-    impl = [0] * (len(FIELD_INDEX) + 3)
-    fault_state = [False] * len(prof.faults)
-    hook: list[FaultHook | None] = [None]
-    c.dtc_hook = [None]
-    handlers, sources = c.build(state, impl, fault_state, hook)
-    return CompiledPack(cfg, state, handlers, c.counters, impl, sources, hook, c.code,
-                        c.dtc_streams, c.dtc_hook)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from .cellcount import CellLearner, cell_learner
 from .config import GatewayConfig, PackConfig, Problem
 from .decode import DbcError, where_failed
-from .faults import FaultEngine, parse_rules
+from .faults import FaultEngine, RuleSpec, parse_rules
 from .model import FIELD_INDEX, FaultEvent, Output, Publication
-from .normalize import CompiledPack, DbcCache, compile_pack
+from .normalize import CompiledPack, DbcCache, compile_pack, prime_state
 from .plausibility import cross_check
 from .publish import PackPublisher, Topics, dumps
 from .source import Frame
@@ -39,6 +39,9 @@ class BusCounters:
 
 @dataclass(slots=True)
 class PackRuntime:
+    """One pack's lasting state: it outlives a reload that keeps the pack's identity
+    (id, profile, bus); the reload only swaps `compiled` and the settings."""
+
     compiled: CompiledPack
     publisher: PackPublisher
     faults: FaultEngine
@@ -47,6 +50,32 @@ class PackRuntime:
     frames_reported: int = 0
     impl_reported: int = 0
     impl_reason: str = ""  # the latest cross-signal check that dropped a value
+    # Before a pack's first frame, its silence counts from here: the first tick after
+    # the pack was configured (see Pipeline._tick).
+    watch_from: float | None = None
+    silent: bool = False  # went offline without ever sending a frame
+
+    @property
+    def identity(self) -> tuple[str, object, str]:
+        return pack_identity(self.compiled.cfg)
+
+
+def pack_identity(pc: PackConfig) -> tuple[str, object, str]:
+    """What makes a reloaded pack the same pack: its id, its profile (file and parsed
+    content) and its bus. Anything else may change and the pack keeps its state."""
+    return (pc.id, pc.profile, pc.bus)
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A config compiled against the running pipeline, ready for `Pipeline.apply`.
+
+    Building it (`Pipeline.prepare`) is the slow part and writes nothing the running
+    pipeline uses, so it may run in a worker thread while frames keep flowing."""
+
+    cfg: GatewayConfig
+    packs: list[tuple[PackConfig, CompiledPack, dict[str, RuleSpec], PackRuntime | None]]
+    learners: dict[str, CellLearner]  # by pack id: packs whose cell count is to be learned
 
 
 def _fanout(handlers: list[Callable[[float, bytes], None]]) -> Callable[[float, bytes], None]:
@@ -72,55 +101,120 @@ def _check_polling(pc: PackConfig, cache: DbcCache, problems: list[Problem]) -> 
 class Pipeline:
     def __init__(self, cfg: GatewayConfig, *, cache: DbcCache | None = None) -> None:
         """Compile every pack; raise ConfigError listing every problem found."""
-        from .config import ConfigError
-
         self.cfg = cfg
         self.topics = Topics(cfg.mqtt.topic_prefix, cfg.gateway_id)
-        problems: list[Problem] = []
-        cache = cache or DbcCache()
         self.packs: list[PackRuntime] = []
         # cell-count learners listen only until the count is known (gateway/cellcount.py)
         self.learners: list[tuple[CellLearner, int]] = []
-        bus_index = {b.name: i for i, b in enumerate(cfg.buses)}
-        tables: list[dict[int, list[Callable[[float, bytes], None]]]] = [
-            {} for _ in cfg.buses]
-        for i, pc in enumerate(cfg.packs):
-            compiled = compile_pack(pc, cache, problems)
-            rules = parse_rules(pc.rules, str(cfg.path), f"packs[{i}].rules", problems,
-                                pc.chemistry)
-            _check_polling(pc, cache, problems)
-            if compiled is None:
-                continue
-            engine = FaultEngine(pc.id, rules, pc.profile.faults, pc.stale_after_s)
-            compiled.fault_hook[0] = engine.bms_flag
-            engine.set_dtc_streams(compiled.dtc_streams)
-            compiled.dtc_hook[0] = engine.dtc
-            rt = PackRuntime(compiled, PackPublisher(pc, compiled.state, self.topics), engine,
-                             self.topics.pack(pc.id, "events"))
-            self.packs.append(rt)
-            bus = bus_index.get(pc.bus, 0)
-            for key, h in compiled.handlers.items():
-                tables[bus].setdefault(key, []).append(h)
-            learner = cell_learner(pc, compiled.state,
-                                   [cache.get(str(d)) for d in pc.profile.dbc])
-            if learner is not None:
-                self.learners.append((learner, bus))
-        if problems:
-            raise ConfigError(problems)
-        self.handler_lists = tables
+        self.handler_lists: list[dict[int, list[Callable[[float, bytes], None]]]] = []
         self.tables: list[dict[int, Callable[[float, bytes], None]]] = []
-        self._build_tables()
-        self.bus_names = [b.name for b in cfg.buses]
+        self.bus_names: list[str] = []
         self.bus_lookup: dict[str, int] = {}
-        for i, b in enumerate(cfg.buses):
-            self.bus_lookup[b.name] = i
-            self.bus_lookup[b.channel] = i
-        self.counters = [BusCounters() for _ in cfg.buses]
+        self.counters: list[BusCounters] = []
         # Snapshots and fault events in the order they happened in frame time.
         self.out: list[Output] = []
         self.clock = float("-inf")
         self.next_tick = float("-inf")
         self.first_ts: float | None = None
+        self.apply(self.prepare(cfg, cache=cache), float("-inf"))
+
+    # ----------------------------------------------------------- (re)configuration
+
+    def prepare(self, cfg: GatewayConfig, *, cache: DbcCache | None = None) -> Prepared:
+        """Compile `cfg`'s packs; raise ConfigError listing every problem found.
+
+        A pack with the identity of a running one gets handlers bound to that pack's
+        state. Only reads the running pipeline: safe in a worker thread."""
+        from .config import ConfigError
+
+        problems: list[Problem] = []
+        cache = cache or DbcCache()
+        running = {rt.compiled.cfg.id: rt for rt in self.packs}
+        out: list[tuple[PackConfig, CompiledPack, dict[str, RuleSpec], PackRuntime | None]] = []
+        learners: dict[str, CellLearner] = {}
+        for i, pc in enumerate(cfg.packs):
+            old = running.get(pc.id)
+            if old is not None and old.identity != pack_identity(pc):
+                old = None  # a new profile or bus: a new pack under the same id
+            compiled = compile_pack(pc, cache, problems,
+                                    keep=old.compiled if old is not None else None)
+            rules = parse_rules(pc.rules, str(cfg.path), f"packs[{i}].rules", problems,
+                                pc.chemistry)
+            _check_polling(pc, cache, problems)
+            if compiled is None:
+                continue
+            out.append((pc, compiled, rules, old))
+            learner = cell_learner(pc, compiled.state,
+                                   [cache.get(str(d)) for d in pc.profile.dbc])
+            if learner is not None:
+                learners[pc.id] = learner
+        if problems:
+            raise ConfigError(problems)
+        return Prepared(cfg, out, learners)
+
+    def apply(self, prep: Prepared, ts: float) -> None:
+        """Switch to a prepared config (on the thread that feeds frames; quick).
+
+        Kept packs keep their state, faults and publishing memory; a removed (or
+        replaced) pack's active faults are cleared at `ts` and it goes offline. Bus
+        counters are kept by bus name. Topics stay those of the start-up config (a
+        changed `mqtt:` takes effect at the next start)."""
+        cfg = prep.cfg
+        packs: list[PackRuntime] = []
+        kept: set[int] = set()
+        for pc, compiled, rules, old in prep.packs:
+            if old is not None:
+                kept.add(id(old))
+                prime_state(compiled)
+                old.compiled = compiled
+                old.publisher.reconfigure(pc, self.topics)
+                old.faults.reconfigure(ts, rules, pc.profile.faults, pc.stale_after_s)
+                compiled.fault_hook[0] = old.faults.bms_flag
+                old.faults.set_dtc_streams(compiled.dtc_streams)
+                compiled.dtc_hook[0] = old.faults.dtc
+                self._collect(old)  # faults of a rule now switched off: cleared
+                packs.append(old)
+                continue
+            engine = FaultEngine(pc.id, rules, pc.profile.faults, pc.stale_after_s)
+            compiled.fault_hook[0] = engine.bms_flag
+            engine.set_dtc_streams(compiled.dtc_streams)
+            compiled.dtc_hook[0] = engine.dtc
+            packs.append(PackRuntime(compiled, PackPublisher(pc, compiled.state, self.topics),
+                                     engine, self.topics.pack(pc.id, "events")))
+        for rt in self.packs:
+            if id(rt) in kept:
+                continue
+            rt.faults.clear_all(ts)
+            self._collect(rt)
+            rt.compiled.state.online = False
+            self.out.append(rt.publisher.availability(False))
+            log.info("pack %s: removed by the reload: offline", rt.compiled.state.pack_id)
+        bus_index = {b.name: i for i, b in enumerate(cfg.buses)}
+        tables: list[dict[int, list[Callable[[float, bytes], None]]]] = [
+            {} for _ in cfg.buses]
+        for rt in packs:
+            table = tables[bus_index.get(rt.compiled.cfg.bus, 0)]
+            for key, h in rt.compiled.handlers.items():
+                table.setdefault(key, []).append(h)
+        # a kept pack still learning its cell count goes on with what it has learned
+        learning = {id(lr.state): lr for lr, _ in self.learners}
+        self.learners = []
+        for rt in packs:
+            learner = prep.learners.get(rt.compiled.cfg.id)
+            if learner is not None:
+                learner = learning.get(id(rt.compiled.state), learner)
+                self.learners.append((learner, bus_index.get(rt.compiled.cfg.bus, 0)))
+        counters = dict(zip(self.bus_names, self.counters, strict=True))
+        self.cfg = cfg
+        self.packs = packs
+        self.handler_lists = tables
+        self._build_tables()
+        self.bus_names = [b.name for b in cfg.buses]
+        self.bus_lookup = {}
+        for i, b in enumerate(cfg.buses):
+            self.bus_lookup[b.name] = i
+            self.bus_lookup[b.channel] = i
+        self.counters = [counters.get(b.name) or BusCounters() for b in cfg.buses]
 
     def _build_tables(self) -> None:
         tables = [{k: list(hs) for k, hs in t.items()} for t in self.handler_lists]
@@ -204,8 +298,12 @@ class Pipeline:
             st = rt.compiled.state
             if st.online and st.last_seen is not None:
                 deadline = st.last_seen + rt.compiled.cfg.stale_after_s + 1e-6
-                if self.clock < deadline < ts:
-                    self._tick(deadline, force=False)
+            elif st.last_seen is None and rt.watch_from is not None and not rt.silent:
+                deadline = rt.watch_from + rt.compiled.cfg.stale_after_s + 1e-6
+            else:
+                continue
+            if self.clock < deadline < ts:
+                self._tick(deadline, force=False)
         self._tick(ts, force=force)
 
     def _tick(self, ts: float, *, force: bool) -> None:
@@ -219,8 +317,24 @@ class Pipeline:
         for rt in self.packs:
             st = rt.compiled.state
             eng = rt.faults
-            if st.last_seen is not None:
+            if st.last_seen is None:
+                # Never a frame from this pack. Its silence counts from the first tick
+                # after it was configured: the first frame of any bus in a replay, the
+                # daemon's start (or the reload that added it) live, where the ticker
+                # runs on the wall clock.
+                stale_s = rt.compiled.cfg.stale_after_s
+                if rt.watch_from is None:
+                    rt.watch_from = ts
+                elif not rt.silent and ts - rt.watch_from > stale_s:
+                    rt.silent = True
+                    st.online = False
+                    out.append(rt.publisher.availability(False))
+                    eng.comm(rt.watch_from + stale_s, False)
+                    log.warning("pack %s: not a single frame in %.1f s: offline", st.pack_id,
+                                stale_s)
+            else:
                 stale = ts - st.last_seen > rt.compiled.cfg.stale_after_s
+                rt.silent = False
                 if st.online and stale:
                     st.online = False
                     out.append(rt.publisher.availability(False))

@@ -51,8 +51,21 @@ class PackPublisher:
     """Decides, at frame-time ticks, which of one pack's snapshots are due."""
 
     def __init__(self, cfg: PackConfig, state: PackState, topics: Topics) -> None:
-        self.cfg = cfg
         self.state = state
+        self.reconfigure(cfg, topics)
+        self.last_state: list[Value] | None = None
+        self.last_extras: dict[str, Value] = {}
+        self.last_state_ts = float("-inf")
+        self.last_cells: list[float | None] | None = None
+        self.last_cells_other: tuple[object, ...] = ()
+        self.last_cells_ts = float("-inf")
+        self.state_count = 0
+        self.cells_count = 0
+
+    def reconfigure(self, cfg: PackConfig, topics: Topics) -> None:
+        """The policy from `cfg`; what was last published (and when) is kept, so a reload
+        does not publish again what has not changed."""
+        self.cfg = cfg
         pol = cfg.publish
         self.state_pol = pol.state
         self.cells_pol = pol.cells
@@ -64,14 +77,6 @@ class PackPublisher:
         self.t_avail = topics.pack(cfg.id, "availability")
         self.t_faults = topics.pack(cfg.id, "faults")
         self.topics = topics
-        self.last_state: list[Value] | None = None
-        self.last_extras: dict[str, Value] = {}
-        self.last_state_ts = float("-inf")
-        self.last_cells: list[float | None] | None = None
-        self.last_cells_other: tuple[object, ...] = ()
-        self.last_cells_ts = float("-inf")
-        self.state_count = 0
-        self.cells_count = 0
 
     def _state_moved(self) -> bool:
         last = self.last_state

@@ -212,6 +212,15 @@ class RawSource(LiveSource):
     def _open(self) -> Any:
         return RawSocket(self.cfg, self._filter_keys())
 
+    def refilter(self) -> bool:
+        """The pipeline's ids changed (a reload): give the kernel the new filter now, not
+        at the next frame that passes the old one (there may be none)."""
+        sock = self.bus
+        if sock is not None and self.keys is not None and self.cfg.kernel_filter:
+            with contextlib.suppress(OSError):
+                sock.set_filter(self._filter_keys())
+        return True
+
     def _watch(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         self._loop = loop
         self._fd = fd
@@ -444,6 +453,12 @@ class BcmSource(RawSource):
     def _open(self) -> Any:
         return BcmSocket(self.cfg, self._masks(), self.refeed_s * 2)
 
+    def refilter(self) -> bool:
+        """After a reload: still subscribed to what the pipeline reads? If not, the daemon
+        opens a new source (BCM subscriptions are set up when the socket opens)."""
+        sock = self.bus
+        return sock is None or bool(self._masks() == sock.masks)
+
     def _watch(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         super()._watch(loop, fd)
         self._refeed = loop.call_later(self.refeed_s, self._on_refeed)
@@ -489,7 +504,9 @@ def make_source(cfg: CanBus, bus: int, on_batch: BatchSink, on_state: StateSink,
         return LiveSource(cfg, on_batch, on_state)
 
     def keys() -> Collection[int]:
-        return pipeline().tables[bus]  # type: ignore[no-any-return]
+        p = pipeline()  # by name: a reload may give the bus another number
+        names: list[str] = p.bus_names
+        return p.tables[names.index(cfg.name)] if cfg.name in names else {}  # type: ignore[no-any-return]
 
     if cfg.receive == "raw":
         return RawSource(cfg, on_batch, on_state, keys)

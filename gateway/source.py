@@ -614,6 +614,11 @@ class LiveSource:
         self.attempt += 1
         await asyncio.sleep(backoff(self.attempt))
 
+    def refilter(self) -> bool:
+        """A reload may change the ids the pipeline reads: True if this open source still
+        serves it (a python-can bus receives every id)."""
+        return True
+
     def stop(self) -> None:
         self._stop = True
         self._fail(asyncio.CancelledError())

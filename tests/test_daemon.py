@@ -266,9 +266,17 @@ def test_sighup_bad_config_keeps_running_good_config_applies(
     no_traceback(gw.log())
 
 
-def test_reload_closes_the_old_bus(tmp_path: Path) -> None:
-    """SIGHUP restarts the sources; the old bus must be shut down, not left reading."""
-    cfg = write_cfg(tmp_path / "gw.yaml", gid="reopen", url=None)
+def test_reload_keeps_an_unchanged_bus_and_closes_a_changed_one(tmp_path: Path) -> None:
+    """SIGHUP with the same bus config keeps the source and its open bus (no gap in
+    reception); a changed channel closes the old bus, not left reading, and opens the new."""
+    chan = f"reopen-{uuid.uuid4().hex[:6]}"
+    cfg = write_cfg(tmp_path / "gw.yaml", gid="reopen", url=None,
+                    can_cfg=f"{{name: main, interface: virtual, channel: {chan}}}")
+
+    async def hup(d: Daemon) -> None:
+        d._on_hup()
+        assert d._reload_task is not None
+        await asyncio.wait_for(d._reload_task, 15)
 
     async def scenario() -> None:
         with open(os.devnull, "w") as devnull:
@@ -278,13 +286,15 @@ def test_reload_closes_the_old_bus(tmp_path: Path) -> None:
             old_src = d.rt.sources[0]
             old_bus = old_src.bus
             assert old_bus is not None
-            d._on_hup()
-            for _ in range(200):
-                if d.rt.sources and d.rt.sources[0] is not old_src \
-                        and d.rt.sources[0].opened.is_set():
-                    break
-                await asyncio.sleep(0.02)
+            await hup(d)
+            assert d.rt.sources[0] is old_src and old_src.bus is old_bus
+            assert not old_bus._is_shutdown
+
+            cfg.write_text(cfg.read_text().replace(chan, f"{chan}-moved"))
+            await hup(d)
+            await started(d)
             assert d.rt.sources[0] is not old_src
+            assert d.rt.sources[0].cfg.channel == f"{chan}-moved"
             assert old_bus._is_shutdown, "the bus from before the reload is still open"
             assert old_src.bus is None
             d._on_term()
