@@ -513,7 +513,16 @@ class Daemon:
                       type(e).__name__, e)
         else:
             if not self.should_exit:
-                self.reload(prepared)
+                try:
+                    self.reload(prepared)
+                except Exception as e:  # half switched: not a state to keep running in
+                    log.critical("reload: applying the new config failed: %r; stopping with "
+                                 "exit status 1 so that the service manager restarts the "
+                                 "gateway", e, exc_info=e)
+                    self.rt.last_error = f"reload failed: {type(e).__name__}: {e}"
+                    self.exit_code = 1
+                    self.should_exit = True
+                    self.stop_event.set()
         if self._hup_again and not self.should_exit:
             self._hup_again = False
             self._reload_task = asyncio.get_running_loop().create_task(self._reload(),
