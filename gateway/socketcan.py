@@ -7,9 +7,9 @@ reads the same socket at about a tenth of that (bench/RESULTS.md, live mode):
 - one wake-up drains up to `BATCH` frames with `recv_into` into one buffer; the only
   per-frame object is the tuple the pipeline takes (and the payload bytes);
 - kernel timestamps without a `recvmsg` per frame: the first frame of a drain is read
-  with `recvmsg` (its `SO_TIMESTAMPNS` time and the `SO_RXQ_OVFL` drop counter), the
-  last frame's time comes from `SIOCGSTAMPNS`, and the frames between are spread evenly
-  between the two (they all arrived within one coalescing interval, a few ms);
+  with `recvmsg` (its `SO_TIMESTAMPNS` time and the `SO_RXQ_OVFL` drop counter) and the
+  frames drained with it carry that time (they arrived within one coalescing interval,
+  a few ms; the pipeline's frame-time tick is 0.1 s);
 - on a busy bus the event loop stops watching the socket for `COALESCE_S` after a
   wake-up and drains once when it ends, so 8,000 frames/s cost about 500 wake-ups, not
   8,000; a quiet bus is read the moment a frame arrives;
@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import fcntl
 import re
 import socket
 import struct
@@ -40,7 +39,6 @@ from .source import BATCH, COALESCE_S, BatchSink, Frame, LiveSource, StateSink
 
 SO_TIMESTAMPNS = 35  # <asm-generic/socket.h>; not exported by Python's socket module
 SO_RXQ_OVFL = 40  # ancillary uint32: frames the kernel dropped on this socket so far
-SIOCGSTAMPNS = 0x8907  # time of the last frame read from the socket (struct timespec)
 CAN_RAW_ERR_FILTER = 2  # <linux/can/raw.h>; not exported by Python either
 CAN_RAW_FILTER_MAX = 512
 
@@ -53,7 +51,6 @@ _FD_FRAME = struct.Struct("=IB2x64s")
 _TIMESPEC = struct.Struct("=qq")
 _U32 = struct.Struct("=I")
 _ANC = socket.CMSG_SPACE(16) + socket.CMSG_SPACE(4)
-_ZERO_TS = bytes(16)
 
 
 def can_filters(keys: Collection[int]) -> bytes:
@@ -139,46 +136,29 @@ class RawSocket:
         if not t_first:
             t_first = time.time()
         unpack = (_FD_FRAME if self.fd_frames else _FRAME).unpack_from
-        start = len(out)
         append = out.append
         count = 1
-        special = 0
         can_id, length, data = unpack(buf)
         if can_id & _SPECIAL:
-            special += 1
             _count_special(can_id, stats)
         else:
             append((t_first, can_id, data if length == 8 else data[:length], name))
         recv_into = sock.recv_into
         try:
-            while count < BATCH:
+            for _ in range(BATCH - 1):
                 recv_into(buf)
                 count += 1
                 can_id, length, data = unpack(buf)
                 if can_id & _SPECIAL:
-                    special += 1
                     _count_special(can_id, stats)
                     continue
-                append((0.0, can_id, data if length == 8 else data[:length], name))
+                # The kernel time of the drain's first frame: the rest arrived after it,
+                # within one coalescing interval (a few ms; frame time ticks at 0.1 s).
+                # A recvmsg for each would cost more than everything else per frame.
+                append((t_first, can_id, data if length == 8 else data[:length], name))
         except BlockingIOError:
             pass
-        got = len(out) - start
-        if got > 1 or (got and special):
-            self._spread(out, start, t_first)
         return count
-
-    def _spread(self, out: list[Frame], start: int, t_first: float) -> None:
-        try:
-            sec, ns = _TIMESPEC.unpack(fcntl.ioctl(self.sock.fileno(), SIOCGSTAMPNS, _ZERO_TS))
-            t_last = sec + ns * 1e-9
-        except OSError:
-            t_last = t_first
-        t_last = max(t_last, t_first)
-        last = len(out) - 1
-        step = (t_last - t_first) / max(1, last - start)
-        for i in range(start, last + 1):
-            _, key, data, name = out[i]
-            out[i] = (t_first + (i - start) * step, key, data, name)
 
 
 def _count_special(can_id: int, stats: Any) -> None:
