@@ -269,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.live", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--jobs", type=int, default=1, help="cases measured at once")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="cases measured at once; they share vcan0, so a case also sees "
+                         "the other's frames: exact figures need 1 (the default)")
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless the gateway's raw path costs at most a third of "
