@@ -130,6 +130,7 @@ def _log_options(args: argparse.Namespace, cfg: GatewayConfig | None = None
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from .daemon import replay, run_loop
+    from .outbox import OutboxError
     from .source import LogError
 
     cfg = _load(args, args.mqtt)
@@ -144,6 +145,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
                              line_format=opts[0], start=opts[1]), args.loop)
     except ConfigError as e:
         _print_problems(e)
+        return EXIT_CONFIG
+    except OutboxError as e:  # --outbox names a directory, a device, /proc/...
+        print(f"error: --outbox: {e}", file=sys.stderr)
         return EXIT_CONFIG
     except LogError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -340,6 +340,8 @@ class MqttConfig:
         if not 0 < port < 65536:
             msg = f"port {port} is not 1..65535"
             raise ValueError(msg)
+        if (prob := host_problem(host)) is not None:
+            raise ValueError(prob)
         return host, port, tls
 
 
@@ -1220,16 +1222,68 @@ def file_problem(path: Path, max_bytes: int) -> str | None:
     return None
 
 
-def name_problem(value: str) -> str | None:
-    """An id used in topics, client ids and file names: printable, no spaces."""
+_ID_OK = re.compile(r"[A-Za-z0-9_-]+")
+ID_FIX = "use letters, digits, '-' and '_' (not '_' first), e.g. house-1"
+
+
+def id_problem(value: str) -> str | None:
+    """A gateway or pack id: an MQTT topic segment, a client id, a file name and part of
+    Home Assistant's node ids, which HA takes only as `[a-zA-Z0-9_-]+`; anything else
+    passed here once and then silently announced nothing. A leading '_' is refused so
+    that `homeassistant.node_body` stays unambiguous (it ends the gateway id with '_')."""
+    if (prob := topic_segment_problem(value)) is not None:
+        return prob
     if any(c.isspace() for c in value):
         return "must not contain spaces"
-    if not value.isprintable():
-        return "must not contain control characters"
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
         return "is not valid UTF-8 text (a lone surrogate escape)"
+    if not _ID_OK.fullmatch(value):
+        bad = "".join(sorted({c for c in value if not _ID_OK.fullmatch(c)}))
+        return (f"contains {bad!r}: ids are MQTT topic segments and Home Assistant node ids, "
+                "which take only letters, digits, '-' and '_'")
+    if value.startswith("_"):
+        return "starts with '_' (Home Assistant node ids would be ambiguous)"
+    return None
+
+
+def state_dir_problem(path: Path) -> str | None:
+    """A state directory the daemon could not create its outbox in, where that is certain
+    (whether the service user may write it is not known here: check-config may run as
+    another user)."""
+    if path.exists():
+        return None if path.is_dir() else f"{path} exists and is not a directory"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{path} cannot be created: {parent} is not a directory"
+            return None
+    return None
+
+
+HOST_MAX = 253
+LABEL_MAX = 63
+
+
+def host_problem(host: str) -> str | None:
+    """A broker host name the resolver can take (labels <= 63, total <= 253, IDNA):
+    otherwise every connect fails with UnicodeError, which retrying cannot fix."""
+    if ":" in host:  # an IPv6 literal (the URL had it in brackets)
+        return None
+    if not host:
+        return "has no host name"
+    if len(host) > HOST_MAX:
+        return f"host name is {len(host)} characters long, more than {HOST_MAX}"
+    for label in host.rstrip(".").split("."):
+        if not label:
+            return f"host name {host!r} has an empty label (two dots in a row)"
+        if len(label) > LABEL_MAX:
+            return f"host name label {label[:20]}... is {len(label)} characters, more than {LABEL_MAX}"
+    try:
+        host.encode("idna")
+    except UnicodeError as e:
+        return f"host name {host!r} is not a valid international name ({e})"
     return None
 
 
@@ -1311,10 +1365,14 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
     r.known(top, "", _TOP_KEYS)
     base = p.resolve().parent
     gid = r.str_(top, "", "gateway_id", None) or socket.gethostname().split(".")[0] or "gateway"
-    if (prob := topic_segment_problem(gid) or name_problem(gid)) is not None:
-        r.bad("gateway_id", f"{gid!r} {prob}", "use letters, digits, '-' and '_'")
+    if (prob := id_problem(gid)) is not None:
+        r.bad("gateway_id", f"{gid!r} {prob}", ID_FIX)
     sd = r.str_(top, "", "state_dir", None)
     state_dir = (base / os.path.expanduser(sd)) if sd else default_state_dir()
+    if (prob := state_dir_problem(state_dir)) is not None:
+        # the daemon would exit 3 at start ("cannot create outbox ..."): say it here
+        r.bad("state_dir", prob, "point state_dir at a directory the gateway user owns, "
+              "e.g. /var/lib/bms-gateway")
     level = (r.str_(top, "", "log_level", "info") or "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         r.bad("log_level", f"unknown level {level!r}", "one of debug, info, warning, error")
@@ -1341,8 +1399,8 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
         if pid is None:
             r.bad(k, "needs an `id`", "e.g. id: house (used in MQTT topics)")
             continue
-        if (prob := topic_segment_problem(pid) or name_problem(pid)) is not None:
-            r.bad(f"{k}.id", f"{pid!r} {prob}", "use letters, digits, '-' and '_'")
+        if (prob := id_problem(pid)) is not None:
+            r.bad(f"{k}.id", f"{pid!r} {prob}", ID_FIX)
         if pid in seen or pid == "gateway":
             r.bad(f"{k}.id", f"{pid!r} is used twice or reserved", "give each pack a unique id")
         seen.add(pid)

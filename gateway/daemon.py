@@ -25,7 +25,7 @@ from .model import Publication
 from .notify import Notifier, watchdog_interval
 from .outbox import Outbox
 from .pipeline import Pipeline, Prepared
-from .publish import MqttSink, StdoutSink, backoff, dumps
+from .publish import BrokerAddressError, MqttSink, StdoutSink, backoff, dumps
 from .socketcan import make_source
 from .source import LiveSource, LogError, Pacer, SourceStats, read_log
 
@@ -344,6 +344,16 @@ class Daemon:
                 self.alive.discard(name)
             if done():
                 log.error("task %s failed while stopping: %r", name, err)
+                return
+            if isinstance(err, BrokerAddressError):
+                # a config problem found only at connect: one line, exit 3, which
+                # systemd's RestartPreventExitStatus=3 does not restart in a loop
+                log.critical("%s: mqtt.url: %s. Fix: use mqtt://host:1883 with a valid host "
+                             "name, then run check-config", self.cfg.path, err)
+                self.rt.last_error = f"task {name}: {err}"
+                self.exit_code = 3
+                self.should_exit = True
+                self.stop_event.set()
                 return
             deaths = deaths + 1 if time.monotonic() - started < 60 else 1
             self.rt.task_deaths += 1

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from . import __version__
-from .config import GatewayConfig, PackConfig, topic_segment_problem
+from .config import MAX_CELLS, GatewayConfig, PackConfig, id_problem
 from .faults import RULES, parse_rules
 from .model import BMS_STATES, FIELDS, FieldInfo, Publication
 from .publish import Topics, dumps
@@ -67,10 +67,23 @@ LINK_FAULTS = frozenset({"comm_lost", "can_bus_lost", "can_bus_off", "can_error_
                          "can_error_frames"})
 DIAGNOSTIC_FAULTS = frozenset({"decode_error_rate", "implausible_values", "can_error_passive",
                                "can_error_frames"})
-_LEARNED = re.compile(r"^sensor/(cell|temp)_\d+$")
+_LEARNED = re.compile(r"sensor/(cell|temp)_(\d{2,4})")
 _KEY = re.compile(r"(sensor|binary_sensor)/[A-Za-z0-9_]{1,64}")
 REGISTRY_MAX_BYTES = 1 << 20
 REGISTRY_MAX_KEYS = 20_000
+
+
+def node_body(gid: str, pack: str) -> str:
+    """`<gid>_<pack>` with every '_' of the gateway id doubled: one-to-one.
+
+    Plain `<gid>_<pack>` was ambiguous (gateway `gw` + pack `b_house` and gateway `gw_b`
+    + pack `house` shared node ids, config topics and unique ids, so one gateway cleared
+    the other's entities). HA node ids take only `[a-zA-Z0-9_-]`, so no separator is
+    left that ids cannot contain; instead the first odd run of '_' ends the gateway id
+    (its own runs are doubled, even; pack ids never start with '_', config.id_problem).
+    A gateway id without '_' (every host name) gives the same ids as before.
+    """
+    return f"{gid.replace('_', '__')}_{pack}"
 
 
 class RegistryError(ValueError):
@@ -188,11 +201,15 @@ class Discovery:
     # ------------------------------------------------------------ names
 
     def node(self, pack_id: str) -> str:
-        return f"bms_{self.gid}_{pack_id}"
+        return f"bms_{node_body(self.gid, pack_id)}"
 
     @property
     def gateway_node(self) -> str:  # pack id "gateway" is reserved: no clash
-        return f"bms_{self.gid}_gateway"
+        return self.node("gateway")
+
+    @property
+    def gateway_device_id(self) -> str:  # only even runs of '_': never a pack device's id
+        return f"bms_gateway_{self.gid.replace('_', '__')}"
 
     def config_topic(self, node: str, key: str, prefix: str | None = None) -> str:
         """`<ha_prefix>/<component>/<node_id>/<object_id>/config` for key `component/object`."""
@@ -202,7 +219,7 @@ class Discovery:
     # ------------------------------------------------------------ entities
 
     def _gateway_device(self) -> dict[str, Any]:
-        return {"identifiers": [f"bms_gateway_{self.gid}"], "name": f"BMS gateway {self.gid}",
+        return {"identifiers": [self.gateway_device_id], "name": f"BMS gateway {self.gid}",
                 "manufacturer": MANUFACTURER, "model": "bms-gateway", "sw_version": __version__}
 
     def _base(self, node: str, entity_prefix: str, component: Component, object_id: str,
@@ -229,9 +246,10 @@ class Discovery:
         t_avail = t.pack(pack_id, "availability")
         both = [self.t_gw_avail, t_avail]
         gw_only = [self.t_gw_avail]
-        device = {"identifiers": [f"bms_gateway_{self.gid}_{pack_id}"], "name": f"BMS {pack_id}",
-                  "model": pc.profile.name, "manufacturer": MANUFACTURER,
-                  "via_device": f"bms_gateway_{self.gid}", "sw_version": __version__}
+        device = {"identifiers": [f"bms_gateway_{node_body(self.gid, pack_id)}"],
+                  "name": f"BMS {pack_id}", "model": pc.profile.name,
+                  "manufacturer": MANUFACTURER, "via_device": self.gateway_device_id,
+                  "sw_version": __version__}
         out: list[Entity] = []
 
         def add(component: Component, object_id: str, name: str, avail: list[str],
@@ -369,7 +387,7 @@ class Discovery:
         """The registry's nodes, or RegistryError: any client can write this topic.
 
         Strict: `{"v": 1, "prefix": <our HA prefix>, "nodes": {<our node>: [<key>...]}}`,
-        nothing else. Only nodes of this gateway (`bms_<gid>_<pack>`) and keys of the
+        nothing else. Only nodes of this gateway (`bms_` + `node_body`) and keys of the
         shape we create (`sensor/<id>`, `binary_sensor/<id>`) under our own configured HA
         prefix pass, so a registry can at most make the gateway clear configs it could
         have announced itself, never another tool's retained topics.
@@ -398,10 +416,12 @@ class Discovery:
             raise RegistryError(msg)
         out: dict[str, list[str]] = {}
         total = 0
-        own = f"bms_{self.gid}_"
+        own = self.node("")
         for node, keys in nodes.items():
             pack = node.removeprefix(own)
-            if pack == node or topic_segment_problem(pack) is not None:
+            # node_body is one-to-one, so a valid pack id after our own prefix is a node
+            # this gateway's config can produce, never another gateway's
+            if pack == node or id_problem(pack) is not None or self.node(pack) != node:
                 msg = f"node {node!r} is not one of this gateway's ({own}<pack>)"
                 raise RegistryError(msg)
             if not isinstance(keys, list) or not all(
@@ -414,6 +434,17 @@ class Discovery:
                 raise RegistryError(msg)
             out[node] = keys
         return out
+
+    def _learnable(self, pack_id: str, key: str) -> bool:
+        """A cell or temperature sensor key exactly as `pack_entities` makes it, within the
+        pack's bounds: a registry cannot make us adopt (and re-announce forever) more."""
+        m = _LEARNED.fullmatch(key)
+        if m is None:
+            return False
+        n = int(m.group(2))
+        limit = (self.packs[pack_id].cell_count or MAX_CELLS) if m.group(1) == "cell" \
+            else MAX_CELLS
+        return 1 <= n <= limit and key == f"sensor/{m.group(1)}_{n:02d}"
 
     def on_registry(self, payload: bytes) -> list[Publication]:
         """The previous run's registry (or our own echo): clear what we no longer announce."""
@@ -430,10 +461,10 @@ class Discovery:
                             "status inbound_rejected)", self.t_registry, e)
             # the topic is ours: put our own registry back so the next run can read it
             return [self.registry()]
-        current_nodes = {self.node(p) for p in self.packs}
+        current = {self.node(p): p for p in self.packs}
         for node, keys in nodes.items():
-            if node in current_nodes:
-                learned = {k for k in keys if _LEARNED.match(k)}
+            if node in current:
+                learned = {k for k in keys if self._learnable(current[node], k)}
                 self.adopted.setdefault(node, set()).update(learned)
         old = self._topics(nodes, self.prefix)
         now = self._topics(self.announced(), self.prefix)

@@ -293,8 +293,10 @@ class MqttSink:
         attempt = 0
         state = "init"
         while not self.stopping:
+            entered = False
             try:
                 async with acked_client_class()(**self._client_kwargs()) as client:
+                    entered = True
                     self._client = client
                     _nodelay(client)
                     attempt = 0
@@ -314,6 +316,13 @@ class MqttSink:
                         tg.create_task(self._sender(client), name="mqtt.sender")
                         if self.subscriptions:
                             tg.create_task(self._receiver(client), name="mqtt.receiver")
+            except ValueError as e:
+                # UnicodeError (a host label over 63 characters) or a ValueError from paho
+                # while connecting: the address itself is wrong, and retrying cannot fix it
+                if entered:
+                    raise
+                msg = f"cannot connect to {self.cfg.url}: {e}"
+                raise BrokerAddressError(msg) from e
             except (aiomqtt.MqttError, ExceptionGroup, OSError) as e:
                 # OSError: building the TLS context (unreadable or mismatched cert/key)
                 # happens here too; it must not end this task and leave the daemon mute
@@ -447,6 +456,11 @@ class MqttSink:
 
     def _undelivered(self) -> bool:
         return bool(self.pending or self.queue or self.next_events())
+
+
+class BrokerAddressError(ValueError):
+    """The broker address cannot be used at all (not a passing network failure): the
+    daemon stops with the config exit status instead of restarting the task."""
 
 
 def backoff(attempt: int) -> float:
