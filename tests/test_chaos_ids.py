@@ -82,6 +82,7 @@ def test_two_gateways_never_clear_each_others_entities(
     hostile = {"v": 1, "prefix": HA, "nodes": {"bms_gw__b_house": ["sensor/voltage_v"]}}
     sub.client.publish("bms/gateway/gw/discovery", json.dumps(hostile).encode(), qos=1,
                        retain=True).wait_for_publish(5)
+    caplog.clear()
     with caplog.at_level(logging.INFO, logger="gateway"):
         run("a3", "gw", ["house"])
     after = configs(retained(broker.port, subscriber_factory, [f"{HA}/#"]))
