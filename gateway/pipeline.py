@@ -217,12 +217,26 @@ class Pipeline:
         self.counters = [counters.get(b.name) or BusCounters() for b in cfg.buses]
 
     def _build_tables(self) -> None:
-        tables = [{k: list(hs) for k, hs in t.items()} for t in self.handler_lists]
+        self.tables = [{} for _ in self.handler_lists]
+        self._installed: dict[tuple[int, int], Callable[[float, bytes], None]] = {}
+        self._set_entries({(b, k) for b, t in enumerate(self.handler_lists) for k in t}
+                          | {(b, k) for lr, b in self.learners for k in lr.sources})
+
+    def _set_entries(self, keys: set[tuple[int, int]]) -> None:
+        """(Re)compose these (bus, key) table entries: the packs' handlers, then the
+        cell-count learners still listening. An entry wrapped by someone else since (the
+        poller's taps) is left as it is: its learner then just returns at once."""
+        learning: dict[tuple[int, int], list[Callable[[float, bytes], None]]] = {}
         for learner, bus in self.learners:
             for key, h in learner.handlers().items():
-                tables[bus].setdefault(key, []).append(h)
-        self.tables = [{k: hs[0] if len(hs) == 1 else _fanout(hs) for k, hs in t.items()}
-                       for t in tables]
+                learning.setdefault((bus, key), []).append(h)
+        for bus, key in keys:
+            cur = self.tables[bus].get(key)
+            if cur is not None and cur is not self._installed.get((bus, key)):
+                continue
+            hs = [*self.handler_lists[bus].get(key, []), *learning.get((bus, key), [])]
+            fn = hs[0] if len(hs) == 1 else _fanout(hs)
+            self.tables[bus][key] = self._installed[bus, key] = fn
 
     def _learned(self, ts: float | None) -> None:
         """Time out cell-count learners (None: the log ended) and drop finished ones."""
@@ -231,9 +245,10 @@ class Pipeline:
                 learner.finish()
             else:
                 learner.tick(ts)
-        if any(learner.done for learner, _ in self.learners):
+        done = {(b, k) for lr, b in self.learners if lr.done for k in lr.sources}
+        if done:
             self.learners = [(lr, b) for lr, b in self.learners if not lr.done]
-            self._build_tables()
+            self._set_entries(done)
 
     # ----------------------------------------------------------- hot path
 

@@ -89,3 +89,34 @@ def test_configured_cell_count_is_used_from_the_first_frame(
     _check(msgs, 16)
     first = json.loads(next(p for t, p, _ in msgs if t == "bms/house/state"))
     assert first["cell_count"] == 16
+
+
+def test_a_wrapped_table_entry_survives_the_learner_leaving(tmp_path: Path) -> None:
+    """The poller wraps table entries in place (poll.Poller._tap): when the cell-count
+    learner is dropped, that wrapper must stay, and unwrapped entries lose the learner."""
+    from gateway.pipeline import Pipeline
+    from gateway.source import SourceStats, read_log
+
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("can: {interface: virtual, channel: x}\n"
+                   "packs: [{id: house, profile: example-bms}]\n")
+    p = Pipeline(load_config(cfg))
+    assert p.learners
+    table = p.tables[0]
+    voltages, temps = 0x408, 0x409
+    inner = table[voltages]
+    seen: list[float] = []
+
+    def tap(ts: float, data: bytes) -> None:
+        seen.append(ts)
+        inner(ts, data)
+
+    table[voltages] = tap
+    before = table[temps]
+    for batch in read_log(SAMPLE, SourceStats()):
+        p.feed_log(batch)
+    p.finish()
+    assert not p.learners and p.packs[0].compiled.state.cells_known
+    assert p.tables[0][voltages] is tap and len(seen) > 100
+    assert p.tables[0][temps] is not before  # the learner is gone from this one
+    assert p.tables[0][temps] is p.packs[0].compiled.handlers[temps]
