@@ -157,7 +157,22 @@ async def test_canplayer_frames_are_published_as_replay_publishes_them(
 
     want_ev = codes(states(oracle.getvalue(), "bms/p/events"))
     assert want_ev, "the sample raises faults: the comparison must not be empty"
-    assert codes([json.loads(p) for p in sub.topic("bms/p/events")]) == want_ev
+    got_ev = codes([json.loads(p) for p in sub.topic("bms/p/events")])
+    if path == "bcm":
+        # The kernel delivers changes (and the gateway refeeds the last frames), not every
+        # frame, so counted rules (implausible_values counts dropped values per frame) may
+        # fire a frame or two earlier or later than in the replay: each fault must go
+        # through the same raise/clear sequence, their interleaving may differ (seen once
+        # in CI: implausible_values raised before cell_over_voltage instead of after).
+        def per_code(evs: list[tuple[str, str]]) -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for code, state in evs:
+                out.setdefault(code, []).append(state)
+            return out
+
+        assert per_code(got_ev) == per_code(want_ev)
+    else:
+        assert got_ev == want_ev
 
 
 @pytest.mark.parametrize("path", PATHS)
