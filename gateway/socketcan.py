@@ -215,6 +215,19 @@ class RawSource(LiveSource):
             loop.remove_reader(fd)
             self._watching = False
 
+    def _drain(self, sock: Any) -> int | None:
+        """Read what the socket holds into the pipeline; None when the bus failed."""
+        batch: list[Frame] = []
+        try:
+            n: int = sock.drain(batch, self.cfg.name, self.stats)
+        except OSError as e:
+            self._fail(e)
+            return None
+        if batch:
+            self.stats.frames += len(batch)
+            self.on_batch(batch)
+        return n
+
     def _on_readable(self) -> None:
         sock = self.bus
         if sock is None:
@@ -223,15 +236,9 @@ class RawSource(LiveSource):
             # ids added after the socket opened (the poller's reply taps)
             with contextlib.suppress(OSError):
                 sock.set_filter(self._filter_keys())
-        batch: list[Frame] = []
-        try:
-            n = sock.drain(batch, self.cfg.name, self.stats)
-        except OSError as e:
-            self._fail(e)
+        n = self._drain(sock)
+        if n is None:
             return
-        if batch:
-            self.stats.frames += len(batch)
-            self.on_batch(batch)
         now = time.monotonic()
         # Busy bus (woken again within one interval): stop watching the socket and drain
         # once when the interval ends, so frames are read in batches.
@@ -246,15 +253,9 @@ class RawSource(LiveSource):
         sock = self.bus
         if sock is None:
             return
-        batch: list[Frame] = []
-        try:
-            n = sock.drain(batch, self.cfg.name, self.stats)
-        except OSError as e:
-            self._fail(e)
+        n = self._drain(sock)
+        if n is None:
             return
-        if batch:
-            self.stats.frames += len(batch)
-            self.on_batch(batch)
         if n:
             self._timer = self._loop.call_later(COALESCE_S, self._on_timer)
         else:
