@@ -82,10 +82,14 @@ class LineFormat:
         return cls(rx, ts_unit, ts_base, name)
 
 
-def anchor(batches: Iterator[list[Frame]], path: Path, start: float | None
-           ) -> Iterator[list[Frame]]:
+def anchor(batches: Iterator[list[Frame]], path: Path, start: float | None,
+           stats: SourceStats) -> Iterator[list[Frame]]:
     """Shift a log whose timestamps are relative (first frame before 1980) to `start`;
-    without `start`, warn once: its `ts` would be published in 1970."""
+    without `start`, warn once: its `ts` would be published in 1970. A `start` given for
+    a log with absolute times is ignored, with a warning. A frame that anchoring moves
+    past 9999 (a long log started late) is a counted bad line, not a crash later on."""
+    from .source import ts_ok
+
     shift: float | None = None
     for batch in batches:
         if shift is None and batch:
@@ -98,7 +102,24 @@ def anchor(batches: Iterator[list[Frame]], path: Path, start: float | None
                     log.warning("%s: timestamps look relative (the first frame is at %.3f s): "
                                 "published times will be in 1970; give --start TIME "
                                 "(e.g. --start 2025-11-22T16:20:54) to anchor them", path, first)
-        yield [(f[0] + shift, f[1], f[2], f[3]) for f in batch] if shift else batch
+            elif start is not None:
+                log.warning("%s: timestamps are absolute (the first frame is at %s): "
+                            "--start is ignored; it only anchors a log with relative times",
+                            path, dt.datetime.fromtimestamp(first, dt.UTC).isoformat())
+        if not shift:
+            yield batch
+            continue
+        out = [(f[0] + shift, f[1], f[2], f[3]) for f in batch]
+        if not ts_ok(out[-1][0]) or not all(ts_ok(f[0]) for f in out):
+            kept = [f for f in out if ts_ok(f[0])]
+            for f in out:
+                if not ts_ok(f[0]):
+                    stats.bad(f"{path} (frame at {f[0] - shift:.6f} s)",
+                              f"anchored with --start it would be at {f[0]!r}, "
+                              "not a time between 1970 and 9999")
+            stats.frames -= len(out) - len(kept)
+            out = kept
+        yield out
 
 
 def _key(ident: str, ext: bool | None) -> int:
@@ -177,20 +198,27 @@ def _ts(ts: float) -> float:
 
 
 def parse_start(text: str) -> float:
-    """--start: epoch seconds, or an ISO date and time (UTC unless it has an offset)."""
+    """--start: epoch seconds, or an ISO date and time (UTC unless it has an offset),
+    between 1970 and 9999 (NaN, inf, 1e20 or -5 would only fail later, frame by frame)."""
+    from .source import TS_MAX, ts_ok
+
+    how = ("give epoch seconds or an ISO date and time between 1970 and 9999, "
+           "e.g. 2025-11-22T16:20:54 (UTC) or 2025-11-22T17:20:54+01:00")
     try:
-        return float(text)
+        t0 = float(text)
     except ValueError:
-        pass
-    try:
-        t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        msg = (f"--start {text!r}: give epoch seconds or an ISO date and time, "
-               "e.g. 2025-11-22T16:20:54 (UTC) or 2025-11-22T17:20:54+01:00")
-        raise FormatError(msg) from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.UTC)
-    return t.timestamp()
+        try:
+            t = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            msg = f"--start {text!r}: {how}"
+            raise FormatError(msg) from None
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=dt.UTC)
+        t0 = t.timestamp()
+    if not ts_ok(t0):
+        msg = f"--start {text!r} is not a time between 1970 and 9999 (0 to {TS_MAX:.0f}): {how}"
+        raise FormatError(msg)
+    return t0
 
 
 def open_log(path: Path, stats: SourceStats, line_format: LineFormat | None

@@ -295,7 +295,7 @@ def read_log(path: str | Path, stats: SourceStats, *, line_format: LineFormat | 
     if not p.exists():
         msg = f"{p}: log file not found"
         raise LogError(msg)
-    return logformats.anchor(_open_log(p, stats, line_format), p, start)
+    return logformats.anchor(_open_log(p, stats, line_format), p, start, stats)
 
 
 def _open_log(p: Path, stats: SourceStats, line_format: LineFormat | None

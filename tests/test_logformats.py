@@ -125,6 +125,42 @@ def test_format_specs_are_checked() -> None:
     assert parse_start("2026-01-01T00:00:00") == T0
 
 
+@pytest.mark.parametrize("start", ["inf", "-inf", "nan", "1e20", "-5", "0001-01-01"])
+def test_a_start_outside_1970_to_9999_is_refused_up_front(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], start: str) -> None:
+    """Reviewer: inf/1e20 gave an OverflowError traceback, nan published nothing and
+    exited 0, -5 published 1969 timestamps."""
+    sd = tmp_path / "LOG0001.TXT"
+    write_hex_ms(sd)
+    rc = main(["replay", str(sd), "-c", str(cfg(tmp_path)), "--mqtt", "-",
+               "--log-format", "hex-ms", f"--start={start}"])
+    assert rc == 2
+    assert "between 1970 and 9999" in capsys.readouterr().err
+
+
+def test_frames_anchored_past_9999_are_counted_not_a_crash(tmp_path: Path) -> None:
+    """A 60 s relative log started 29 s before the end of 9999: the first half is read,
+    the rest are bad lines (was: ValueError year 10000 out of the publisher)."""
+    sd = tmp_path / "LOG0001.TXT"
+    write_hex_ms(sd)
+    stats = SourceStats()
+    frames = [f for b in read_log(sd, stats, line_format=LineFormat.parse("hex-ms"),
+                                  start=253402300770.0) for f in b]
+    assert frames and all(f[0] <= 253402300799.0 for f in frames)
+    assert stats.bad_lines == len(sample()) - len(frames) > 0
+    assert stats.frames == len(frames)
+    assert "not a time between 1970 and 9999" in stats.first_bad[0]
+
+
+def test_start_on_an_absolute_log_is_ignored_with_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    stats = SourceStats()
+    with caplog.at_level(logging.WARNING, logger="gateway.source"):
+        frames = [f for b in read_log(SAMPLE, stats, start=5.0) for f in b]
+    assert frames[0][0] == T0
+    assert "--start is ignored" in caplog.text
+
+
 def test_log_format_in_the_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     want = final_state(capsys, tmp_path, SAMPLE)
     sd = tmp_path / "LOG0001.TXT"
