@@ -847,6 +847,7 @@ def _checks(r: _Reader, obj: Any) -> tuple[FrameCheck, ...]:
 
 def _dtcs(r: _Reader, obj: Any) -> tuple[DtcStream, ...]:
     out: list[DtcStream] = []
+    seen: dict[tuple[str, str] | str, str] = {}  # (message, signal) / code -> its entry
     for k, spec in _entries(r, "dtcs", obj, "dtcs: [{message: ..., signal: ...}]"):
         r.known(spec, k, {"message", "signal", "code", "severity", "clear_after_s", "none"})
         message, signal = r.str_(spec, k, "message", None), r.str_(spec, k, "signal", None)
@@ -861,6 +862,16 @@ def _dtcs(r: _Reader, obj: Any) -> tuple[DtcStream, ...]:
         if sev not in SEVERITIES:
             r.bad(f"{k}.severity", f"unknown severity {sev!r}", f"one of {', '.join(SEVERITIES)}")
             continue
+        # the same stream twice, or two streams with one code, raise each fault twice
+        if (message, signal) in seen:
+            r.bad(f"{k}.signal", f"{message}.{signal} is already a trouble-code stream "
+                  f"({seen[message, signal]})", "remove one of the two entries")
+            continue
+        if code in seen:
+            r.bad(f"{k}.code", f"{code!r} is already the code of {seen[code]}: both would "
+                  f"raise the same `{code}_<number>` faults", "give each stream its own `code`")
+            continue
+        seen[message, signal] = seen[code] = k
         none = _int_list(r, f"{k}.none", spec.get("none", [0]), "`none` values")
         out.append(DtcStream(k, message, signal, code, sev,
                              r.num(spec, k, "clear_after_s", 5.0, lo=0.01) or 5.0, none))

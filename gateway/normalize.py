@@ -815,6 +815,8 @@ class _Compiler:
                 f"stride {src.stride} is less than the {per_group} cells each group carries: "
                 "groups would overwrite each other", f"stride: {per_group} (or remove it)"))
             return
+        if idx_read is None and not self.cells_in_range(src, kind, plans, per_group):
+            return
 
         def write_cells(g: Source, ind: int, plan: list[tuple[int | None, BitField,
                                                                  BitField | None]],
@@ -875,9 +877,11 @@ class _Compiler:
                 g.emit(ind + 1, f"if {arr}[i] != v:")
                 g.emit(ind + 2, f"{arr}[i] = v")
                 g.emit(ind + 2, changed)
-                if limit == MAX_CELLS:  # a known cell count makes slots past it just unused
-                    g.emit(ind, "else:")
-                    g.emit(ind + 1, f"IMPL[{impl_slot}] += 1")
+                # a known cell count makes slots past it just unused; an index outside
+                # 1..MAX_CELLS (an `index:` signal with a garbage value) is counted
+                g.emit(ind, "else:" if limit == MAX_CELLS else
+                       f"elif i < 0 or i >= {MAX_CELLS}:")
+                g.emit(ind + 1, f"IMPL[{impl_slot}] += 1")
 
         if muxer is not None:
             uniform = _uniform_mux(plans, src_, per_group)
@@ -921,6 +925,33 @@ class _Compiler:
                 write_cells(g, ind, plan, base)
 
             self.add(msg, src.key, path, gen_plain)
+
+    def cells_in_range(self, src: CellSource, kind: str, plans: dict[int | None, Plan],
+                       per_group: int) -> bool:
+        """Every cell the layout can address (each mux value of the DBC x stride + first
+        + offset + slot) must lie in 1..MAX_CELLS: a cell past it or below 1 would be
+        dropped on every frame. An `index:` signal's range is not known here: its cells
+        out of range are counted at run time."""
+        idx = [src.start(mid, per_group) + (slot or 0)
+               + ((bf.length - 1) if kind == "balancing" and src.bitfield else 0)
+               for mid, plan in plans.items() for slot, bf, _ in plan]
+        if not idx:
+            return True
+        lo, hi = min(idx), max(idx)
+        if lo >= 0 and hi < MAX_CELLS:
+            return True
+        what = "stride" if src.stride is not None else "first" if src.first else \
+            "offset" if src.offset else "signals"
+        mids = sorted(m for m in plans if m is not None)
+        span = f" (mux {mids[0]}..{mids[-1]} from the DBC)" if mids else ""
+        where = (f"cell {lo + 1}, below cell 1" if lo < 0 else
+                 f"cell {hi + 1}, past the {MAX_CELLS} cells a pack can have")
+        self.problems.append(Problem(
+            self.file, f"{src.key}.{what}",
+            f"the layout{span} reaches {where}: those cells would be dropped on every frame",
+            "make group x stride + first + offset + the cells of a group stay within "
+            f"1..{MAX_CELLS}"))
+        return False
 
     constants: dict[int, Value]
     extra_consts: dict[str, Value]

@@ -245,11 +245,43 @@ def test_mux_with_first_and_offset_compose(tmp_path: Path) -> None:
     ("{message: Module1, signals: 'V*'}", "signals", "different multiplexer branches"),
     ("{message: Module1, mux: true, signals: 'V*', invalid: [V0_0]}", "invalid",
      "invalid flags for"),
+    # cells the layout can never publish (reviewer: 4 of 16, 12 dropped, groups vanished)
+    ("{message: Module1, mux: true, stride: 100000, signals: 'V*'}", "stride",
+     "reaches cell 300004, past the 1024 cells"),
+    ("{message: Module1, mux: true, first: 1020, signals: 'V*'}", "first",
+     "(mux 0..3 from the DBC) reaches cell 1036, past the 1024 cells"),
+    ("{message: Module1, mux: true, offset: -8, signals: 'V*'}", "offset",
+     "reaches cell -7, below cell 1"),
+    ("{message: ModuleTemps, first: 1022, signals: 'T*'}", "first", "past the 1024 cells"),
 ])
 def test_invalid_cell_layouts_are_config_errors(tmp_path: Path, source: str, key: str,
                                                 words: str) -> None:
     assert_rejected(tmp_path, modules_dbc(), f"cells:\n  voltages:\n    - {source}",
                     f"cells.voltages[0].{key}", words)
+
+
+def test_the_largest_layout_that_fits_is_accepted(tmp_path: Path) -> None:
+    (tmp_path / "modules.dbc").write_text(modules_dbc())
+    body = "cells:\n  voltages:\n    - {message: Module1, mux: true, first: 1008, signals: 'V*'}\n"
+    p = pipeline(tmp_path, profile(tmp_path, tmp_path / "modules.dbc", body))
+    assert p.packs  # cells 1009..1024: the last one a pack can have
+
+
+def test_an_index_signal_out_of_range_is_counted(tmp_path: Path) -> None:
+    """An `index:` signal's range is only known at run time: a cell it puts past 1024
+    is counted (implausible), even with a known cell count, never silently dropped."""
+    (tmp_path / "modules.dbc").write_text(modules_dbc())
+    db = cantools.database.load_file(str(tmp_path / "modules.dbc"), strict=False)
+    body = ("cell_count: 48\ncells:\n  voltages:\n"
+            "    - {message: ModuleTemps, index: ModuleId, signals: 'T*', stride: 3, "
+            "first: 900}\n")
+    p = pipeline(tmp_path, profile(tmp_path, tmp_path / "modules.dbc", body))
+    msg = db.get_message_by_name("ModuleTemps")
+    frames = [(1.0 + i, msg.frame_id, bytes(msg.encode(
+        {"ModuleId": mid, "T1": 1, "T2": 2, "T3": 3, "Flat1": 0})), "x")
+        for i, mid in enumerate((0, 50))]  # cells 901-903 (past 48: unused), 1051-1053
+    p.feed(frames, 0)
+    assert p.packs[0].compiled.implausible_counts() == {"cell_voltage": 3}
 
 
 # ------------------------------------------------------------------ validity gates, sentinels
@@ -418,6 +450,10 @@ def test_trouble_code_stream_and_fault_cell(tmp_path: Path) -> None:
     ("dtcs: [{message: Dtc, signal: DtcKode}]", "dtcs[0].signal", "did you mean 'DtcCode'"),
     ("dtcs: [{message: Dtc, signal: DtcCode, severity: loud}]", "dtcs[0].severity",
      "unknown severity"),
+    ("dtcs: [{message: Dtc, signal: DtcCode}, {message: Dtc, signal: DtcCode}]",
+     "dtcs[1].signal", "already a trouble-code stream (dtcs[0])"),
+    ("dtcs: [{message: Dtc, signal: DtcCode}, {message: Faults, signal: CellOvIndex}]",
+     "dtcs[1].code", "'bms_dtc' is already the code of dtcs[0]"),
     ("faults: [{code: x, message: Faults, signal: CellOv, cell_signal: CellIdx}]",
      "faults[0].cell_signal", "did you mean 'CellOvIndex'"),
 ])
