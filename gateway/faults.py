@@ -364,7 +364,7 @@ class FaultEngine:
         self._dtc_streams: list[tuple[DtcStream, dict[int, str]]] = []
         self._simple: dict[str, _Inst] = {}  # comm_lost and the CAN bus problems
         self._dec: deque[tuple[float, int, int]] = deque()
-        self._impl_last: dict[str, int] | None = None
+        self._impl_last: dict[str, int] = {}
         self._impl: deque[tuple[float, dict[str, int]]] = deque()
         self._impl_why = ""
 
@@ -512,9 +512,12 @@ class FaultEngine:
         r = self._rules["implausible_values"]
         if not r.spec.enabled or r.spec.raise_at is None:
             return
+        # The counts start at 0 with the compiled pack, so the first call's counts are
+        # drops of this run (a pack whose first values are implausible must raise). Counts
+        # below the last ones: a reload compiled the pack anew; count from 0 again.
         last, self._impl_last = self._impl_last, dict(counts)
-        if last is None:
-            return  # first call: a baseline, not growth
+        if any(c < last.get(k, 0) for k, c in counts.items()) or len(counts) < len(last):
+            last = {}
         grown = {k: c - last.get(k, 0) for k, c in counts.items() if c > last.get(k, 0)}
         if grown:
             self._impl.append((ts, grown))
@@ -709,4 +712,3 @@ class FaultEngine:
         self._simple.clear()
         self._dec.clear()
         self._impl.clear()
-        self._impl_last = None

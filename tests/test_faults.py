@@ -432,19 +432,37 @@ def test_decode_error_rate_needs_enough_frames() -> None:
 def test_implausible_values_raise_on_growth_and_clear_after_quiet_window() -> None:
     eng = engine()
     st = PackState("house")
-    eng.implausible(0.0, {"voltage_v": 7})  # baseline: drops from before do not count
-    eng.implausible(1.0, {"voltage_v": 7})
-    assert eng.events == []
     eng.implausible(2.0, {"voltage_v": 7, "cell_voltage": 2})
     evs = list(eng.events)
     eng.events.clear()
     assert [(e.code, e.state, e.value, e.severity) for e in evs] == [
-        ("implausible_values", "raised", 2.0, "warning")]
+        ("implausible_values", "raised", 9.0, "warning")]
     eng.implausible(5.0, {"voltage_v": 8, "cell_voltage": 2})  # more drops: still one fault
     assert eng.events == []
     # Quiet; the clear comes from the frame-time tick even without further counts.
     evs = hold(eng, st, 5.1, 20.0)
     assert [(e.state, e.ts) for e in evs] == [("cleared", 15.0)]
+
+
+def test_implausible_values_raise_on_the_first_batch() -> None:
+    """The first call was taken as a baseline: a pack whose very first values were
+    implausible never raised."""
+    eng = engine()
+    eng.implausible(0.5, {"voltage_v": 1})
+    assert [(e.code, e.state, e.value) for e in eng.events] == [
+        ("implausible_values", "raised", 1.0)]
+
+
+def test_implausible_counts_that_restart_count_from_zero() -> None:
+    """A reload compiles the pack anew (its counts start at 0) and keeps the engine:
+    new drops below the old totals still count."""
+    eng = engine()
+    st = PackState("house")
+    eng.implausible(0.0, {"voltage_v": 5})
+    hold(eng, st, 0.1, 20.0)
+    eng.events.clear()
+    eng.implausible(21.0, {"voltage_v": 2})
+    assert [(e.state, e.value) for e in eng.events] == [("raised", 2.0)]
 
 
 # ---------------------------------------------------------------- parse_rules
