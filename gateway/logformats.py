@@ -135,14 +135,14 @@ def _key(ident: str, ext: bool | None) -> int:
 # ---------------------------------------------------------------- GVRET CSV
 
 def is_gvret(head: str) -> bool:
-    cols = [c.strip().lower() for c in head.split(",")]
+    cols = [c.strip().lower() for c in head.lstrip("\ufeff").split(",")]
     return cols[:2] == ["time stamp", "id"] and "extended" in cols and "len" in cols
 
 
 def gvret_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
     from .logtext import line_batches as batches  # it imports source, which imports us
 
-    with path.open("r", encoding="utf-8", errors="replace") as f:
+    with path.open("r", encoding="utf-8-sig", errors="replace") as f:
         cols = [c.strip().lower() for c in f.readline().split(",")]
     i_ts, i_id, i_ext, i_len = (cols.index(c) for c in ("time stamp", "id", "extended", "len"))
     i_bus = cols.index("bus") if "bus" in cols else None
@@ -228,7 +228,7 @@ def open_log(path: Path, stats: SourceStats, line_format: LineFormat | None
     if line_format is not None:
         return line_batches(path, stats, line_format)
     try:
-        with path.open("r", encoding="utf-8", errors="replace") as f:
+        with path.open("r", encoding="utf-8-sig", errors="replace") as f:
             head = [f.readline() for _ in range(8)]
     except OSError:
         return None

@@ -29,7 +29,8 @@ _EPOCH_DAYS = 25569  # 1970-01-01 in TRC's day count (days since 1899-12-30)
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     # A stray non-UTF-8 byte becomes U+FFFD: its line fails to parse and is counted,
     # instead of a UnicodeDecodeError rejecting the whole file.
-    with path.open("r", encoding="utf-8", errors="replace", newline=None) as f:
+    # utf-8-sig: a file saved with a byte order mark (Windows tools) reads as without.
+    with path.open("r", encoding="utf-8-sig", errors="replace", newline=None) as f:
         for lineno, raw in enumerate(f, 1):
             line = raw.strip()
             if line:

@@ -19,6 +19,7 @@ import contextlib
 import importlib.util
 import logging
 import random
+import re
 import socket
 import threading
 import time
@@ -46,6 +47,12 @@ TS_MAX = 253402300799.0  # 9999-12-31T23:59:59Z
 # distinct ids) must not grow them without bound, so they are emptied when this full.
 CACHE_MAX = 4096
 GARBLED_MAX = 1000  # garbled frames in a row before a live bus is taken for lost
+
+
+_CANDUMP_ID = re.compile(rb"[0-9A-Fa-f]{3}|[0-9A-Fa-f]{8}")
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_CLASSIC_LENGTHS = frozenset(range(9))
+_FD_LENGTHS = frozenset((*range(9), 12, 16, 20, 24, 32, 48, 64))
 
 
 def ts_ok(ts: float) -> bool:
@@ -108,7 +115,7 @@ def _candump_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
                         chans.clear()
                     c = chans[chan] = chan.decode(errors="replace")
                 ts = float(ts_s[1:-1])
-                if not 0.0 <= ts <= TS_MAX:
+                if not 0.0 <= ts <= TS_MAX or len(payload) > 16:  # classic CAN: 8 bytes
                     raise ValueError
                 append((ts, key, unhex(payload), c))
             except (ValueError, IndexError, binascii.Error):
@@ -127,6 +134,10 @@ def _candump_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
 
 
 def _candump_key(ident: bytes) -> int:
+    """The frame key of a candump id: 3 hex digits (standard) or 8 (extended), nothing
+    else (int(x, 16) alone takes `0x100`, `1_00`, ` -1`). -1: an error frame."""
+    if _CANDUMP_ID.fullmatch(ident) is None:
+        raise ValueError(f"id {ident[:16]!r} is not 3 or 8 hex digits")
     can_id = int(ident, 16)
     if len(ident) > 3 or can_id > 0x7FF:
         if can_id & 0x20000000:  # CAN_ERR_FLAG: candump prints error frames this way
@@ -150,7 +161,10 @@ def _candump_slow(line: str, stats: SourceStats, where: str) -> Frame | None:
         if payload[:1] == "R":  # remote request: no data
             stats.remote_frames += 1
             return None
-        if payload[:1] == "#":  # CAN FD: ID##<flags><data>
+        fd = payload[:1] == "#"
+        if fd:  # CAN FD: ID##<flags><data>
+            if payload[1:2] not in _HEX_DIGITS:
+                raise ValueError
             payload = payload[2:]
         key = _candump_key(ident.encode())
         if key < 0:
@@ -160,7 +174,12 @@ def _candump_slow(line: str, stats: SourceStats, where: str) -> Frame | None:
         if not ts_ok(ts):
             stats.bad(where, f"timestamp {ts_s} is not a date between 1970 and 9999")
             return None
-        return (ts, key, bytes.fromhex(payload), chan)
+        data = bytes.fromhex(payload)
+        if len(data) not in (_FD_LENGTHS if fd else _CLASSIC_LENGTHS):
+            stats.bad(where, f"{len(data)} data bytes: a {'CAN FD' if fd else 'classic CAN'} "
+                      f"frame carries {'0-8, 12, 16, 20, 24, 32, 48 or 64' if fd else '0-8'}")
+            return None
+        return (ts, key, data, chan)
     except ValueError:
         if line.strip() and not line.startswith("#"):
             stats.bad(where, f"not a candump -l line: {line.strip()[:60]!r}")

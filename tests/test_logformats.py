@@ -114,6 +114,19 @@ def test_bad_lines_are_counted_with_their_line_number(tmp_path: Path) -> None:
     assert any(":4:" in s for s in stats.first_bad) and any(":6:" in s for s in stats.first_bad)
 
 
+def test_a_gvret_csv_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Windows tools save CSV with a UTF-8 BOM: its header was not recognised."""
+    plain, bom = tmp_path / "plain.csv", tmp_path / "bom.csv"
+    write_gvret(plain)
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    got = []
+    for p in (plain, bom):
+        stats = SourceStats()
+        got.append([f for b in read_log(p, stats, start=T0) for f in b])
+        assert stats.bad_lines == 0
+    assert got[1] == got[0] and len(got[0]) == len(sample())
+
+
 def test_format_specs_are_checked() -> None:
     assert LineFormat.parse("hex-ms").ts_unit == "ms"
     with pytest.raises(FormatError, match="named groups data"):

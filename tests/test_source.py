@@ -67,6 +67,38 @@ def test_candump_parser_handles_remote_fd_error_and_extended(tmp_path: Path) -> 
     assert st.first_bad and "mix.log:7" in st.first_bad[0]
 
 
+@pytest.mark.parametrize("frame", [
+    "100#" + "00" * 9,          # classic CAN carries at most 8 bytes
+    "100#" + "00" * 64,
+    "100##1" + "00" * 65,       # CAN FD at most 64
+    "100##1" + "00" * 9,        # and only 0-8, 12, 16, 20, 24, 32, 48 or 64
+    "100##1" + "00" * 33,
+    "100##" + "00" * 8,         # FD without its flags digit
+    "0x100#00",                 # int(x, 16) takes these; candump never writes them
+    "1_00#00",
+    "-1#00",                    # was counted as a CAN error frame
+    "+100#00",
+    "1000#00",                  # 3 hex digits (standard) or 8 (extended)
+    "10#00",
+])
+def test_candump_frames_that_cannot_be_are_bad_lines(tmp_path: Path, frame: str) -> None:
+    log = tmp_path / "bad.log"
+    log.write_text(f"(1700000000.000000) can0 {frame}\n(1700000000.100000) can0 123#0102\n"
+                   f"(1700000000.200000) can0 {frame}\n")
+    got, st = read_all(log)
+    assert got == [(1700000000.1, 0x123, b"\x01\x02", "can0")]
+    assert st.bad_lines == 2 and st.error_frames == 0, st.first_bad
+    assert "bad.log:1" in st.first_bad[0] and "bad.log:3" in st.first_bad[1]
+
+
+def test_candump_fd_lengths_that_exist_are_read(tmp_path: Path) -> None:
+    log = tmp_path / "fd.log"
+    log.write_text("".join(f"(1700000000.{n:06d}) can0 1FFFFFF0##0{'AB' * n}\n"
+                           for n in (0, 8, 12, 20, 48, 64)))
+    got, st = read_all(log)
+    assert [len(f[2]) for f in got] == [0, 8, 12, 20, 48, 64] and st.bad_lines == 0
+
+
 def test_slcan_parser_unwraps_timestamps(tmp_path: Path) -> None:
     log = tmp_path / "cap.raw"
     # 16-bit millisecond timestamps wrap at 60000
