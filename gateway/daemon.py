@@ -123,6 +123,7 @@ class Runtime:
             elif isinstance(sink, StdoutSink):  # stdout: print in order, "acked" at once
                 seq, topic, payload = next(stored)
                 sink.snapshot(Publication(topic, payload, retain=False, qos=1))
+                sink.events_published += 1
                 self.outbox.ack(seq)
         if events:
             sink.flush()
@@ -649,9 +650,13 @@ class Daemon:
             return
         try:
             if not await sink.drain(self.cfg.shutdown_timeout_s):
-                log.warning("shutdown: broker did not take everything within %.1f s; %d "
-                            "events stay in the outbox", self.cfg.shutdown_timeout_s,
-                            rt.outbox.depth())
+                depth = rt.outbox.depth()
+                if depth or sink.connected.is_set():
+                    log.warning("shutdown: broker did not take everything within %.1f s; %d "
+                                "events stay in the outbox", self.cfg.shutdown_timeout_s, depth)
+                else:
+                    log.warning("shutdown: broker not connected; no event is waiting, the "
+                                "last state and status were not published")
         except Exception:
             log.exception("shutdown: could not deliver what was pending")
             self.exit_code = 1

@@ -580,3 +580,48 @@ def test_oversize_payload_dropped_with_one_warning(
     assert sink.dropped_oversize == 2
     warnings = [r for r in caplog.records if "max_payload" in r.getMessage()]
     assert len(warnings) == 1 and "big/huge" in warnings[0].getMessage()
+
+
+# ---------------------------------------------------------------- shutdown, broker away
+
+
+def test_drain_with_the_broker_away_and_no_event_does_not_wait(tmp_path: Path) -> None:
+    """Shutdown with the broker down waited the whole shutdown timeout for nothing, then
+    said "0 events stay in the outbox". Only events are worth the wait."""
+    url = f"mqtt://127.0.0.1:{free_port()}"  # nobody listens there
+    mqtt_cfg = load_config(write_cfg(tmp_path / "gw.yaml", gid="away", url=url)).mqtt
+    events: list[tuple[int, str, bytes]] = []
+
+    async def scenario() -> tuple[bool, bool]:
+        sink = MqttSink(mqtt_cfg, "away-test", "away/avail", lambda: list(events),
+                        lambda _: None, list)
+        task = asyncio.create_task(sink.run())
+        try:
+            sink.snapshot(Publication("away/state", b"{}"))
+            # an hour's timeout: only the outer bound could end a wait
+            nothing = await asyncio.wait_for(sink.drain(3600), 60)
+            events.append((1, "away/events", b"{}"))
+            waited = await sink.drain(0.3)
+        finally:
+            sink.stopping = True
+            sink.wake.set()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        return nothing, waited
+
+    assert asyncio.run(scenario()) == (False, False)
+
+
+def test_stdout_status_counts_the_events_it_printed(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """With `--mqtt -` the status said events_published: 0 although events were printed."""
+    from gateway.cli import main
+
+    cfg = write_cfg(tmp_path / "gw.yaml", gid="out", url=None)
+    assert main(["replay", str(REPO / "config" / "sample.log"), "-c", str(cfg),
+                 "--mqtt", "-", "--speed", "max"]) == 0
+    lines = [ln.split(" ", 1) for ln in capsys.readouterr().out.splitlines() if " " in ln]
+    printed = sum(t.endswith("/events") for t, _ in lines)
+    status = json.loads([p for t, p in lines if t == "bms/gateway/out/status"][-1])
+    assert printed > 0 and status["events_published"] == printed

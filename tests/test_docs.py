@@ -178,3 +178,32 @@ def test_documented_config_key_is_accepted(section: str, key: str, tmp_path: Pat
         assert key not in SAMPLES[section], f"the sample value of {key!r} is refused: {e}"
         return
     assert loaded.path == path
+
+
+def test_readme_sample_output_is_what_the_quick_start_prints(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The quick start's sample lines, `...` standing for what is left out, are found in
+    order in a real line of the same topic (the README showed `current_a 40.1`, the
+    replay printed 40)."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("one `topic payload` line each:\n\n```\n", 1)[1].split("```", 1)[0]
+    shown = [ln.split(" ", 1) for ln in block.splitlines() if " " in ln]
+    assert len(shown) >= 3
+    assert main(["replay", str(REPO / "config" / "sample.log"), "-c",
+                 str(REPO / "config" / "gateway.example.yaml"), "--mqtt", "-",
+                 "--speed", "max"]) == 0
+    real = [ln.split(" ", 1) for ln in capsys.readouterr().out.splitlines() if " " in ln]
+    for topic, sample in shown:
+        pieces = sample.split("...")
+
+        def fits(payload: str, pieces: list[str] = pieces) -> bool:
+            if not payload.startswith(pieces[0]):
+                return False
+            at = len(pieces[0])
+            for piece in pieces[1:]:
+                at = payload.find(piece, at)
+                if at < 0:
+                    return False
+                at += len(piece)
+            return True
+        assert any(t == topic and fits(p) for t, p in real), f"{topic} {sample}"
