@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -209,8 +210,14 @@ def test_second_sigint_forces_exit(tmp_path: Path, broker: Broker, subscriber_fa
     gw = gateways(cfg)
     assert sub.wait_for(lambda ms: any(p == b"online" for _, p, _ in ms), timeout=30), gw.log()
     sub.close()
-    broker.stop()  # now the drain after the first SIGINT would wait the whole 60 s
-    gw.signal(signal.SIGINT)
+    broker.stop()
+    # An undelivered event for the drain to wait for (with none it does not wait at all),
+    # written into the outbox as an earlier run would have left it.
+    with contextlib.closing(sqlite3.connect(tmp_path / "state" / "outbox.sqlite",
+                                            timeout=10)) as db, db:
+        db.execute("INSERT INTO events VALUES (1000000, 'force-pending', 'p1', "
+                   "'bms/p1/events', x'7b7d', ?)", (time.time(),))
+    gw.signal(signal.SIGINT)  # now the drain would wait the whole 60 s
     assert gw.wait_log("SIGINT: stopping")
     with pytest.raises(subprocess.TimeoutExpired):
         gw.proc.wait(1.0)  # still draining
