@@ -651,7 +651,7 @@ class Daemon:
         try:
             if not await sink.drain(self.cfg.shutdown_timeout_s):
                 depth = rt.outbox.depth()
-                if depth or sink.connected.is_set():
+                if depth or not sink.down:
                     log.warning("shutdown: broker did not take everything within %.1f s; %d "
                                 "events stay in the outbox", self.cfg.shutdown_timeout_s, depth)
                 else:

@@ -225,6 +225,8 @@ class MqttSink:
         self.wake = asyncio.Event()
         self.events_dirty = True  # the outbox may hold events from before (a crash)
         self.connected = asyncio.Event()
+        # the last connection attempt failed (not merely: not connected yet)
+        self.down = False
         self.stopping = False
         self.dead = False  # run() ended by an exception and nobody restarts it (replay)
         self.published = 0
@@ -304,6 +306,7 @@ class MqttSink:
                     if state != "up":
                         log.info("MQTT connected to %s", self.cfg.url)
                     state = "up"
+                    self.down = False
                     self.connected.set()
                     self.events_dirty = True  # unacknowledged events go out first
                     self._events_retry_at = 0.0  # a broker that refused may allow them now
@@ -329,6 +332,7 @@ class MqttSink:
                 # happens here too; it must not end this task and leave the daemon mute
                 err = _first_mqtt_error(e, aiomqtt.MqttError)
                 self.connected.clear()
+                self.down = True
                 self._client = None
                 self.last_error = str(err)
                 if self.stopping:
@@ -447,14 +451,15 @@ class MqttSink:
 
     async def drain(self, timeout: float) -> bool:
         """Wait until nothing is pending (or timeout); True when all was delivered.
-        With the broker away and no event waiting there is nothing worth the wait: the
-        snapshots are given up at once (the outbox holds no event to deliver later)."""
+        With the broker away (its last connection attempt failed; not merely a first
+        connection still being made) and no event waiting there is nothing worth the
+        wait: the snapshots are given up at once."""
         deadline = time.monotonic() + timeout
         self.wake.set()
         while time.monotonic() < deadline and not self.dead:
             if self.connected.is_set() and not self._undelivered():
                 return True
-            if not self.connected.is_set() and not self.next_events():
+            if self.down and not self.connected.is_set() and not self.next_events():
                 break
             await asyncio.sleep(0.02)
         return not self._undelivered()

@@ -605,6 +605,10 @@ def test_drain_with_the_broker_away_and_no_event_does_not_wait(tmp_path: Path) -
         task = asyncio.create_task(sink.run())
         try:
             sink.snapshot(Publication("away/state", b"{}"))
+            async def refused() -> None:  # the first attempt to connect
+                while not sink.down:
+                    await asyncio.sleep(0.01)
+            await asyncio.wait_for(refused(), 30)
             # an hour's timeout: only the outer bound could end a wait
             nothing = await asyncio.wait_for(sink.drain(3600), 60)
             events.append((1, "away/events", b"{}"))
