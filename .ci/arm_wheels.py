@@ -45,15 +45,17 @@ def resolve(extras: str) -> list[tuple[str, str]]:
 
 
 def wheel(name: str, version: str, arch: str) -> str:
-    with tempfile.TemporaryDirectory() as d:
-        plat = [a for p in ARCHES[arch] for a in ("--platform", p)]
-        r = pip("download", "--no-deps", "--only-binary=:all:", "--python-version", "3.11",
-                "--implementation", "cp", *plat, "-d", d, "--quiet", f"{name}=={version}")
-        files = list(Path(d).glob("*.whl"))
-        if r.returncode == 0 and files:
-            tag = files[0].name.removesuffix(".whl").split("-", 2)[2]
-            return "pure Python" if tag.endswith("none-any") else tag.split("-")[-1].split(".")[0]
-        return "NO WHEEL (sdist: builds on the Pi)"
+    plat = [a for p in ARCHES[arch] for a in ("--platform", p)]
+    for _attempt in range(2):  # a second try, so one network hiccup is not "no wheel"
+        with tempfile.TemporaryDirectory() as d:
+            r = pip("download", "--no-deps", "--only-binary=:all:", "--python-version", "3.11",
+                    "--implementation", "cp", *plat, "-d", d, "--quiet", f"{name}=={version}")
+            files = list(Path(d).glob("*.whl"))
+            if r.returncode == 0 and files:
+                tag = files[0].name.removesuffix(".whl").split("-", 2)[2]
+                return ("pure Python" if tag.endswith("none-any")
+                        else tag.split("-")[-1].split(".")[0])
+    return "NO WHEEL (sdist: builds on the Pi)"
 
 
 def main() -> int:
