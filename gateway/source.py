@@ -189,49 +189,39 @@ def _candump_slow(line: str, stats: SourceStats, where: str) -> Frame | None:
 def _slcan_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
     """SLCAN ASCII: `t<iii><l><data>[<tttt>]` / `T<iiiiiiii><l><data>[<tttt>]`, ms timestamps
     that wrap at 60000 (we unwrap them)."""
-    batch: list[Frame] = []
+    from .logtext import line_batches  # it imports this module
+
     last_ms = -1
     wraps = 0
-    with path.open("r", encoding="ascii", errors="replace") as f:
-        for lineno, raw in enumerate(f, 1):
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                kind = line[0]
-                if kind in "tT":
-                    n = 3 if kind == "t" else 8
-                    can_id = int(line[1:1 + n], 16)
-                    dlc = int(line[1 + n], 16)
-                    if dlc > 8:
-                        raise ValueError(f"DLC {dlc} > 8")
-                    data_hex = line[2 + n:2 + n + 2 * dlc]
-                    data = bytes.fromhex(data_hex)
-                    if len(data) != dlc:
-                        raise ValueError(f"DLC {dlc} but {len(data)} data bytes")
-                    rest = line[2 + n + 2 * dlc:]
-                    if len(rest) > 4:  # SLCAN stamps are 4 hex digits (ms, wrap at 60 s)
-                        raise ValueError(f"timestamp {rest[:12]!r} is not 4 hex digits")
-                    ms = int(rest, 16) if rest else 0
-                    if ms < last_ms:
-                        wraps += 1
-                    last_ms = ms
-                    key = can_id | EXTENDED_FLAG if kind == "T" else can_id
-                    batch.append(((wraps * 60000 + ms) / 1000.0, key, data, "slcan0"))
-                elif kind in "rR":
-                    stats.remote_frames += 1
-                else:
-                    raise ValueError("not an SLCAN frame line")
-            except (ValueError, IndexError) as e:
-                stats.bad(f"{path}:{lineno}", f"{e}: {line[:60]!r}")
-                continue
-            if len(batch) >= BATCH:
-                stats.frames += len(batch)
-                yield batch
-                batch = []
-    if batch:
-        stats.frames += len(batch)
-        yield batch
+
+    def frame(tokens: list[str]) -> Frame | None:
+        nonlocal last_ms, wraps
+        line = " ".join(tokens)  # as the old reader saw it (stripped)
+        kind = line[0]
+        if kind in "rR":
+            stats.remote_frames += 1
+            return None
+        if kind not in "tT":
+            raise ValueError("not an SLCAN frame line")
+        n = 3 if kind == "t" else 8
+        can_id = int(line[1:1 + n], 16)
+        dlc = int(line[1 + n], 16)
+        if dlc > 8:
+            raise ValueError(f"DLC {dlc} > 8")
+        data = bytes.fromhex(line[2 + n:2 + n + 2 * dlc])
+        if len(data) != dlc:
+            raise ValueError(f"DLC {dlc} but {len(data)} data bytes")
+        rest = line[2 + n + 2 * dlc:]
+        if len(rest) > 4:  # SLCAN stamps are 4 hex digits (ms, wrap at 60 s)
+            raise ValueError(f"timestamp {rest[:12]!r} is not 4 hex digits")
+        ms = int(rest, 16) if rest else 0
+        if ms < last_ms:
+            wraps += 1
+        last_ms = ms
+        key = can_id | EXTENDED_FLAG if kind == "T" else can_id
+        return ((wraps * 60000 + ms) / 1000.0, key, data, "slcan0")
+
+    return line_batches(path, stats, "SLCAN", lambda _line: False, frame)
 
 
 def _pycan_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
