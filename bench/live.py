@@ -170,7 +170,7 @@ def recv_raw_recvmsg(mode: str, n: int) -> int:
 
 def recv_gateway(mode: str, n: int, receive: str) -> int:
     from gateway.config import load_config
-    from gateway.daemon import Daemon
+    from gateway.runtime.daemon import Daemon
 
     tmp = Path(tempfile.mkdtemp())
     profile = "can-bms" if mode == "steady" else "example-bms"

@@ -36,7 +36,7 @@ SHARED = REPO.parent / "shared" / "realdata"
 DBC = REPO / "dbc" / "example-bms.dbc"
 BASELINE = Path(__file__).with_name("baseline.json")
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-EXT = 0x80000000  # gateway.decode.EXTENDED_FLAG
+EXT = 0x80000000  # gateway.decode.dbc.EXTENDED_FLAG
 
 
 @contextlib.contextmanager
@@ -67,7 +67,7 @@ def result(frames: int, cpu: float, wall: float, **extra: Any) -> dict[str, Any]
 # ------------------------------------------------------------------ children
 
 def child_parse(a: dict[str, Any]) -> dict[str, Any]:
-    from gateway.source import SourceStats, read_log
+    from gateway.source.logs import SourceStats, read_log
     t, w = time.process_time(), time.perf_counter()
     n = 0
     for b in read_log(a["log"], SourceStats()):
@@ -76,7 +76,7 @@ def child_parse(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _frames(log: str, limit: int) -> list[tuple[float, int, bytes, str]]:
-    from gateway.source import SourceStats, read_log
+    from gateway.source.logs import SourceStats, read_log
     out: list[tuple[float, int, bytes, str]] = []
     for b in read_log(log, SourceStats()):
         out.extend(b)
@@ -91,7 +91,7 @@ def child_decode(a: dict[str, Any]) -> dict[str, Any]:
 
     from gateway.config import load_config
     from gateway.model import FIELD_INDEX
-    from gateway.pipeline import Pipeline
+    from gateway.runtime.pipeline import Pipeline
 
     frames = _frames(a["log"], a["limit"])
     pipe = Pipeline(load_config(a["config"]))
@@ -144,8 +144,8 @@ def child_decode(a: dict[str, Any]) -> dict[str, Any]:
 def child_pipeline(a: dict[str, Any]) -> dict[str, Any]:
     """source + pipeline (decode, normalize, ticks: rules, policy, JSON), no MQTT."""
     from gateway.config import load_config
-    from gateway.pipeline import Pipeline
-    from gateway.source import SourceStats, read_log
+    from gateway.runtime.pipeline import Pipeline
+    from gateway.source.logs import SourceStats, read_log
     pipe = Pipeline(load_config(a["config"]))
     t, w = time.process_time(), time.perf_counter()
     pubs = 0
@@ -161,7 +161,7 @@ def child_pipeline(a: dict[str, Any]) -> dict[str, Any]:
 def child_e2e(a: dict[str, Any]) -> dict[str, Any]:
     """(b) `replay()` of the candump log to the real mosquitto, default publishing policy."""
     from gateway.config import load_config
-    from gateway.daemon import replay, run_loop
+    from gateway.runtime.daemon import replay, run_loop
     cfg = load_config(a["config"], mqtt_url=a["url"])
     t, w = time.process_time(), time.perf_counter()
     rt = run_loop(replay(cfg, a["log"], speed=None))
@@ -255,7 +255,7 @@ def child_live(a: dict[str, Any]) -> dict[str, Any]:
     import can
 
     from gateway.config import load_config
-    from gateway.daemon import Daemon, run_loop
+    from gateway.runtime.daemon import Daemon, run_loop
 
     rate, duration = a["rate"], a["duration"]
     chan = f"bench-live-{os.getpid()}"
@@ -357,9 +357,9 @@ def child_live(a: dict[str, Any]) -> dict[str, Any]:
 def child_memory(a: dict[str, Any]) -> dict[str, Any]:
     """(d) RSS after warm-up vs after `count` frames through pipeline + MQTT, one process."""
     from gateway.config import load_config
-    from gateway.daemon import Runtime, _with_sink, run_loop
-    from gateway.pipeline import Pipeline
-    from gateway.publish import MqttSink
+    from gateway.publish.sinks import MqttSink
+    from gateway.runtime.daemon import Runtime, _with_sink, run_loop
+    from gateway.runtime.pipeline import Pipeline
 
     cfg = load_config(a["config"], mqtt_url=a["url"])
     base = W.base_frames(cfg, base_s=60.0)

@@ -1,6 +1,6 @@
 """Workloads the benchmark generates for itself: candump logs from the simulated pack.
 
-The simulator (gateway.simulate) encodes one stretch of a pack's traffic with cantools;
+The simulator (gateway.commands.simulate) encodes one stretch of a pack's traffic with cantools;
 longer logs repeat that stretch with the timestamps shifted, so a million frames take
 seconds to write instead of minutes to simulate. The frame mix is the pack's own:
 for the example BMS, multiplexed cell voltage, temperature and balancing frames are
@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.commands.simulate import FIXED_START, Simulator
 from gateway.config import GatewayConfig, load_config
-from gateway.simulate import FIXED_START, Simulator
 
 BASE_S = 300.0  # simulated seconds encoded once, then repeated
 

@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import __version__
-from .config import BUILTIN_CONFIG, ConfigError, GatewayConfig, load_config
+from gateway import __version__
+from gateway.config import BUILTIN_CONFIG, ConfigError, GatewayConfig, load_config
 
 if TYPE_CHECKING:
-    from .logformats import LineFormat
-    from .pipeline import Pipeline
-    from .simulate import Scenario
+    from gateway.commands.simulate import Scenario
+    from gateway.runtime.pipeline import Pipeline
+    from gateway.source.logformats import LineFormat
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -54,12 +54,12 @@ def _load(args: argparse.Namespace, mqtt: str | None = None) -> GatewayConfig | 
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .pipeline import Pipeline
+    from gateway.runtime.pipeline import Pipeline
 
     cfg = _load(args)
     if cfg is None:
         return EXIT_CONFIG
-    from .source import interface_problems
+    from gateway.source.logs import interface_problems
 
     try:
         pipeline = Pipeline(cfg)
@@ -111,7 +111,7 @@ def _log_options(args: argparse.Namespace, cfg: GatewayConfig | None = None
                  ) -> tuple[LineFormat | None, float | None] | int:
     """--log-format / --ts-unit / --ts-base (else the config's `log_format`) and --start,
     or an exit code after the message."""
-    from .logformats import FormatError, LineFormat, parse_start
+    from gateway.source.logformats import FormatError, LineFormat, parse_start
 
     try:
         if args.log_format:
@@ -129,9 +129,9 @@ def _log_options(args: argparse.Namespace, cfg: GatewayConfig | None = None
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .daemon import replay, run_loop
-    from .outbox import OutboxError
-    from .source import LogError
+    from gateway.publish.outbox import OutboxError
+    from gateway.runtime.daemon import replay, run_loop
+    from gateway.source.logs import LogError
 
     cfg = _load(args, args.mqtt)
     if cfg is None:
@@ -172,7 +172,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 def _stopped_early() -> bool:
     """A SIGTERM/SIGINT that came while starting (gateway.entry caught it): stop cleanly."""
-    from . import entry
+    from gateway import entry
 
     sig = entry.received()
     if sig is not None:
@@ -181,9 +181,9 @@ def _stopped_early() -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .daemon import Daemon, run_loop
-    from .outbox import OutboxError
-    from .source import interface_problems
+    from gateway.publish.outbox import OutboxError
+    from gateway.runtime.daemon import Daemon, run_loop
+    from gateway.source.logs import interface_problems
 
     cfg = _load(args, args.mqtt)
     if cfg is None:
@@ -216,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _sim_setup(args: argparse.Namespace, mqtt: str | None = None) -> tuple[
         GatewayConfig, Scenario | None] | int:
     """Config and scenario for simulate/demo, or an exit code after printing the problems."""
-    from .simulate import load_scenario
+    from gateway.commands.simulate import load_scenario
 
     cfg = _load(args, mqtt)
     if cfg is None:
@@ -235,8 +235,14 @@ def _sim_setup(args: argparse.Namespace, mqtt: str | None = None) -> tuple[
 def cmd_simulate(args: argparse.Namespace) -> int:
     import can
 
-    from .simulate import FIXED_START, Simulator, find_pack, log_channel, write_candump
-    from .source import open_bus
+    from gateway.commands.simulate import (
+        FIXED_START,
+        Simulator,
+        find_pack,
+        log_channel,
+        write_candump,
+    )
+    from gateway.source.logs import open_bus
 
     got = _sim_setup(args)
     if isinstance(got, int):
@@ -283,8 +289,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .outbox import OutboxError
-    from .simulate import run_demo
+    from gateway.commands.simulate import run_demo
+    from gateway.publish.outbox import OutboxError
 
     got = _sim_setup(args, args.mqtt)
     if isinstance(got, int):
@@ -299,8 +305,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from .source import LogError
-    from .watch import WatchError, require_rich, watch_bus, watch_log, watch_mqtt
+    from gateway.commands.watch import WatchError, require_rich, watch_bus, watch_log, watch_mqtt
+    from gateway.source.logs import LogError
 
     try:
         require_rich()
@@ -335,8 +341,15 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 
 def cmd_decode(args: argparse.Namespace) -> int:
-    from .export import Progress, Summary, events_path, records, write_csv, write_jsonl
-    from .source import LogError
+    from gateway.commands.export import (
+        Progress,
+        Summary,
+        events_path,
+        records,
+        write_csv,
+        write_jsonl,
+    )
+    from gateway.source.logs import LogError
 
     cfg = _load(args)
     if cfg is None:
@@ -393,8 +406,8 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .export import Progress, collect, plot, records
-    from .source import LogError
+    from gateway.commands.export import Progress, collect, plot, records
+    from gateway.source.logs import LogError
 
     if args.out.suffix.lower() not in (".png", ".svg", ".pdf"):
         print(f"error: --out {args.out}: use a .png, .svg or .pdf file", file=sys.stderr)
@@ -429,8 +442,8 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_identify(args: argparse.Namespace) -> int:
     import json
 
-    from .identify import identify, report
-    from .source import LogError
+    from gateway.commands.identify import identify, report
+    from gateway.source.logs import LogError
 
     # every profile meets foreign frames here: their warnings are noise, the table says it
     opts = _log_options(args)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .model import FIELD_BY_NAME, SEVERITIES, Severity
+from gateway.model import FIELD_BY_NAME, SEVERITIES, Severity
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # A checkout (or editable install) has config/ and dbc/ beside the package; a wheel
@@ -1338,7 +1338,7 @@ def can_interface_problem(name: str) -> tuple[str, str] | None:
 
 def _log_format(r: _Reader, obj: Any) -> tuple[str, str | None, int | None] | None:
     """`log_format: hex-ms` or `{regex: ..., ts_unit: ms, ts_base: 16}`, checked here."""
-    from .logformats import FormatError, LineFormat
+    from gateway.source.logformats import FormatError, LineFormat
 
     if obj is None:
         return None

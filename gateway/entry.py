@@ -33,7 +33,7 @@ def received() -> int | None:
 def main() -> int:
     if sys.argv[1:2] == ["run"]:
         catch()
-    from .cli import main as cli_main
+    from gateway.cli import main as cli_main
 
     return cli_main()
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from gateway import cli
 from gateway.config import ConfigError, load_config
-from gateway.daemon import Daemon, replay
-from gateway.pipeline import Pipeline
+from gateway.runtime.daemon import Daemon, replay
+from gateway.runtime.pipeline import Pipeline
 from tests.conftest import REPO
 
 SAMPLE_LOG = REPO / "config" / "sample.log"

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from gateway import cli
 from gateway.config import MAX_CELLS, load_config
-from gateway.daemon import Daemon, replay
-from gateway.homeassistant import node_body
+from gateway.publish.homeassistant import node_body
+from gateway.runtime.daemon import Daemon, replay
 from tests.conftest import REPO, Broker
 from tests.test_chaos_config import check, write
 from tests.test_daemon import write_cfg

@@ -15,8 +15,8 @@ import can
 import pytest
 
 from gateway.config import load_config
-from gateway.daemon import replay
-from gateway.source import SourceStats, read_log
+from gateway.runtime.daemon import replay
+from gateway.source.logs import SourceStats, read_log
 from tests.conftest import REPO, shared
 from tests.test_source import frames
 
@@ -138,8 +138,8 @@ PROBE = r"""
 import resource, sys, json
 from pathlib import Path
 from gateway.config import load_config
-from gateway.pipeline import Pipeline
-from gateway.source import SourceStats, read_log
+from gateway.runtime.pipeline import Pipeline
+from gateway.source.logs import SourceStats, read_log
 def rss(): return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 cfg = load_config(sys.argv[2], mqtt_url="-")
 p = Pipeline(cfg)

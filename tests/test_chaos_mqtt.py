@@ -24,12 +24,12 @@ from typing import Any
 import can
 import pytest
 
-from gateway import daemon as daemon_mod
 from gateway.config import ConfigError, load_config
-from gateway.daemon import Daemon, replay
 from gateway.model import FaultEvent
-from gateway.outbox import Outbox
-from gateway.publish import MqttSink
+from gateway.publish.outbox import Outbox
+from gateway.publish.sinks import MqttSink
+from gateway.runtime import daemon as daemon_mod
+from gateway.runtime.daemon import Daemon, replay
 from tests.conftest import REPO, Broker, Subscriber, started
 from tests.test_daemon import DB, pack_frame, write_cfg
 from tests.test_events_e2e import write_config as events_config
@@ -453,7 +453,7 @@ def test_replay_to_unreachable_broker_says_how_many_were_not_delivered(tmp_path:
     write_log(log, 16.0)
     cfg = events_config(tmp_path, f"mqtt://127.0.0.1:{free_port()}")
     r = subprocess.run([sys.executable, "-c",
-                        "import sys; from gateway.daemon import replay; "
+                        "import sys; from gateway.runtime.daemon import replay; "
                         "from gateway.config import load_config; import asyncio; "
                         f"rt = asyncio.run(replay(load_config({str(cfg)!r}), {str(log)!r}, "
                         "speed=None, drain_timeout=1)); print(rt.undelivered)"],
@@ -553,7 +553,7 @@ WATCH_HOSTILE = [
 
 def test_watch_dashboard_survives_hostile_payloads() -> None:
     pytest.importorskip("rich")
-    from gateway.watch import MAX_PACKS, WatchStore, render_text
+    from gateway.commands.watch import MAX_PACKS, WatchStore, render_text
 
     store = WatchStore("bms")
     for topic, payload in WATCH_HOSTILE:

@@ -21,7 +21,7 @@ import cantools
 import pytest
 
 from gateway.model import FaultEvent
-from gateway.outbox import FILENAME, Outbox, SeqMark
+from gateway.publish.outbox import FILENAME, Outbox, SeqMark
 from tests.conftest import REPO, Broker
 
 DB = cantools.database.load_file(str(REPO / "dbc" / "example-bms.dbc"))
@@ -101,7 +101,7 @@ LIMIT_PROBE = r"""
 import json, logging, os, resource, signal, sys
 from pathlib import Path
 from gateway.model import FaultEvent
-from gateway.outbox import Outbox
+from gateway.publish.outbox import Outbox
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG, not death
 path = Path(sys.argv[1])
 box = Outbox.open(path, max_events=int(sys.argv[2]), max_age_s=86400.0, gateway_id="gw")

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.cli import EXIT_CONFIG, EXIT_OK, main
 from gateway.config import ConfigError, load_config
-from gateway.pipeline import Pipeline
+from gateway.runtime.pipeline import Pipeline
 
 NESTED_DBC = """\
 VERSION ""

@@ -32,9 +32,9 @@ import cantools
 import pytest
 
 from gateway.config import load_config
-from gateway.daemon import Daemon
 from gateway.model import Publication
-from gateway.publish import MqttSink
+from gateway.publish.sinks import MqttSink
+from gateway.runtime.daemon import Daemon
 from tests.conftest import REPO, Broker, free_port, started
 
 DB = cantools.database.load_file(str(REPO / "dbc" / "example-bms.dbc"))

@@ -13,8 +13,8 @@ from conftest import shared
 from test_profiles import asc_frames, config
 
 from gateway.config import load_config
-from gateway.decode import DbcError, load_dbc
-from gateway.pipeline import Pipeline
+from gateway.decode.dbc import DbcError, load_dbc
+from gateway.runtime.pipeline import Pipeline
 
 
 def test_refused_dbc_names_the_lines_and_the_option() -> None:

@@ -40,8 +40,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from gateway.config import PackConfig, Problem, Profile, PublishPolicy, ValueSpec
-from gateway.decode import DbcError, load_dbc, message_key
-from gateway.normalize import DbcCache, compile_pack
+from gateway.decode.dbc import DbcError, load_dbc, message_key
+from gateway.normalize.compiler import DbcCache, compile_pack
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
@@ -225,7 +225,7 @@ def _message(path: str, index: int) -> tuple[Message, Decoder, tuple[int, int]]:
     return msg, decode, need
 
 
-# -- an independent view of where a signal's bits are (not gateway.decode.bitfield)
+# -- an independent view of where a signal's bits are (not gateway.decode.dbc.bitfield)
 
 def _first_bit(sig: Signal) -> int:
     """Network bit number (byte 0 bit 7 first) of the MSB, as cantools numbers it."""

@@ -20,7 +20,7 @@ import cantools
 import pytest
 
 from gateway.config import load_config
-from gateway.daemon import Daemon, replay
+from gateway.runtime.daemon import Daemon, replay
 from tests.conftest import REPO, Broker, shared, started
 
 

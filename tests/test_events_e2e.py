@@ -20,7 +20,7 @@ import cantools
 import pytest
 
 from gateway.config import load_config
-from gateway.daemon import replay
+from gateway.runtime.daemon import replay
 from tests.conftest import REPO, Broker
 
 DB = cantools.database.load_file(str(REPO / "dbc" / "example-bms.dbc"))

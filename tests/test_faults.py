@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gateway.config import BmsFault, Problem
-from gateway.faults import RULES, FaultEngine, RuleSpec, default_rules, parse_rules
+from gateway.faults.engine import RULES, FaultEngine, RuleSpec, default_rules, parse_rules
 from gateway.model import FIELD_INDEX, FaultEvent, PackState, Value
 
 TICK = 0.1

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import load_config
-from gateway.daemon import replay
+from gateway.runtime.daemon import replay
 from tests.conftest import REPO, Broker
 
 SAMPLE = REPO / "config" / "sample.log"
@@ -94,8 +94,8 @@ def test_configured_cell_count_is_used_from_the_first_frame(
 def test_a_wrapped_table_entry_survives_the_learner_leaving(tmp_path: Path) -> None:
     """The poller wraps table entries in place (poll.Poller._tap): when the cell-count
     learner is dropped, that wrapper must stay, and unwrapped entries lose the learner."""
-    from gateway.pipeline import Pipeline
-    from gateway.source import SourceStats, read_log
+    from gateway.runtime.pipeline import Pipeline
+    from gateway.source.logs import SourceStats, read_log
 
     cfg = tmp_path / "gw.yaml"
     cfg.write_text("can: {interface: virtual, channel: x}\n"

@@ -19,9 +19,9 @@ import jinja2
 import pytest
 
 from gateway.config import load_config
-from gateway.daemon import Daemon, replay
-from gateway.homeassistant import Discovery
-from gateway.pipeline import Pipeline
+from gateway.publish.homeassistant import Discovery
+from gateway.runtime.daemon import Daemon, replay
+from gateway.runtime.pipeline import Pipeline
 from tests.conftest import REPO, Broker
 
 T0 = 1_700_000_000.0

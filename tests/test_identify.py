@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO, shared
 
 from gateway.cli import EXIT_OK, EXIT_RUNTIME, main
-from gateway.identify import FITS_AT
+from gateway.commands.identify import FITS_AT
 
 
 def identify_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, list[Any]]:

@@ -1,4 +1,4 @@
-"""The loggers people use (gateway/logformats.py): SavvyCAN GVRET CSV, a text logger
+"""The loggers people use (gateway/source/logformats.py): SavvyCAN GVRET CSV, a text logger
 described by --format, relative time and --start.
 The oracle is the candump log each file was made from, read by python-can."""
 
@@ -14,8 +14,8 @@ import pytest
 from conftest import REPO
 
 from gateway.cli import EXIT_OK, main
-from gateway.logformats import FormatError, LineFormat, parse_start
-from gateway.source import SourceStats, read_log
+from gateway.source.logformats import FormatError, LineFormat, parse_start
+from gateway.source.logs import SourceStats, read_log
 
 SAMPLE = REPO / "config" / "sample.log"
 T0 = 1767225600.0  # the sample's first frame

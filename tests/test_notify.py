@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.notify import Notifier, watchdog_interval
+from gateway.runtime.systemd import Notifier, watchdog_interval
 
 
 def _receiver(address: str) -> socket.socket:
@@ -122,7 +122,7 @@ def test_send_failure_is_logged_once_and_never_raises(
 ) -> None:
     # Nobody listens on this path: every send fails with ENOENT.
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
-    caplog.set_level(logging.DEBUG, logger="gateway.notify")
+    caplog.set_level(logging.DEBUG, logger="gateway.runtime.systemd")
     with Notifier() as notifier:
         for _ in range(5):
             notifier.watchdog()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gateway.model import FaultEvent
-from gateway.outbox import FILENAME, Outbox, OutboxError
+from gateway.publish.outbox import FILENAME, Outbox, OutboxError
 
 ROOT = Path(__file__).resolve().parents[1]
 GW = "gw1"
@@ -94,7 +94,7 @@ def test_events_survive_sigkill_right_after_append(tmp_path: Path) -> None:
     script = """
 import os, signal, sys
 from gateway.model import FaultEvent
-from gateway.outbox import Outbox
+from gateway.publish.outbox import Outbox
 box = Outbox.open(sys.argv[1], max_events=1000, max_age_s=86400, gateway_id="gw1")
 for batch in range(5):
     box.append([(FaultEvent(ts=1.0, pack_id="p", code="c", severity="info", state="raised",

@@ -1,4 +1,4 @@
-"""Plausibility across signals (gateway/plausibility.py): values that contradict each other
+"""Plausibility across signals (gateway/faults/plausibility.py): values that contradict each other
 are not published, are counted, and raise `implausible_values` with the reason."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 from conftest import REPO, shared
 from test_profiles import asc_frames, encode_all, load_db, pipeline_for
 
-from gateway.pipeline import Pipeline
-from gateway.plausibility import voltage_vs_cells
-from gateway.source import Frame
+from gateway.faults.plausibility import voltage_vs_cells
+from gateway.runtime.pipeline import Pipeline
+from gateway.source.logs import Frame
 
 
 def states(p: Pipeline, events: list[Any] | None = None) -> list[dict[str, Any]]:

@@ -21,8 +21,8 @@ import pytest
 from conftest import REPO, shared
 
 from gateway.config import load_config
-from gateway.daemon import Daemon
-from gateway.poll import CellBlock, IsoTpClient, IsoTpRequest, decode_cells
+from gateway.runtime.daemon import Daemon
+from gateway.source.poll import CellBlock, IsoTpClient, IsoTpRequest, decode_cells
 
 DALY_DBC = REPO / "dbc" / "daly.dbc"
 

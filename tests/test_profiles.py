@@ -19,9 +19,9 @@ import pytest
 from conftest import REPO, shared
 
 from gateway.config import load_config
-from gateway.daemon import replay
-from gateway.pipeline import Pipeline
-from gateway.source import Frame
+from gateway.runtime.daemon import replay
+from gateway.runtime.pipeline import Pipeline
+from gateway.source.logs import Frame
 
 EXT = 0x80000000
 

@@ -17,8 +17,8 @@ from test_profiles import load_db
 from test_profiles import pipeline_for as pipeline
 
 from gateway.config import ConfigError, load_config
-from gateway.daemon import replay
-from gateway.source import Frame
+from gateway.runtime.daemon import replay
+from gateway.source.logs import Frame
 
 
 def profile(tmp: Path, dbc: Path, body: str, name: str = "p2") -> str:

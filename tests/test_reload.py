@@ -23,7 +23,7 @@ import cantools
 import pytest
 
 from gateway.config import YAML_MAX_BYTES, ConfigError, load_config
-from gateway.pipeline import Pipeline
+from gateway.runtime.pipeline import Pipeline
 from tests import test_daemon
 from tests.conftest import REPO, Broker
 from tests.test_daemon import SHUTDOWN_S, NotifySocket, no_traceback, retained

@@ -21,9 +21,9 @@ import can
 import cantools
 import pytest
 
+from gateway.commands.simulate import Simulator, load_scenario, parse_scenario, write_candump
 from gateway.config import ConfigError, GatewayConfig, load_config
-from gateway.daemon import Daemon, replay
-from gateway.simulate import Simulator, load_scenario, parse_scenario, write_candump
+from gateway.runtime.daemon import Daemon, replay
 from tests.conftest import REPO, Broker
 
 DBC = REPO / "dbc"

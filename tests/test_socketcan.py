@@ -19,7 +19,7 @@ import cantools
 import pytest
 
 from gateway.config import load_config
-from gateway.daemon import Daemon
+from gateway.runtime.daemon import Daemon
 from tests.conftest import REPO, started
 
 CHANNEL = os.environ.get("TEST_SOCKETCAN_CHANNEL")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load_config
-from gateway.pipeline import Pipeline
-from gateway.socketcan import BcmSource, RawSource, can_filters, content_mask, make_source
-from gateway.source import LiveSource
+from gateway.runtime.pipeline import Pipeline
+from gateway.source.logs import LiveSource
+from gateway.source.socketcan import BcmSource, RawSource, can_filters, content_mask, make_source
 
 
 def cfg(tmp_path: Path, can: str) -> Path:

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from gateway.config import load_config
-from gateway.daemon import Daemon, replay
+from gateway.runtime.daemon import Daemon, replay
 from tests.conftest import REPO, started
 from tests.test_socketcan import CHANNEL
 

@@ -12,9 +12,9 @@ import cantools
 import pytest
 
 from gateway.config import load_config
-from gateway.daemon import replay
-from gateway.decode import EXTENDED_FLAG
-from gateway.source import LogError, SourceStats, read_log
+from gateway.decode.dbc import EXTENDED_FLAG
+from gateway.runtime.daemon import replay
+from gateway.source.logs import LogError, SourceStats, read_log
 from tests.conftest import REPO
 
 DB = cantools.database.load_file(str(REPO / "dbc" / "example-bms.dbc"))
@@ -149,7 +149,7 @@ def test_unknown_suffix_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_nonblocking_recv_honours_filters() -> None:
-    from gateway.source import _nonblocking_recv
+    from gateway.source.logs import _nonblocking_recv
 
     tx = can.Bus(interface="virtual", channel="nb-recv")
     plain = can.Bus(interface="virtual", channel="nb-recv")

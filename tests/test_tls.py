@@ -30,7 +30,7 @@ import can
 import pytest
 
 from gateway.config import load_config
-from gateway.daemon import Daemon
+from gateway.runtime.daemon import Daemon
 from tests.conftest import Broker, free_port
 from tests.test_daemon import pack_frame, started
 
@@ -355,7 +355,7 @@ def test_certificate_for_another_name_is_refused(
 def test_hostname_check_is_on_by_default(tls_broker: TlsBroker) -> None:
     """The context the sink builds verifies names (no `insecure: true` in the config)."""
     from gateway.config import MqttConfig, TlsConfig
-    from gateway.publish import tls_context
+    from gateway.publish.sinks import tls_context
 
     ctx = tls_context(MqttConfig(url="mqtts://localhost:1", tls=TlsConfig(
         ca_file=str(tls_broker.pki.ca))))

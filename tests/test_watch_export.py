@@ -18,11 +18,8 @@ import pytest
 import yaml
 
 from gateway.cli import main
-from gateway.config import GatewayConfig, load_config
-from gateway.export import Summary, parse_ts, records
-from gateway.pipeline import Pipeline
-from gateway.source import SourceStats, read_log
-from gateway.watch import (
+from gateway.commands.export import Summary, parse_ts, records
+from gateway.commands.watch import (
     MAX_MARK,
     MIN_MARK,
     PackView,
@@ -32,6 +29,9 @@ from gateway.watch import (
     parse_mqtt_url,
     render_text,
 )
+from gateway.config import GatewayConfig, load_config
+from gateway.runtime.pipeline import Pipeline
+from gateway.source.logs import SourceStats, read_log
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "config" / "sample.log"
@@ -251,7 +251,7 @@ def _log_for(which: str, logs: dict[str, Path]) -> Path:
 async def test_decode_matches_what_mqtt_subscribers_see(
         which: str, logs: dict[str, Path], tmp_path: Path, broker: Any,
         subscriber_factory: Any) -> None:
-    from gateway.daemon import replay
+    from gateway.runtime.daemon import replay
 
     log = _log_for(which, logs)
     cfg_path = write_config(tmp_path, mqtt_url=broker.url)

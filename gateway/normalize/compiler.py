@@ -23,7 +23,7 @@ from typing import Any
 from cantools.database import Database
 from cantools.database.can import Message, Signal
 
-from .config import (
+from gateway.config import (
     BmsFault,
     CellSource,
     DtcStream,
@@ -34,7 +34,7 @@ from .config import (
     ValueSpec,
     nearest,
 )
-from .decode import (
+from gateway.decode.dbc import (
     BitField,
     DbcError,
     Item,
@@ -49,7 +49,7 @@ from .decode import (
     message_key,
     unpack_float,
 )
-from .model import BMS_STATES, FIELD_BY_NAME, FIELD_INDEX, PackState, Value
+from gateway.model import BMS_STATES, FIELD_BY_NAME, FIELD_INDEX, PackState, Value
 
 log = logging.getLogger("gateway.normalize")
 

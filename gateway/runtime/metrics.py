@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, Problem
+from gateway.config import ConfigError, Problem
 
 log = logging.getLogger("gateway.metrics")
 

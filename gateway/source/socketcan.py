@@ -34,8 +34,8 @@ import time
 from collections.abc import Callable, Collection
 from typing import Any
 
-from .config import CanBus
-from .source import BATCH, COALESCE_S, BatchSink, Frame, LiveSource, StateSink
+from gateway.config import CanBus
+from gateway.source.logs import BATCH, COALESCE_S, BatchSink, Frame, LiveSource, StateSink
 
 SO_TIMESTAMPNS = 35  # <asm-generic/socket.h>; not exported by Python's socket module
 SO_RXQ_OVFL = 40  # ancillary uint32: frames the kernel dropped on this socket so far

@@ -30,10 +30,10 @@ from typing import Any
 
 import can
 
-from . import logformats
-from .config import CanBus, GatewayConfig, Problem
-from .decode import EXTENDED_FLAG
-from .logformats import LineFormat
+from gateway.config import CanBus, GatewayConfig, Problem
+from gateway.decode.dbc import EXTENDED_FLAG
+from gateway.source import logformats
+from gateway.source.logformats import LineFormat
 
 log = logging.getLogger("gateway.source")
 
@@ -189,7 +189,7 @@ def _candump_slow(line: str, stats: SourceStats, where: str) -> Frame | None:
 def _slcan_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
     """SLCAN ASCII: `t<iii><l><data>[<tttt>]` / `T<iiiiiiii><l><data>[<tttt>]`, ms timestamps
     that wrap at 60000 (we unwrap them)."""
-    from .logtext import line_batches  # it imports this module
+    from gateway.source.logtext import line_batches  # it imports this module
 
     last_ms = -1
     wraps = 0
@@ -317,7 +317,7 @@ def _open_log(p: Path, stats: SourceStats, line_format: LineFormat | None
     if fmt == "slcan":
         return _slcan_batches(p, stats)
     if p.suffix.lower() in (".asc", ".trc"):
-        from .logtext import asc_batches, trc_batches  # imports this module
+        from gateway.source.logtext import asc_batches, trc_batches  # imports this module
 
         return (asc_batches if p.suffix.lower() == ".asc" else trc_batches)(p, stats)
     if p.suffix.lower() not in (".asc", ".blf", ".csv", ".db", ".log", ".mf4", ".trc"):

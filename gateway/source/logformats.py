@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .decode import EXTENDED_FLAG
+from gateway.decode.dbc import EXTENDED_FLAG
 
 if TYPE_CHECKING:
-    from .source import Frame, SourceStats
+    from gateway.source.logs import Frame, SourceStats
 
 log = logging.getLogger("gateway.source")
 RELATIVE_BEFORE = 10 * 365 * 86400.0  # a first timestamp before 1980: relative time
@@ -88,7 +88,7 @@ def anchor(batches: Iterator[list[Frame]], path: Path, start: float | None,
     without `start`, warn once: its `ts` would be published in 1970. A `start` given for
     a log with absolute times is ignored, with a warning. A frame that anchoring moves
     past 9999 (a long log started late) is a counted bad line, not a crash later on."""
-    from .source import ts_ok
+    from gateway.source.logs import ts_ok
 
     shift: float | None = None
     for batch in batches:
@@ -140,7 +140,9 @@ def is_gvret(head: str) -> bool:
 
 
 def gvret_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
-    from .logtext import line_batches as batches  # it imports source, which imports us
+    from gateway.source.logtext import (
+        line_batches as batches,  # it imports source, which imports us
+    )
 
     with path.open("r", encoding="utf-8-sig", errors="replace") as f:
         cols = [c.strip().lower() for c in f.readline().split(",")]
@@ -168,7 +170,9 @@ def gvret_batches(path: Path, stats: SourceStats) -> Iterator[list[Frame]]:
 
 def line_batches(path: Path, stats: SourceStats, fmt: LineFormat) -> Iterator[list[Frame]]:
     """Lines of a text logger; runs of blanks count as one space for the expression."""
-    from .logtext import line_batches as batches  # it imports source, which imports us
+    from gateway.source.logtext import (
+        line_batches as batches,  # it imports source, which imports us
+    )
 
     unit = _UNITS[fmt.ts_unit]
 
@@ -189,7 +193,7 @@ def line_batches(path: Path, stats: SourceStats, fmt: LineFormat) -> Iterator[li
 
 
 def _ts(ts: float) -> float:
-    from .source import ts_ok
+    from gateway.source.logs import ts_ok
 
     if not ts_ok(ts):
         msg = f"timestamp {ts!r} is not a time between 1970 and 9999"
@@ -200,7 +204,7 @@ def _ts(ts: float) -> float:
 def parse_start(text: str) -> float:
     """--start: epoch seconds, or an ISO date and time (UTC unless it has an offset),
     between 1970 and 9999 (NaN, inf, 1e20 or -5 would only fail later, frame by frame)."""
-    from .source import TS_MAX, ts_ok
+    from gateway.source.logs import TS_MAX, ts_ok
 
     how = ("give epoch seconds or an ISO date and time between 1970 and 9999, "
            "e.g. 2025-11-22T16:20:54 (UTC) or 2025-11-22T17:20:54+01:00")

@@ -17,8 +17,8 @@ from pathlib import Path
 from can.io.asc import ASCReader
 from can.util import dlc2len
 
-from .decode import EXTENDED_FLAG
-from .source import BATCH, Frame, SourceStats, ts_ok
+from gateway.decode.dbc import EXTENDED_FLAG
+from gateway.source.logs import BATCH, Frame, SourceStats, ts_ok
 
 __all__ = ["asc_batches", "line_batches", "trc_batches"]
 

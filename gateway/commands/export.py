@@ -34,12 +34,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from .config import GatewayConfig
-from .logformats import LineFormat
-from .model import FIELDS, Publication, iso_ts
-from .outbox import Outbox
-from .pipeline import Pipeline
-from .source import SourceStats, read_log, sniff_format
+from gateway.config import GatewayConfig
+from gateway.model import FIELDS, Publication, iso_ts
+from gateway.publish.outbox import Outbox
+from gateway.runtime.pipeline import Pipeline
+from gateway.source.logformats import LineFormat
+from gateway.source.logs import SourceStats, read_log, sniff_format
 
 log = logging.getLogger("gateway.export")
 

@@ -32,10 +32,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .config import PackConfig, PollRequest, Problem, Profile, nearest
-from .decode import EXTENDED_FLAG, frame_key
-from .model import FIELD_INDEX, PackState
-from .normalize import CELL_VALID, DbcCache
+from gateway.config import PackConfig, PollRequest, Problem, Profile, nearest
+from gateway.decode.dbc import EXTENDED_FLAG, frame_key
+from gateway.model import FIELD_INDEX, PackState
+from gateway.normalize.compiler import CELL_VALID, DbcCache
 
 log = logging.getLogger("gateway.poll")
 
@@ -411,7 +411,7 @@ class PollJob:
 class Poller:
     """All requests of all packs of one gateway; `run()` is the daemon's poller task."""
 
-    pipeline: Any  # gateway.pipeline.Pipeline (not imported: it imports the fault stage)
+    pipeline: Any  # gateway.runtime.pipeline.Pipeline (not imported: it imports the fault stage)
     send: SendFn
     clock: Callable[[], float] = time.monotonic
     jobs: list[PollJob] = field(default_factory=list)

@@ -50,8 +50,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .config import BmsFault, DtcStream, Problem, nearest
-from .model import (
+from gateway.config import BmsFault, DtcStream, Problem, nearest
+from gateway.model import (
     FIELD_BY_NAME,
     FIELD_INDEX,
     SEVERITIES,

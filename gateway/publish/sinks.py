@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TextIO
 
-from .config import MqttConfig, PackConfig
-from .model import FIELDS, Output, PackState, Publication, Value, clean, iso_ts
+from gateway.config import MqttConfig, PackConfig
+from gateway.model import FIELDS, Output, PackState, Publication, Value, clean, iso_ts
 
 log = logging.getLogger("gateway.publish")
 

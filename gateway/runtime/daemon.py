@@ -17,17 +17,17 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import __version__, entry
-from .config import ConfigError, GatewayConfig, load_config
-from .homeassistant import Discovery
-from .logformats import LineFormat
-from .model import Publication
-from .notify import Notifier, watchdog_interval
-from .outbox import Outbox
-from .pipeline import Pipeline, Prepared
-from .publish import BrokerAddressError, MqttSink, StdoutSink, backoff, dumps
-from .socketcan import make_source
-from .source import LiveSource, LogError, Pacer, SourceStats, read_log
+from gateway import __version__, entry
+from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.model import Publication
+from gateway.publish.homeassistant import Discovery
+from gateway.publish.outbox import Outbox
+from gateway.publish.sinks import BrokerAddressError, MqttSink, StdoutSink, backoff, dumps
+from gateway.runtime.pipeline import Pipeline, Prepared
+from gateway.runtime.systemd import Notifier, watchdog_interval
+from gateway.source.logformats import LineFormat
+from gateway.source.logs import LiveSource, LogError, Pacer, SourceStats, read_log
+from gateway.source.socketcan import make_source
 
 log = logging.getLogger("gateway.daemon")
 
@@ -318,7 +318,7 @@ class Daemon:
         self.exit_code = 0
         self.metrics: Any = None
         if cfg.prometheus is not None:
-            from .metrics import require
+            from gateway.runtime.metrics import require
 
             require(cfg.path)  # missing prometheus-client: a config problem, exit 3
 
@@ -456,7 +456,7 @@ class Daemon:
         """Request frames and ISO-TP exchanges (gateway/poll.py); only packs with
         `transmit: true` ever send. Built on the current tables (it taps them), so a
         reload starts a new one."""
-        from .poll import Poller
+        from gateway.source.poll import Poller
 
         if self._poller_task is not None:
             self._poller_task.cancel()
@@ -664,7 +664,7 @@ class Daemon:
     def _start_metrics(self) -> None:
         if self.cfg.prometheus is None:
             return
-        from .metrics import MetricsServer
+        from gateway.runtime.metrics import MetricsServer
 
         server = MetricsServer(self.cfg.prometheus, self.rt.status_body)
         try:

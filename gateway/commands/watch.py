@@ -30,14 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .export import parse_ts
-from .model import PackState, Value, iso_ts
+from gateway.commands.export import parse_ts
+from gateway.model import PackState, Value, iso_ts
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
     from rich.text import Text
 
-    from .config import GatewayConfig
+    from gateway.config import GatewayConfig
 
 GLYPHS = "▁▂▃▄▅▆▇█"
 MAX_MARK, MIN_MARK, BAL_MARK = "▲", "▼", "*"
@@ -563,8 +563,8 @@ class _Screen:
 async def watch_log(cfg: GatewayConfig, log_path: str | Path, *, speed: float | None,
                     ok_mv: float = 5.0, warn_mv: float = 20.0) -> None:
     """Replay a log through the pipeline in this process; no broker involved."""
-    from .pipeline import Pipeline
-    from .source import Pacer, SourceStats, read_log
+    from gateway.runtime.pipeline import Pipeline
+    from gateway.source.logs import Pacer, SourceStats, read_log
 
     pipeline = Pipeline(cfg)
     store = WatchStore(cfg.mqtt.topic_prefix)
@@ -608,8 +608,8 @@ async def watch_log(cfg: GatewayConfig, log_path: str | Path, *, speed: float | 
 
 async def watch_bus(cfg: GatewayConfig, *, ok_mv: float = 5.0, warn_mv: float = 20.0) -> None:
     """Read the config's live buses into a private pipeline (publishes nothing)."""
-    from .pipeline import Pipeline
-    from .source import LiveSource
+    from gateway.runtime.pipeline import Pipeline
+    from gateway.source.logs import LiveSource
 
     pipeline = Pipeline(cfg)
     store = WatchStore(cfg.mqtt.topic_prefix)
@@ -655,7 +655,7 @@ def parse_mqtt_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
     """`mqtt[s]://[user[:password]@]host[:port]` -> host, port, tls, user, password."""
     from urllib.parse import unquote, urlsplit
 
-    from .config import MqttConfig
+    from gateway.config import MqttConfig
 
     parts = urlsplit(url)
     user = unquote(parts.username) if parts.username else None

@@ -31,14 +31,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import __version__
-from .config import MAX_CELLS, GatewayConfig, PackConfig, id_problem
-from .faults import RULES, parse_rules
-from .model import BMS_STATES, FIELDS, FieldInfo, Publication
-from .publish import Topics, dumps
+from gateway import __version__
+from gateway.config import MAX_CELLS, GatewayConfig, PackConfig, id_problem
+from gateway.faults.engine import RULES, parse_rules
+from gateway.model import BMS_STATES, FIELDS, FieldInfo, Publication
+from gateway.publish.sinks import Topics, dumps
 
 if TYPE_CHECKING:
-    from .pipeline import Pipeline
+    from gateway.runtime.pipeline import Pipeline
 
 log = logging.getLogger("gateway.homeassistant")
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 
 from cantools.database import Database, Message
 
-from .config import CellSource, PackConfig
-from .decode import message_key, mux_signal
-from .model import PackState
+from gateway.config import CellSource, PackConfig
+from gateway.decode.dbc import message_key, mux_signal
+from gateway.model import PackState
 
 Handler = Callable[[float, bytes], None]
 

@@ -30,13 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, available_profiles, load_config
-from .decode import DbcError, load_dbc, message_key
-from .logformats import LineFormat
-from .model import FIELD_INDEX, FIELDS
-from .normalize import DbcCache
-from .pipeline import Pipeline
-from .source import Frame, SourceStats, read_log
+from gateway.config import ConfigError, available_profiles, load_config
+from gateway.decode.dbc import DbcError, load_dbc, message_key
+from gateway.model import FIELD_INDEX, FIELDS
+from gateway.normalize.compiler import DbcCache
+from gateway.runtime.pipeline import Pipeline
+from gateway.source.logformats import LineFormat
+from gateway.source.logs import Frame, SourceStats, read_log
 
 FITS_AT = 50.0  # a score below this: the profile does not explain the capture
 MAX_FRAMES = 500_000  # enough for a minute of a busy bus; bounds time and memory

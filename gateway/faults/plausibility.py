@@ -14,7 +14,7 @@ only adds the checks that need two or more values.
 
 from __future__ import annotations
 
-from .model import FIELD_INDEX, PackState, Value
+from gateway.model import FIELD_INDEX, PackState, Value
 
 # A pack may be several strings in parallel whose cells are all listed: its voltage is
 # then the cell sum divided by the number of strings.

@@ -12,15 +12,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .cellcount import CellLearner, cell_learner
-from .config import GatewayConfig, PackConfig, Problem
-from .decode import DbcError, where_failed
-from .faults import FaultEngine, RuleSpec, parse_rules
-from .model import FIELD_INDEX, FaultEvent, Output, Publication
-from .normalize import CompiledPack, DbcCache, compile_pack, prime_state
-from .plausibility import cross_check
-from .publish import PackPublisher, Topics, dumps
-from .source import Frame
+from gateway.config import GatewayConfig, PackConfig, Problem
+from gateway.decode.dbc import DbcError, where_failed
+from gateway.faults.engine import FaultEngine, RuleSpec, parse_rules
+from gateway.faults.plausibility import cross_check
+from gateway.model import FIELD_INDEX, FaultEvent, Output, Publication
+from gateway.normalize.cellcount import CellLearner, cell_learner
+from gateway.normalize.compiler import CompiledPack, DbcCache, compile_pack, prime_state
+from gateway.publish.sinks import PackPublisher, Topics, dumps
+from gateway.source.logs import Frame
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -88,7 +88,7 @@ def _fanout(handlers: list[Callable[[float, bytes], None]]) -> Callable[[float, 
 def _check_polling(pc: PackConfig, cache: DbcCache, problems: list[Problem]) -> None:
     """Poll requests and ISO-TP blocks are checked with the rest, so check-config sees
     them (the poller itself only runs in the live daemon)."""
-    from .poll import load_extras, request_frame
+    from gateway.source.poll import load_extras, request_frame
 
     shift = load_extras(pc.profile, problems).id_offset_shift
     for req in pc.profile.poll:
@@ -125,7 +125,7 @@ class Pipeline:
 
         A pack with the identity of a running one gets handlers bound to that pack's
         state. Only reads the running pipeline: safe in a worker thread."""
-        from .config import ConfigError
+        from gateway.config import ConfigError
 
         problems: list[Problem] = []
         cache = cache or DbcCache()

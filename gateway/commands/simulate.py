@@ -40,7 +40,7 @@ import can
 from cantools.database import Database
 from cantools.database.can import Message, Signal
 
-from .config import (
+from gateway.config import (
     BmsFault,
     CellSource,
     ConfigError,
@@ -51,9 +51,9 @@ from .config import (
     nearest,
     read_yaml,
 )
-from .decode import load_dbc, mux_signal
-from .model import FIELD_BY_NAME, Value
-from .normalize import group_by_mux
+from gateway.decode.dbc import load_dbc, mux_signal
+from gateway.model import FIELD_BY_NAME, Value
+from gateway.normalize.compiler import group_by_mux
 
 log = logging.getLogger("gateway.simulate")
 
@@ -1036,7 +1036,7 @@ async def run_demo(cfg: GatewayConfig, *, scenario: Scenario | None = None,
                    duration: float | None = None, seed: int = 0,
                    pack_id: str | None = None, stdout: Any = None) -> int:
     """Simulators and the gateway in one process over python-can `virtual` buses."""
-    from .daemon import Daemon
+    from gateway.runtime.daemon import Daemon
 
     cfg = demo_config(cfg)
     packs = [find_pack(cfg, pack_id)] if pack_id is not None else list(cfg.packs)

@@ -1,0 +1,1 @@
+"""Commands built on the stages and the runtime: watch, export, identify, simulate."""

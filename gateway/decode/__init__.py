@@ -1,0 +1,1 @@
+"""Stage 2, decode: DBC files parsed by cantools, described as bit layouts for the generator."""

@@ -1,0 +1,1 @@
+"""Stage 3, normalize: a profile's signals compiled into writers of one typed pack model."""
