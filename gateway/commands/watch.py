@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.backoff import backoff
 from gateway.commands.export import parse_ts
 from gateway.model import PackState, Value, iso_ts
 
@@ -673,7 +674,6 @@ async def watch_mqtt(url: str, prefix: str = "bms", *, ok_mv: float = 5.0,
                      warn_mv: float = 20.0, ca_file: str | None = None) -> None:
     """Subscribe to any gateway's retained topics on any broker."""
     import os
-    import random
     import ssl
 
     import aiomqtt
@@ -714,7 +714,7 @@ async def watch_mqtt(url: str, prefix: str = "bms", *, ok_mv: float = 5.0,
                 except aiomqtt.MqttError as e:
                     attempt += 1
                     note = f"broker: {e}; retrying"
-                    await asyncio.sleep(random.uniform(0.2, min(10.0, 0.5 * 1.5 ** attempt)))
+                    await asyncio.sleep(backoff(attempt, cap=10.0))
         finally:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -14,7 +14,6 @@ import contextlib
 import functools
 import json
 import logging
-import random
 import socket
 import ssl
 import sys
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TextIO
 
+from gateway.backoff import backoff
 from gateway.config import MqttConfig, PackConfig
 from gateway.model import FIELDS, Output, PackState, Publication, Value, clean, iso_ts
 
@@ -471,11 +471,6 @@ class MqttSink:
 class BrokerAddressError(ValueError):
     """The broker address cannot be used at all (not a passing network failure): the
     daemon stops with the config exit status instead of restarting the task."""
-
-
-def backoff(attempt: int) -> float:
-    """Seconds before retry `attempt` (1, 2, ...): jittered, growing, capped at 30 s."""
-    return random.uniform(0.2, min(30.0, 0.5 * 1.5 ** min(attempt, 12)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from gateway import __version__, entry
+from gateway.backoff import backoff
 from gateway.config import ConfigError, GatewayConfig, load_config
 from gateway.model import Publication
 from gateway.publish.homeassistant import Discovery
 from gateway.publish.outbox import Outbox
-from gateway.publish.sinks import BrokerAddressError, MqttSink, StdoutSink, backoff, dumps
+from gateway.publish.sinks import BrokerAddressError, MqttSink, StdoutSink, dumps
 from gateway.runtime.pipeline import Pipeline, Prepared
 from gateway.runtime.systemd import Notifier, watchdog_interval
 from gateway.source.logformats import LineFormat

@@ -18,7 +18,6 @@ import binascii
 import contextlib
 import importlib.util
 import logging
-import random
 import re
 import socket
 import threading
@@ -30,6 +29,7 @@ from typing import Any
 
 import can
 
+from gateway.backoff import backoff
 from gateway.config import CanBus, GatewayConfig, Problem
 from gateway.decode.dbc import EXTENDED_FLAG
 from gateway.source import logformats
@@ -394,11 +394,6 @@ def open_bus(cfg: CanBus) -> can.BusABC:
         if cfg.data_bitrate is not None:
             kwargs.setdefault("data_bitrate", cfg.data_bitrate)
     return can.Bus(interface=cfg.interface, channel=cfg.channel, **kwargs)
-
-
-def backoff(attempt: int, cap: float = 30.0) -> float:
-    """Jittered, capped exponential backoff (full jitter)."""
-    return random.uniform(0.1, min(cap, 0.5 * 1.5 ** min(attempt, 20)))
 
 
 BatchSink = Callable[[list[Frame]], None]
