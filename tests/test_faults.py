@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -608,17 +607,33 @@ def test_same_input_gives_same_events() -> None:
     assert first and first == replay()
 
 
+class CountingList(list[float | None]):
+    """A cell list that counts how many of its values are read by iteration."""
+
+    reads = 0
+
+    def __iter__(self) -> Iterator[float | None]:
+        for v in super().__iter__():
+            CountingList.reads += 1
+            yield v
+
+
 def test_evaluate_is_cheap_with_192_healthy_cells() -> None:
+    """Healthy cells far from every limit are judged by the pack's extremes: a tick does
+    not walk the 192 cells (counted in frame time, not timed on the wall clock)."""
     eng = engine()
     st = put(PackState("house"), current_a=20.0, voltage_v=620.0, soc_pct=60.0,
              charge_current_limit_a=100.0, discharge_current_limit_a=150.0)
     st.cell_v = [3.30 + (i % 7) / 1000 for i in range(192)]
     st.cell_t = [25.0] * 48
     st.derive()
+    st.cell_v, st.cell_t = CountingList(st.cell_v), CountingList(st.cell_t)
     n = 2000
-    t0 = time.perf_counter()
+    CountingList.reads = 0
     for ts in ticks(0.0, n * TICK):
         eng.evaluate(ts, st)
-    per_call = (time.perf_counter() - t0) / n
+    per_call = CountingList.reads / n
     assert eng.events == []
-    assert per_call < 0.5e-3, f"{per_call * 1e6:.0f} us per evaluate()"
+    # about one value per element rule (six by default), to see that the list is
+    # populated; walking the cells would read 192 + 48 per rule
+    assert per_call <= 8, f"{per_call:.0f} cell values read per evaluate()"
