@@ -68,10 +68,6 @@ FIELDS: tuple[FieldInfo, ...] = (
 )
 FIELD_INDEX: dict[str, int] = {f.name: i for i, f in enumerate(FIELDS)}
 FIELD_BY_NAME: dict[str, FieldInfo] = {f.name: f for f in FIELDS}
-# Fields the gateway computes itself when the profile does not map them.
-DERIVED = frozenset({"power_w", "cell_count", "cell_v_min", "cell_v_max", "cell_v_avg",
-                     "cell_v_delta", "cell_v_min_id", "cell_v_max_id", "temp_min_c",
-                     "temp_max_c", "balancing_active"})
 
 Value = float | int | bool | str | None
 

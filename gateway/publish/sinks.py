@@ -152,9 +152,6 @@ class PackPublisher:
     def availability(self, online: bool) -> Publication:
         return Publication(self.t_avail, b"online" if online else b"offline")
 
-    def faults(self, active: list[dict[str, Any]]) -> Publication:
-        return Publication(self.t_faults, dumps(active))
-
 
 def _plain(v: Value) -> bytes:
     if v is None:

@@ -80,7 +80,6 @@ class RawSocket:
             if isinstance(rcvbuf, int):
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             self.sock = s
-            self.filtered = False
             self.set_filter(keys)
             s.bind((cfg.channel,))
             s.setblocking(False)
@@ -95,12 +94,10 @@ class RawSocket:
         if keys is None or len(keys) > CAN_RAW_FILTER_MAX:
             # one filter matching every id: the kernel default
             flt = struct.pack("=II", 0, 0)
-            self.filtered = False
         else:
             # no ids yet: a filter that matches nothing (an empty list would too, but
             # only error frames must wake us)
             flt = can_filters(keys) if keys else struct.pack("=II", _ERR, _ERR | _EFF)
-            self.filtered = True
         self.sock.setsockopt(socket.SOL_CAN_RAW, socket.CAN_RAW_FILTER, flt)
 
     def fileno(self) -> int:
