@@ -20,9 +20,9 @@ import cantools
 import pytest
 from conftest import REPO, shared
 
-from gateway.config import load_config
+from gateway.config import CellBlock, ConfigError, IsoTpRequest, load_config
 from gateway.runtime.daemon import Daemon
-from gateway.source.poll import CellBlock, IsoTpClient, IsoTpRequest, decode_cells
+from gateway.source.poll import IsoTpClient, decode_cells
 
 DALY_DBC = REPO / "dbc" / "daly.dbc"
 
@@ -405,3 +405,25 @@ def test_isotp_listen_only_never_sends() -> None:
     for cf in cfs:
         c.on_frame(0.0, cf)
     assert len(got) == 1 and c.stats.passive == 1 and c.stats.requests == 0
+
+
+def test_isotp_problems_name_file_key_and_fix(tmp_path: Path) -> None:
+    """ISO-TP blocks are read with the rest of the profile: a bad one is a config problem
+    from load_config, with its file, key and fix, before any pipeline exists."""
+    prof = (REPO / "config" / "profiles" / "nissan-leaf.yaml").read_text()
+    prof = prof.replace("request_id: 0x79B", "request_id: 0x79B\n    reqest: x") \
+        .replace('request: "022102"', 'request: "0221"') \
+        .replace("\ndbc:", "\npoll_id_offset_shift: 30\ndbc:")
+    (tmp_path / "leaf.yaml").write_text(prof)
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("can: {interface: virtual, channel: c}\n"
+                   "packs: [{id: leaf, profile: ./leaf.yaml}]\n"
+                   f"state_dir: {tmp_path / 'state'}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    by_key = {p.key: p for p in e.value.problems}
+    assert set(by_key) >= {"isotp[0].reqest", "isotp[0].request", "poll_id_offset_shift"}
+    assert all(p.file == str(tmp_path / "leaf.yaml") and p.fix for p in by_key.values())
+    assert "'request'" in by_key["isotp[0].reqest"].fix
+    assert "single frame" in by_key["isotp[0].request"].what
+    assert "0..28" in by_key["poll_id_offset_shift"].what

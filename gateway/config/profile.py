@@ -9,6 +9,7 @@ from typing import Any
 
 from gateway.config.limits import MAX_CELLS, topic_segment_problem
 from gateway.config.paths import BUILTIN_DBC, resolve_file
+from gateway.config.polling import id_offset_shift, isotp_requests, poll_requests
 from gateway.config.problems import Problem, Reader, nearest
 from gateway.config.types import (
     CHECKSUM_METHODS,
@@ -18,7 +19,6 @@ from gateway.config.types import (
     DtcStream,
     FrameCheck,
     Gate,
-    PollRequest,
     Profile,
     ValueSpec,
 )
@@ -392,45 +392,17 @@ def load_profile(path: Path, problems: list[Problem]) -> Profile | None:
     gates = _gates(r, top.get("gates"))
     dtcs = _dtcs(r, top.get("dtcs"))
     checks = _checks(r, top.get("checks"))
-    polls: list[PollRequest] = []
-    for i, p in enumerate(top.get("poll") or []):
-        k = f"poll[{i}]"
-        spec = r.mapping(p, k)
-        r.known(spec, k, {"message", "id", "extended", "data", "period_s", "reply"})
-        data_hex = r.str_(spec, k, "data", "") or ""
-        try:
-            data = bytes.fromhex(data_hex)
-        except ValueError:
-            r.bad(f"{k}.data", f"not hex bytes: {data_hex!r}", "e.g. data: '0000000000000000'")
-            data = b""
-        can_id = r.int_(spec, k, "id", None, lo=0)
-        msg = r.str_(spec, k, "message", None)
-        if (can_id is None) == (msg is None):
-            r.bad(k, "needs exactly one of `message` (a DBC message) or `id`")
-            continue
-        polls.append(PollRequest(k, r.num(spec, k, "period_s", 1.0, lo=0.01) or 1.0, msg, can_id,
-                                 r.bool_(spec, k, "extended", False), data,
-                                 r.str_(spec, k, "reply", None)))
+    polls = poll_requests(r, top.get("poll"))
     cc = r.int_(top, "", "cell_count", None, lo=1, hi=MAX_CELLS)
     return Profile(
         name=str(top.get("name", path.stem)), path=path,
         description=str(top.get("description", "")), dbc=dbcs, fields=fields, cells=cells,
-        faults=tuple(faults), poll=tuple(polls), cell_count=cc, gates=gates, dtcs=dtcs, checks=checks,
+        faults=tuple(faults), poll=polls, cell_count=cc, gates=gates, dtcs=dtcs, checks=checks,
         stale_after_s=r.num(top, "", "stale_after_s", None, lo=0.1), extras=extras,
         chemistry=parse_chemistry(r, top, "chemistry"),
-        isotp=_isotp_list(r, top.get("isotp")),
-        poll_id_offset_shift=r.int_(top, "", "poll_id_offset_shift", 0, lo=0) or 0,
+        isotp=isotp_requests(r, top.get("isotp")),
+        poll_id_offset_shift=id_offset_shift(r, top),
     )
-
-
-def _isotp_list(r: Reader, obj: Any) -> tuple[dict[str, Any], ...]:
-    if obj is None:
-        return ()
-    if not isinstance(obj, list) or not all(isinstance(x, dict) for x in obj):
-        r.bad("isotp", "must be a list of ISO-TP requests (mappings)",
-              "see docs/profiles.md, e.g. [{request_id: 0x79B, response_id: 0x7BB, ...}]")
-        return ()
-    return tuple(obj)
 
 
 def parse_chemistry(r: Reader, obj: dict[str, Any], key: str) -> str | None:

@@ -161,6 +161,35 @@ class PollRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class CellBlock:
+    """Cells packed back to back in a reassembled payload."""
+
+    kind: Literal["voltages", "temps"]
+    offset: int  # byte offset of the first cell in the payload
+    count: int
+    width: int  # bytes per cell
+    scale: float
+    signed: bool = False
+    big_endian: bool = True
+    first: int = 0  # index of the first cell in the pack (0-based)
+
+
+@dataclass(frozen=True, slots=True)
+class IsoTpRequest:
+    key: str
+    request_id: int
+    response_id: int
+    request: bytes  # the single frame's bytes, PCI included, before padding
+    period_s: float
+    timeout_s: float
+    extended: bool
+    padding: int
+    block_size: int
+    st_min: int
+    cells: CellBlock | None
+
+
+@dataclass(frozen=True, slots=True)
 class Profile:
     name: str
     path: Path
@@ -174,8 +203,7 @@ class Profile:
     stale_after_s: float | None
     extras: dict[str, ValueSpec]
     chemistry: str | None = None
-    # Polling details that poll.py validates (ISO-TP blocks are its own small schema).
-    isotp: tuple[dict[str, Any], ...] = ()
+    isotp: tuple[IsoTpRequest, ...] = ()
     poll_id_offset_shift: int = 0
     gates: tuple[Gate, ...] = ()
     dtcs: tuple[DtcStream, ...] = ()

@@ -88,12 +88,11 @@ def _fanout(handlers: list[Callable[[float, bytes], None]]) -> Callable[[float, 
 def _check_polling(pc: PackConfig, cache: DbcCache, problems: list[Problem]) -> None:
     """Poll requests and ISO-TP blocks are checked with the rest, so check-config sees
     them (the poller itself only runs in the live daemon)."""
-    from gateway.source.poll import load_extras, request_frame
+    from gateway.source.poll import request_frame
 
-    shift = load_extras(pc.profile, problems).id_offset_shift
     for req in pc.profile.poll:
         try:
-            request_frame(pc, req, cache, shift)
+            request_frame(pc, req, cache, pc.profile.poll_id_offset_shift)
         except (ValueError, DbcError) as e:
             problems.append(Problem(str(pc.profile.path), req.key, str(e)))
 

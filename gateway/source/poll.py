@@ -18,21 +18,20 @@ so the pipeline's normal `stale_after_s` handling marks it offline.
 Frames reach this module through taps on the pipeline's per-bus handler tables, so the
 hot path is unchanged for every other identifier.
 
-config.py parses the profile's `isotp` and `poll_id_offset_shift` keys; the ISO-TP
-blocks are checked here, where their meaning lives (see docs/profiles.md).
+gateway/config/polling.py parses the profile's `poll`, `isotp` and `poll_id_offset_shift`
+keys into `PollRequest`s and `IsoTpRequest`s; this module only runs them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gateway.config import PackConfig, PollRequest, Problem, Profile, nearest
+from gateway.config import CellBlock, IsoTpRequest, PackConfig, PollRequest, Problem, nearest
 from gateway.decode.dbc import EXTENDED_FLAG, frame_key
 from gateway.model import FIELD_INDEX, PackState
 from gateway.normalize.compiler import CELL_VALID, DbcCache
@@ -41,137 +40,6 @@ log = logging.getLogger("gateway.poll")
 
 SendFn = Callable[[int, int, bytes, bool], bool]  # (bus index, arbitration id, data, extended)
 Handler = Callable[[float, bytes], None]
-CellKind = Literal["voltages", "temps"]
-
-
-# ---------------------------------------------------------------- profile parts
-
-
-@dataclass(frozen=True, slots=True)
-class CellBlock:
-    """Cells packed back to back in a reassembled payload."""
-
-    kind: CellKind
-    offset: int  # byte offset of the first cell in the payload
-    count: int
-    width: int  # bytes per cell
-    scale: float
-    signed: bool = False
-    big_endian: bool = True
-    first: int = 0  # index of the first cell in the pack (0-based)
-
-
-@dataclass(frozen=True, slots=True)
-class IsoTpRequest:
-    key: str
-    request_id: int
-    response_id: int
-    request: bytes  # the single frame's bytes, PCI included, before padding
-    period_s: float
-    timeout_s: float
-    extended: bool
-    padding: int
-    block_size: int
-    st_min: int
-    cells: CellBlock | None
-
-
-@dataclass(frozen=True, slots=True)
-class PollExtras:
-    isotp: tuple[IsoTpRequest, ...] = ()
-    id_offset_shift: int = 0
-
-
-def load_extras(profile: Profile, problems: list[Problem]) -> PollExtras:
-    """The profile's ISO-TP requests (parsed by config.py, checked here) and id shift."""
-    file = str(profile.path)
-    reqs = [r for i, item in enumerate(profile.isotp)
-            if (r := _isotp(file, f"isotp[{i}]", item, problems)) is not None]
-    shift = profile.poll_id_offset_shift
-    if not 0 <= shift <= 28:
-        problems.append(Problem(file, "poll_id_offset_shift",
-                                f"must be a whole number 0..28, got {shift!r}"))
-        shift = 0
-    return PollExtras(tuple(reqs), shift)
-
-
-_ISOTP_KEYS = {"request_id", "response_id", "request", "period_s", "timeout_s", "extended",
-               "padding", "block_size", "st_min", "cells"}
-_CELL_KEYS = {"kind", "offset", "count", "bytes", "scale", "signed", "byte_order", "first"}
-
-
-def _int(v: Any, lo: int, hi: int) -> int | None:
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        return None
-    return v
-
-
-def _num(v: Any) -> float | None:
-    # NaN passes every `<` test and inf overflows a timer: neither is a number of seconds
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        return None
-    return float(v)
-
-
-def _isotp(file: str, key: str, obj: Any, problems: list[Problem]) -> IsoTpRequest | None:
-    def bad(k: str, what: str, fix: str = "") -> None:
-        problems.append(Problem(file, f"{key}.{k}" if k else key, what, fix))
-
-    if not isinstance(obj, dict):
-        bad("", "must be a mapping", "e.g. {request_id: 0x79B, response_id: 0x7BB, ...}")
-        return None
-    for k in obj:
-        if k not in _ISOTP_KEYS:
-            bad(str(k), "unknown key", f"allowed keys: {', '.join(sorted(_ISOTP_KEYS))}")
-    ext = obj.get("extended", False)
-    top = 0x1FFFFFFF if ext else 0x7FF
-    req_id, resp_id = _int(obj.get("request_id"), 0, top), _int(obj.get("response_id"), 0, top)
-    if req_id is None or resp_id is None:
-        bad("", f"request_id and response_id must be CAN ids 0..{top:#x}")
-        return None
-    try:
-        request = bytes.fromhex(str(obj.get("request", "")))
-    except ValueError:
-        request = b""
-    if not 2 <= len(request) <= 8 or request[0] >> 4 != 0 or (request[0] & 0xF) != len(request) - 1:
-        bad("request", f"{obj.get('request')!r} is not an ISO-TP single frame",
-            "hex bytes with the length first, e.g. '022102' (2 bytes: 21 02)")
-        return None
-    period = _num(obj.get("period_s", 1.0))
-    timeout = _num(obj.get("timeout_s", 1.0))
-    if period is None or period < 0.05 or timeout is None or timeout <= 0:
-        bad("period_s", "period_s (>= 0.05) and timeout_s (> 0) must be numbers of seconds")
-        return None
-    padding, bs, st = (_int(obj.get(k, d), 0, 255) for k, d in
-                       (("padding", 0xFF), ("block_size", 0), ("st_min", 0)))
-    if padding is None or bs is None or st is None:
-        bad("", "padding, block_size and st_min must be bytes (0..255)")
-        return None
-    cells = None
-    if obj.get("cells") is not None:
-        c = obj["cells"]
-        if not isinstance(c, dict):
-            bad("cells", "must be a mapping", "e.g. {offset: 2, count: 96, bytes: 2, scale: 0.001}")
-            return None
-        for k in c:
-            if k not in _CELL_KEYS:
-                bad(f"cells.{k}", "unknown key", f"allowed keys: {', '.join(sorted(_CELL_KEYS))}")
-        kind = c.get("kind", "voltages")
-        off, count, width = (_int(c.get(k, d), lo, hi) for k, d, lo, hi in
-                             (("offset", 0, 0, 4095), ("count", None, 1, 1024),
-                              ("bytes", 2, 1, 4)))
-        scale = _num(c.get("scale", 1.0))
-        first = _int(c.get("first", 0), 0, 1023)
-        order = c.get("byte_order", "big_endian")
-        if (kind not in ("voltages", "temps") or off is None or count is None or width is None
-                or scale is None or first is None or order not in ("big_endian", "little_endian")):
-            bad("cells", "needs kind (voltages|temps), offset, count, bytes (1-4), scale, "
-                "byte_order (big_endian|little_endian)")
-            return None
-        cells = CellBlock(kind, off, count, width, scale, bool(c.get("signed", False)),
-                          order == "big_endian", first)
-    return IsoTpRequest(key, req_id, resp_id, request, period, timeout, bool(ext), padding, bs,
-                        st, cells)
 
 
 def request_frame(pc: PackConfig, req: PollRequest, cache: DbcCache,
@@ -428,11 +296,11 @@ class Poller:
             if rt is None:
                 continue
             bus = buses.get(pc.bus, 0)
-            extras = load_extras(pc.profile, self.problems)
             if pc.transmit:
                 for req in pc.profile.poll:
                     try:
-                        can_id, ext, data = request_frame(pc, req, cache, extras.id_offset_shift)
+                        can_id, ext, data = request_frame(pc, req, cache,
+                                                                 pc.profile.poll_id_offset_shift)
                     except ValueError as e:
                         self.problems.append(Problem(str(pc.profile.path), req.key, str(e)))
                         continue
@@ -441,7 +309,7 @@ class Poller:
                     self.jobs.append(job)
                     if job.reply is not None:
                         self._tap(bus, job.reply, self._answered(job))
-            for ireq in extras.isotp:
+            for ireq in pc.profile.isotp:
                 send = self._sender(bus) if pc.transmit else None
                 deliver = (cell_writer(rt.compiled.state, ireq.cells, rt.compiled.implausible)
                            if ireq.cells is not None else (lambda ts, payload: None))
@@ -519,5 +387,4 @@ class Poller:
         return out
 
 
-__all__ = ["CellBlock", "IsoTpClient", "IsoTpRequest", "Poller", "decode_cells",
-           "load_extras", "request_frame"]
+__all__ = ["IsoTpClient", "Poller", "decode_cells", "request_frame"]
