@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 
 from gateway.config import BmsFault, Problem
-from gateway.faults.engine import RULES, FaultEngine, RuleSpec, default_rules, parse_rules
+from gateway.config.rules import parse_rules
+from gateway.faults.engine import FaultEngine
+from gateway.faults.rules import RULES, RuleSpec, default_rules
 from gateway.model import FIELD_INDEX, FaultEvent, PackState, Value
 
 TICK = 0.1
@@ -550,6 +552,32 @@ def test_parse_rules_overrides() -> None:
     assert (rules["cell_over_voltage"].raise_at, rules["cell_over_voltage"].clear_at) == (
         3.65, 3.5)
     assert rules["decode_error_rate"].window_s == 30.0
+
+
+def test_load_config_parses_rules_once_per_pack(tmp_path: Any) -> None:
+    """`rules:` is read with the rest of the config: a pack carries typed RuleSpecs (the
+    global rules refined by its own, its chemistry's limits), and a bad rule is a
+    ConfigError from load_config naming the pack's key."""
+    from gateway.config import ConfigError, load_config
+
+    cfg = tmp_path / "gw.yaml"
+    base = (f"state_dir: {tmp_path / 'state'}\ncan: {{interface: virtual, channel: c}}\n"
+            "rules: {low_soc: {raise_at: 20, severity: alarm}}\n")
+    cfg.write_text(base + "packs: [{id: a, profile: example-bms, chemistry: nmc, "
+                   "rules: {low_soc: {raise_at: 30}}}, {id: b, profile: example-bms}]\n")
+    a, b = load_config(cfg).packs
+    assert all(isinstance(s, RuleSpec) for s in a.rules.values()) and set(a.rules) == set(RULES)
+    assert (a.rules["low_soc"].raise_at, a.rules["low_soc"].severity) == (30.0, "alarm")
+    assert (b.rules["low_soc"].raise_at, b.rules["low_soc"].severity) == (20.0, "alarm")
+    assert a.rules["cell_over_voltage"].raise_at == 4.25  # nmc
+    assert b.rules["cell_over_voltage"].raise_at == 3.65  # lfp
+    cfg.write_text(base + "packs: [{id: a, profile: example-bms, "
+                   "rules: {low_soc: {rasie_at: 30}}}]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    (p,) = e.value.problems
+    assert (p.file, p.key, p.what) == (str(cfg), "packs[0].rules.low_soc.rasie_at", "unknown key")
+    assert "'raise_at'" in p.fix
 
 
 # ---------------------------------------------------------------- active() and clear_all

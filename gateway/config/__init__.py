@@ -7,7 +7,8 @@ reports through the same `Problem` type.
 
 The parts: `yamlsafe` (the bounded YAML reader), `problems` (Problem, ConfigError and
 the collecting Reader), `limits` (values the daemon cannot run with), `paths` (built-in
-files), `types` (the frozen parsed config), `profile` and `load` (the parsers).
+files), `types` (the frozen parsed config), `profile`, `polling`, `rules` and `load`
+(the parsers).
 """
 
 from __future__ import annotations
@@ -71,8 +72,6 @@ from gateway.config.types import (
     PollRequest,
     Profile,
     PublishPolicy,
-    RuleConfig,
-    SignalRef,
     TlsConfig,
     TopicPolicy,
     ValueSpec,
@@ -119,8 +118,6 @@ __all__ = [
     "Profile",
     "PublishPolicy",
     "Reader",
-    "RuleConfig",
-    "SignalRef",
     "TlsConfig",
     "TopicPolicy",
     "ValueSpec",

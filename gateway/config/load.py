@@ -30,6 +30,7 @@ from gateway.config.paths import (
 )
 from gateway.config.problems import ConfigError, Problem, Reader, nearest
 from gateway.config.profile import load_profile, parse_chemistry
+from gateway.config.rules import parse_rules
 from gateway.config.types import (
     CanBus,
     GatewayConfig,
@@ -352,13 +353,14 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
             base_rule = rules.get(name)  # a pack's keys refine the global rule, key by key
             rules[name] = ({**base_rule, **ov} if isinstance(base_rule, dict)
                            and isinstance(ov, dict) else ov)
+        chemistry = parse_chemistry(r, spec, f"{k}.chemistry") or profile.chemistry or "lfp"
         packs.append(PackConfig(
             id=pid, profile=profile, bus=bus, id_offset=r.int_(spec, k, "id_offset", 0) or 0,
             transmit=r.bool_(spec, k, "transmit", False), stale_after_s=stale or 10.0,
             cell_count=r.int_(spec, k, "cell_count", profile.cell_count, lo=1, hi=MAX_CELLS),
             publish=_publish_policy(r, f"{k}.publish", spec.get("publish"), publish),
-            rules=rules,
-            chemistry=parse_chemistry(r, spec, f"{k}.chemistry") or profile.chemistry or "lfp",
+            rules=parse_rules(rules, r.file, f"{k}.rules", problems, chemistry),
+            chemistry=chemistry,
             dbc_lenient=r.bool_(spec, k, "dbc_lenient", False),
         ))
     mqtt = _mqtt(r, top.get("mqtt"), base)

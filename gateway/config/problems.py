@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,7 @@ class Reader:
             return {}
         return obj
 
-    def known(self, obj: dict[str, Any], key: str, allowed: set[str]) -> None:
+    def known(self, obj: dict[str, Any], key: str, allowed: AbstractSet[str]) -> None:
         for k in obj:
             if k not in allowed:
                 hint = nearest(str(k), allowed)

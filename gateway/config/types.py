@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gateway.config.limits import host_problem
+from gateway.faults.rules import RuleSpec
 from gateway.model import Severity
 
 # ---------------------------------------------------------------- profile schema
@@ -22,12 +23,6 @@ UNIT_FACTORS: dict[str, tuple[float, float]] = {
     "Ah": (1, 0), "mAh": (0.001, 0), "dAh": (0.1, 0),
     "1": (1, 0),
 }
-
-
-@dataclass(frozen=True, slots=True)
-class SignalRef:
-    message: str
-    signal: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,18 +241,6 @@ class PublishPolicy:
 
 
 @dataclass(frozen=True, slots=True)
-class RuleConfig:
-    """One gateway rule's settings; `None` disables a limit."""
-
-    code: str
-    raise_at: float | None
-    clear_at: float | None
-    severity: Severity
-    debounce_s: float = 0.0
-    enabled: bool = True
-
-
-@dataclass(frozen=True, slots=True)
 class PackConfig:
     id: str
     profile: Profile
@@ -267,7 +250,7 @@ class PackConfig:
     stale_after_s: float
     cell_count: int | None
     publish: PublishPolicy
-    rules: dict[str, dict[str, Any]]  # raw per-rule overrides, validated in faults
+    rules: dict[str, RuleSpec]  # every gateway rule, defaults merged with the YAML
     chemistry: str = "lfp"  # picks the default cell voltage limits
     dbc_lenient: bool = False  # load DBCs with orphan VAL_ lines ignored (decode.load_dbc)
 

@@ -43,18 +43,15 @@ Choices worth knowing:
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from gateway.config import BmsFault, DtcStream, Problem, nearest
+from gateway.config import BmsFault, DtcStream
+from gateway.faults.rules import RULES, RuleDef, RuleSpec, default_rules, fmt_num
 from gateway.model import (
     FIELD_BY_NAME,
     FIELD_INDEX,
-    SEVERITIES,
     FaultEvent,
     PackState,
     Severity,
@@ -63,253 +60,10 @@ from gateway.model import (
     iso_ts,
 )
 
-Kind = Literal["high", "low", "rate", "event"]
-
 CHARGING_A = 0.5  # current_a above this counts as charging
 _EPS = 1e-6  # frame timestamps summed from 0.1 s steps are not exact
 _MIN_FRAMES = 20  # decode error rate is not judged on fewer frames in the window
 _LIMIT_MARGIN_A = 0.5  # over current vs the BMS limit: at least this far over it
-
-
-@dataclass(frozen=True, slots=True)
-class RuleSpec:
-    """One rule's effective settings (defaults merged with YAML overrides)."""
-
-    name: str
-    enabled: bool
-    severity: Severity
-    raise_at: float | None = None
-    clear_at: float | None = None
-    debounce_s: float = 0.0
-    window_s: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Def:
-    kind: Kind
-    severity: Severity
-    label: str
-    raise_at: float | None = None
-    clear_at: float | None = None
-    debounce_s: float = 0.0
-    window_s: float | None = None
-    field: str | None = None  # model field read (the extreme, for per-cell/sensor rules)
-    element: Literal["cell", "sensor"] | None = None
-    gate: Literal["charge", "discharge"] | None = None
-    bounds: tuple[float, float] = (-math.inf, math.inf)
-    rel_gap: float = 0.0  # hysteresis when there is no default clear_at, relative to raise_at
-    unit: str = ""
-    limit_field: str | None = None  # BMS-reported limit used while raise_at is null
-    negate: bool = False  # judge -value (discharge current as a magnitude)
-
-
-def _d(kind: Kind, sev: Severity, label: str,
-       limits: tuple[float | None, float | None, float] = (None, None, 0.0), **kw: Any) -> _Def:
-    return _Def(kind, sev, label, *limits, **kw)
-
-
-_CELL_V = (0.0, 6.0)
-_TEMP = (-60.0, 150.0)
-_AMPS = (0.0, 1e5)
-
-# Defaults: safe for LiFePO4, sensible for other chemistries; override per pack in YAML.
-RULES: dict[str, _Def] = {
-    "cell_over_voltage": _d("high", "alarm", "over voltage", (3.65, 3.55, 2.0),
-                            field="cell_v_max", element="cell", bounds=_CELL_V, unit="V"),
-    "cell_under_voltage": _d("low", "alarm", "under voltage", (2.8, 2.95, 2.0),
-                             field="cell_v_min", element="cell", bounds=_CELL_V, unit="V"),
-    "pack_over_voltage": _d("high", "alarm", "pack over voltage", (None, None, 2.0),
-                            field="voltage_v", bounds=(0.0, 1500.0), rel_gap=0.02, unit="V"),
-    "pack_under_voltage": _d("low", "alarm", "pack under voltage", (None, None, 2.0),
-                             field="voltage_v", bounds=(0.0, 1500.0), rel_gap=0.02, unit="V"),
-    "over_temp_charge": _d("high", "alarm", "over temperature while charging",
-                           (45.0, 42.0, 2.0), field="temp_max_c", element="sensor", gate="charge",
-                           bounds=_TEMP, unit="°C"),
-    "over_temp_discharge": _d("high", "alarm", "over temperature", (60.0, 55.0, 2.0),
-                              field="temp_max_c", element="sensor", gate="discharge",
-                              bounds=_TEMP, unit="°C"),
-    "under_temp_charge": _d("low", "alarm", "under temperature while charging",
-                            (0.0, 3.0, 2.0), field="temp_min_c", element="sensor", gate="charge",
-                            bounds=_TEMP, unit="°C"),
-    "under_temp_discharge": _d("low", "alarm", "under temperature", (-20.0, -17.0, 2.0),
-                               field="temp_min_c", element="sensor", gate="discharge",
-                               bounds=_TEMP, unit="°C"),
-    "over_current_charge": _d("high", "alarm", "charge over current", (None, None, 2.0),
-                              field="current_a", limit_field="charge_current_limit_a",
-                              bounds=_AMPS, rel_gap=0.1, unit="A"),
-    "over_current_discharge": _d("high", "alarm", "discharge over current", (None, None, 2.0),
-                                 field="current_a", limit_field="discharge_current_limit_a",
-                                 negate=True, bounds=_AMPS, rel_gap=0.1, unit="A"),
-    "cell_imbalance": _d("high", "warning", "cell imbalance", (0.1, 0.05, 10.0),
-                         field="cell_v_delta", bounds=_CELL_V, unit="V"),
-    "low_soc": _d("low", "warning", "low state of charge", (10.0, 15.0, 2.0),
-                  field="soc_pct", bounds=(0.0, 100.0), unit="%"),
-    "decode_error_rate": _d("rate", "warning", "decode errors", (5.0, 1.0, 0.0),
-                            window_s=10.0, bounds=(0.0, 100.0), unit="%"),
-    "implausible_values": _d("rate", "warning", "implausible values dropped", (0.0, 0.0, 0.0),
-                             window_s=10.0, bounds=(0.0, 1e9)),
-    "comm_lost": _d("event", "critical", "BMS silent"),
-    "can_bus_lost": _d("event", "critical", "CAN bus lost"),
-    "can_bus_off": _d("event", "critical", "CAN controller bus-off"),
-    "can_error_passive": _d("event", "warning", "CAN error passive"),
-    "can_error_frames": _d("event", "warning", "CAN error frames"),
-}
-_KEYS: dict[Kind, frozenset[str]] = {
-    "event": frozenset({"enabled", "severity"}),
-    "high": frozenset({"enabled", "severity", "raise_at", "clear_at", "debounce_s"}),
-    "low": frozenset({"enabled", "severity", "raise_at", "clear_at", "debounce_s"}),
-    "rate": frozenset({"enabled", "severity", "raise_at", "clear_at", "debounce_s",
-                       "window_s"}),
-}
-
-
-# Cell voltage limits by chemistry (raise, clear); the pack's or profile's `chemistry`
-# picks them, YAML rule overrides still win.
-CHEMISTRY: dict[str, dict[str, tuple[float, float]]] = {
-    "lfp": {"cell_over_voltage": (3.65, 3.55), "cell_under_voltage": (2.8, 2.95)},
-    "nmc": {"cell_over_voltage": (4.25, 4.15), "cell_under_voltage": (3.0, 3.15)},
-    "nca": {"cell_over_voltage": (4.25, 4.15), "cell_under_voltage": (2.9, 3.05)},
-    "lmo": {"cell_over_voltage": (4.25, 4.15), "cell_under_voltage": (3.0, 3.15)},
-    "lto": {"cell_over_voltage": (2.8, 2.7), "cell_under_voltage": (1.7, 1.85)},
-    "sodium": {"cell_over_voltage": (4.0, 3.9), "cell_under_voltage": (1.5, 1.7)},
-}
-
-
-def default_rules(chemistry: str = "lfp") -> dict[str, RuleSpec]:
-    out = {n: RuleSpec(n, True, d.severity, d.raise_at, d.clear_at, d.debounce_s,
-                       d.window_s) for n, d in RULES.items()}
-    for name, (ra, ca) in CHEMISTRY.get(chemistry, {}).items():
-        out[name] = dataclasses.replace(out[name], raise_at=ra, clear_at=ca)
-    return out
-
-
-# ---------------------------------------------------------------- parsing
-
-
-def _fmt(v: float) -> str:
-    return str(clean(round(v, 4)))
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _gap(d: _Def, raise_at: float) -> float:
-    if d.raise_at is not None and d.clear_at is not None:
-        return abs(d.raise_at - d.clear_at)
-    return abs(raise_at) * d.rel_gap
-
-
-def parse_rules(overrides: dict[str, dict[str, Any]], file: str, key: str,
-                problems: list[Problem], chemistry: str = "lfp") -> dict[str, RuleSpec]:
-    """Defaults for every rule merged with the YAML overrides under `key`.
-
-    Problems are appended (never raised); a rule with a bad value keeps that value's
-    default so the rest of the config can still be checked.
-    """
-    def bad(k: str, what: str, fix: str = "") -> None:
-        problems.append(Problem(file, f"{key}.{k}" if key else k, what, fix))
-
-    raw_all: Any = overrides
-    if raw_all is None:
-        raw_all = {}
-    if not isinstance(raw_all, dict):
-        problems.append(Problem(file, key or "rules", "must be a mapping of rule name to "
-                                "settings", "e.g. rules: {low_soc: {raise_at: 20}}"))
-        raw_all = {}
-    for name in raw_all:
-        if name not in RULES:
-            bad(str(name), "unknown rule",
-                nearest(str(name), list(RULES)) or f"rules are: {', '.join(RULES)}")
-    out = default_rules(chemistry)
-    for name, d in RULES.items():
-        if name in raw_all:
-            out[name] = _parse_one(name, d, raw_all[name], out[name], bad)
-    return out
-
-
-def _parse_one(name: str, d: _Def, raw: Any, dflt: RuleSpec,
-               bad: Callable[..., None]) -> RuleSpec:
-    if raw is None:
-        return dflt
-    if isinstance(raw, bool):
-        return RuleSpec(name, raw, dflt.severity, dflt.raise_at, dflt.clear_at,
-                        dflt.debounce_s, dflt.window_s)
-    if not isinstance(raw, dict):
-        bad(name, f"must be a mapping or true/false, got {raw!r}",
-            f"e.g. {name}: {{enabled: false}}")
-        return dflt
-    allowed = _KEYS[d.kind]
-    for k in raw:
-        if k in allowed:
-            continue
-        if d.kind == "event" and k in _KEYS["rate"]:
-            bad(f"{name}.{k}", f"{name} has no thresholds",
-                f"allowed keys: {', '.join(sorted(allowed))}")
-        else:
-            bad(f"{name}.{k}", "unknown key",
-                nearest(str(k), sorted(allowed)) or f"allowed keys: {', '.join(sorted(allowed))}")
-
-    enabled = raw.get("enabled", dflt.enabled)
-    if not isinstance(enabled, bool):
-        bad(f"{name}.enabled", f"must be true or false, got {enabled!r}")
-        enabled = dflt.enabled
-    severity: Any = raw.get("severity", dflt.severity)
-    if severity not in SEVERITIES:
-        bad(f"{name}.severity", f"unknown severity {severity!r}",
-            nearest(str(severity), list(SEVERITIES)) or f"one of {', '.join(SEVERITIES)}")
-        severity = dflt.severity
-
-    def num(k: str, default: float | None, lo: float, hi: float,
-            nullable: bool) -> float | None:
-        if k not in raw:
-            return default
-        v = raw[k]
-        if v is None and nullable:
-            return None
-        if not _number(v):
-            bad(f"{name}.{k}", f"must be a number{' or null' if nullable else ''}, got {v!r}",
-                f"e.g. {k}: {_fmt(default) if default is not None else 1}")
-            return default
-        if not lo <= v <= hi:
-            bad(f"{name}.{k}", f"{v} is out of range {_fmt(lo)}..{_fmt(hi)}",
-                f"use a value in {d.unit or 'the rule unit'} within that range")
-            return default
-        return float(v)
-
-    if d.kind == "event":
-        return RuleSpec(name, enabled, severity)
-    debounce = num("debounce_s", dflt.debounce_s, 0.0, 3600.0, False) or 0.0
-    window = num("window_s", dflt.window_s, 0.1, 3600.0, False) if d.kind == "rate" else None
-    lo, hi = d.bounds
-    raise_at = num("raise_at", dflt.raise_at, lo, hi, d.kind != "rate")
-    clear_at = num("clear_at", dflt.clear_at, lo, hi, True)
-    upper = d.kind != "low"
-    if raw.get("clear_at") is None and "raise_at" in raw and raise_at is not None \
-            and raise_at != dflt.raise_at:
-        # Only raise_at was moved: keep the default hysteresis width.
-        g = _gap(d, raise_at)
-        clear_at = max(lo, raise_at - g) if upper else min(hi, raise_at + g)
-    if raise_at is None:
-        if raw.get("clear_at") is not None:
-            bad(f"{name}.clear_at", "has no effect while raise_at is null",
-                f"set {name}.raise_at too, or remove clear_at")
-        clear_at = None
-    elif clear_at is None:
-        clear_at = raise_at
-    elif (clear_at > raise_at) if upper else (clear_at < raise_at):
-        side, other = ("above", "below") if upper else ("below", "above")
-        g = _gap(d, raise_at) or 1.0
-        example = raise_at - g if upper else raise_at + g
-        bad(f"{name}.clear_at",
-            f"{_fmt(clear_at)} is {side} raise_at {_fmt(raise_at)}, but {name} is "
-            f"{'an upper' if upper else 'a lower'} limit: it must clear {other} where it "
-            "raises", f"set clear_at {other} {_fmt(raise_at)}, e.g. clear_at: {_fmt(example)}")
-        raise_at, clear_at = dflt.raise_at, dflt.clear_at
-    return RuleSpec(name, enabled, severity, raise_at, clear_at, debounce, window)
-
-
-# ---------------------------------------------------------------- engine
 
 
 @dataclass(slots=True)
@@ -333,7 +87,7 @@ class _Inst:
 @dataclass(slots=True)
 class _Rule:
     spec: RuleSpec
-    d: _Def
+    d: RuleDef
     upper: bool
     index: int  # FIELD_INDEX of d.field, -1 if none
     limit_index: int  # FIELD_INDEX of d.limit_field, -1 if none
@@ -478,7 +232,7 @@ class FaultEngine:
         """`ts` is when the pack went stale (last frame + stale_after_s), or the frame
         that brought it back."""
         self._simple_event(ts, "comm_lost", not online, RULES["comm_lost"].label,
-                           detail="" if online else f"no frames for {_fmt(self.stale_after_s)} s",
+                           detail="" if online else f"no frames for {fmt_num(self.stale_after_s)} s",
                            limit=self.stale_after_s)
 
     def bus_problem(self, ts: float, code: str, active: bool, detail: str) -> None:
@@ -656,12 +410,12 @@ class FaultEngine:
         shown = str(clean(round(v, max(prec, 1))))
         if state == "raised":
             op = ">" if r.upper else "<"
-            msg = f"{title}: {shown}{unit} {op} {_fmt(lim)}{unit}"
+            msg = f"{title}: {shown}{unit} {op} {fmt_num(lim)}{unit}"
         else:
             op = "<=" if r.upper else ">="
-            msg = f"{title} cleared: {shown}{unit} {op} {_fmt(lim)}{unit}"
+            msg = f"{title} cleared: {shown}{unit} {op} {fmt_num(lim)}{unit}"
         if r.d.kind == "rate" and r.spec.window_s:
-            msg += f" in {_fmt(r.spec.window_s)} s"
+            msg += f" in {fmt_num(r.spec.window_s)} s"
         if state == "raised" and self._impl_why and r is self._rules.get("implausible_values"):
             msg += f" ({self._impl_why})"
         if r.d.limit_field is not None and r.spec.raise_at is None:

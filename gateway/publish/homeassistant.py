@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from gateway import __version__
 from gateway.config import MAX_CELLS, GatewayConfig, PackConfig, id_problem
-from gateway.faults.engine import RULES, parse_rules
+from gateway.faults.rules import RULES
 from gateway.model import BMS_STATES, FIELDS, FieldInfo, Publication
 from gateway.publish.sinks import Topics, dumps
 
@@ -142,7 +142,7 @@ def pack_fields(pc: PackConfig) -> list[FieldInfo]:
 def fault_codes(pc: PackConfig, fields: list[FieldInfo]) -> list[tuple[str, str]]:
     """(code, entity name) for every fault class this pack can raise."""
     have = {f.name for f in fields}
-    specs = parse_rules(pc.rules, "", "rules", [])  # problems were reported at start-up
+    specs = pc.rules
     out: list[tuple[str, str]] = []
     for code, d in RULES.items():
         spec = specs.get(code)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from gateway.config import GatewayConfig, PackConfig, Problem
 from gateway.decode.dbc import DbcError, where_failed
-from gateway.faults.engine import FaultEngine, RuleSpec, parse_rules
+from gateway.faults.engine import FaultEngine
 from gateway.faults.plausibility import cross_check
 from gateway.model import FIELD_INDEX, FaultEvent, Output, Publication
 from gateway.normalize.cellcount import CellLearner, cell_learner
@@ -74,7 +74,7 @@ class Prepared:
     pipeline uses, so it may run in a worker thread while frames keep flowing."""
 
     cfg: GatewayConfig
-    packs: list[tuple[PackConfig, CompiledPack, dict[str, RuleSpec], PackRuntime | None]]
+    packs: list[tuple[PackConfig, CompiledPack, PackRuntime | None]]
     learners: dict[str, CellLearner]  # by pack id: packs whose cell count is to be learned
 
 
@@ -129,20 +129,18 @@ class Pipeline:
         problems: list[Problem] = []
         cache = cache or DbcCache()
         running = {rt.compiled.cfg.id: rt for rt in self.packs}
-        out: list[tuple[PackConfig, CompiledPack, dict[str, RuleSpec], PackRuntime | None]] = []
+        out: list[tuple[PackConfig, CompiledPack, PackRuntime | None]] = []
         learners: dict[str, CellLearner] = {}
-        for i, pc in enumerate(cfg.packs):
+        for pc in cfg.packs:
             old = running.get(pc.id)
             if old is not None and old.identity != pack_identity(pc):
                 old = None  # a new profile or bus: a new pack under the same id
             compiled = compile_pack(pc, cache, problems,
                                     keep=old.compiled if old is not None else None)
-            rules = parse_rules(pc.rules, str(cfg.path), f"packs[{i}].rules", problems,
-                                pc.chemistry)
             _check_polling(pc, cache, problems)
             if compiled is None:
                 continue
-            out.append((pc, compiled, rules, old))
+            out.append((pc, compiled, old))
             learner = cell_learner(pc, compiled.state,
                                    [cache.get(str(d)) for d in pc.profile.dbc])
             if learner is not None:
@@ -161,20 +159,20 @@ class Pipeline:
         cfg = prep.cfg
         packs: list[PackRuntime] = []
         kept: set[int] = set()
-        for pc, compiled, rules, old in prep.packs:
+        for pc, compiled, old in prep.packs:
             if old is not None:
                 kept.add(id(old))
                 prime_state(compiled)
                 old.compiled = compiled
                 old.publisher.reconfigure(pc, self.topics)
-                old.faults.reconfigure(ts, rules, pc.profile.faults, pc.stale_after_s)
+                old.faults.reconfigure(ts, pc.rules, pc.profile.faults, pc.stale_after_s)
                 compiled.fault_hook[0] = old.faults.bms_flag
                 old.faults.set_dtc_streams(compiled.dtc_streams)
                 compiled.dtc_hook[0] = old.faults.dtc
                 self._collect(old)  # faults of a rule now switched off: cleared
                 packs.append(old)
                 continue
-            engine = FaultEngine(pc.id, rules, pc.profile.faults, pc.stale_after_s)
+            engine = FaultEngine(pc.id, pc.rules, pc.profile.faults, pc.stale_after_s)
             compiled.fault_hook[0] = engine.bms_flag
             engine.set_dtc_streams(compiled.dtc_streams)
             compiled.dtc_hook[0] = engine.dtc
