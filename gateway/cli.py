@@ -17,7 +17,7 @@ from gateway import __version__
 from gateway.config import BUILTIN_CONFIG, ConfigError, GatewayConfig, load_config
 
 if TYPE_CHECKING:
-    from gateway.commands.simulate import Scenario
+    from gateway.config import Scenario
     from gateway.runtime.pipeline import Pipeline
     from gateway.source.logformats import LineFormat
 
@@ -216,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def _sim_setup(args: argparse.Namespace, mqtt: str | None = None) -> tuple[
         GatewayConfig, Scenario | None] | int:
     """Config and scenario for simulate/demo, or an exit code after printing the problems."""
-    from gateway.commands.simulate import load_scenario
+    from gateway.config import load_scenario
 
     cfg = _load(args, mqtt)
     if cfg is None:

@@ -21,8 +21,8 @@ import can
 import cantools
 import pytest
 
-from gateway.commands.simulate import Simulator, load_scenario, parse_scenario, write_candump
-from gateway.config import ConfigError, GatewayConfig, load_config
+from gateway.commands.simulate import Simulator, write_candump
+from gateway.config import ConfigError, GatewayConfig, load_config, load_scenario, parse_scenario
 from gateway.runtime.daemon import Daemon, replay
 from tests.conftest import REPO, Broker
 

@@ -8,7 +8,7 @@ reports through the same `Problem` type.
 The parts: `yamlsafe` (the bounded YAML reader), `problems` (Problem, ConfigError and
 the collecting Reader), `limits` (values the daemon cannot run with), `paths` (built-in
 files), `types` (the frozen parsed config), `profile`, `polling`, `rules` and `load`
-(the parsers).
+(the parsers), `scenario` (the simulator's scenario files).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from gateway.config.profile import (
     load_profile,
     parse_chemistry,
 )
+from gateway.config.scenario import Scenario, load_scenario, parse_scenario
 from gateway.config.types import (
     CHECKSUM_METHODS,
     UNIT_FACTORS,
@@ -118,6 +119,7 @@ __all__ = [
     "Profile",
     "PublishPolicy",
     "Reader",
+    "Scenario",
     "TlsConfig",
     "TopicPolicy",
     "ValueSpec",
@@ -131,8 +133,10 @@ __all__ = [
     "id_problem",
     "load_config",
     "load_profile",
+    "load_scenario",
     "nearest",
     "parse_chemistry",
+    "parse_scenario",
     "read_yaml",
     "resolve_file",
     "state_dir_problem",

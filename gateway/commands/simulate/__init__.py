@@ -18,9 +18,10 @@ sending (the BMS goes silent), or set one of the profile's BMS fault flags.
 Everything runs in simulated time: `Simulator.frames()` is a pure function of the
 config, scenario, seed and start time; `run_on_bus()` only paces it to the wall clock.
 
-The package by job: `scenario` (the scenario file's schema), `physics` (the pack model),
-`planning` (the frames a profile needs and the writers that fill them), `runner` (the
-`Simulator` and its output), `demo` (simulators and the gateway in one process).
+The package by job: `physics` (the pack model), `planning` (the frames a profile needs
+and the writers that fill them), `runner` (the `Simulator` and its output), `demo`
+(simulators and the gateway in one process). The scenario file is read, with the rest
+of the configuration, by gateway/config/scenario.py.
 """
 
 from gateway.commands.simulate.demo import demo_config, run_demo
@@ -33,8 +34,7 @@ from gateway.commands.simulate.runner import (
     log_channel,
     write_candump,
 )
-from gateway.commands.simulate.scenario import Event, Scenario, load_scenario, parse_scenario
 
-__all__ = ["FIXED_START", "Event", "PackModel", "Scenario", "SimFrame", "Simulator", "Snapshot",
-           "demo_config", "find_pack", "load_scenario", "log_channel", "ocv", "parse_scenario",
+__all__ = ["FIXED_START", "PackModel", "SimFrame", "Simulator", "Snapshot",
+           "demo_config", "find_pack", "log_channel", "ocv",
            "run_demo", "write_candump"]

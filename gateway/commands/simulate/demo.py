@@ -11,8 +11,8 @@ from typing import Any
 import can
 
 from gateway.commands.simulate.runner import Simulator, find_pack
-from gateway.commands.simulate.scenario import Scenario
 from gateway.config import GatewayConfig
+from gateway.config.scenario import Scenario
 
 log = logging.getLogger("gateway.simulate")
 

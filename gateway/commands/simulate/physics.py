@@ -8,7 +8,7 @@ import math
 import random
 from dataclasses import dataclass, field
 
-from gateway.commands.simulate.scenario import Chemistry
+from gateway.config.scenario import Chemistry
 from gateway.model import Value
 
 BALANCE_V = 0.010  # a cell this far over the mean balances while charging

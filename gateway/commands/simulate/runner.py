@@ -25,8 +25,8 @@ from gateway.commands.simulate.physics import (
     Snapshot,
 )
 from gateway.commands.simulate.planning import PlanBuilder, Variant
-from gateway.commands.simulate.scenario import CHEM_ALIAS, Chemistry, Scenario
 from gateway.config import ConfigError, GatewayConfig, PackConfig, Problem, nearest
+from gateway.config.scenario import CHEM_ALIAS, Chemistry, Scenario
 from gateway.decode.dbc import load_dbc
 from gateway.model import Value
 
