@@ -95,7 +95,7 @@ def child_decode(a: dict[str, Any]) -> dict[str, Any]:
 
     frames = _frames(a["log"], a["limit"])
     pipe = Pipeline(load_config(a["config"]))
-    get = pipe.tables[0].get
+    get = pipe.routes(0).get
     t, w = time.process_time(), time.perf_counter()
     for ts, key, data, _ in frames:
         h = get(key)

@@ -91,9 +91,9 @@ def test_configured_cell_count_is_used_from_the_first_frame(
     assert first["cell_count"] == 16
 
 
-def test_a_wrapped_table_entry_survives_the_learner_leaving(tmp_path: Path) -> None:
-    """The poller wraps table entries in place (poll.Poller._tap): when the cell-count
-    learner is dropped, that wrapper must stay, and unwrapped entries lose the learner."""
+def test_a_tap_survives_the_learner_leaving(tmp_path: Path) -> None:
+    """A tap (Pipeline.tap, as the poller's) runs before the pack's handler: when the
+    cell-count learner is dropped, the tap stays, and untapped entries lose the learner."""
     from gateway.runtime.pipeline import Pipeline
     from gateway.source.logs import SourceStats, read_log
 
@@ -102,21 +102,18 @@ def test_a_wrapped_table_entry_survives_the_learner_leaving(tmp_path: Path) -> N
                    "packs: [{id: house, profile: example-bms}]\n")
     p = Pipeline(load_config(cfg))
     assert p.learners
-    table = p.tables[0]
     voltages, temps = 0x408, 0x409
-    inner = table[voltages]
     seen: list[float] = []
-
-    def tap(ts: float, data: bytes) -> None:
-        seen.append(ts)
-        inner(ts, data)
-
-    table[voltages] = tap
-    before = table[temps]
+    p.tap(0, voltages, lambda ts, data: seen.append(ts))
+    before = p.routes(0)[temps]
     for batch in read_log(SAMPLE, SourceStats()):
         p.feed_log(batch)
     p.finish()
     assert not p.learners and p.packs[0].compiled.state.cells_known
-    assert p.tables[0][voltages] is tap and len(seen) > 100
-    assert p.tables[0][temps] is not before  # the learner is gone from this one
-    assert p.tables[0][temps] is p.packs[0].compiled.handlers[temps]
+    assert len(seen) > 100
+    entry = p.routes(0)[voltages]
+    assert entry is not p.packs[0].compiled.handlers[voltages]  # the tap is still in it
+    entry(p.clock + 1, bytes(8))
+    assert seen[-1] == p.clock + 1
+    assert p.routes(0)[temps] is not before  # the learner is gone from this one
+    assert p.routes(0)[temps] is p.packs[0].compiled.handlers[temps]

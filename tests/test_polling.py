@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import can
 import cantools
@@ -333,6 +335,42 @@ def test_leaf_transmit_off_sends_nothing(tmp_path: Path, channel: str) -> None:
         rec.close()
     assert rec.frames == [] and responder.requests == []
     assert d.pipeline.packs[0].compiled.state.cell_v == [None] * 96
+
+
+def test_polled_cells_mark_the_state_changed_as_compiled_handlers_do(tmp_path: Path) -> None:
+    """An ISO-TP answer's cells go in through Pipeline.write_cells, by the rules of the
+    compiled cell handlers: the state is marked changed too, so the derived cell fields
+    are published at the next tick, not max_interval_s later (the poller's own copy of
+    the writer marked only the cells changed)."""
+    from gateway.runtime.pipeline import Pipeline
+    from gateway.source.poll import Poller
+
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(f"gateway_id: t\nstate_dir: {tmp_path}/state\n"
+                   "can: {interface: virtual, channel: x}\n"
+                   "packs:\n  - {id: leaf, profile: nissan-leaf}\n")
+    p = Pipeline(load_config(cfg, mqtt_url="-"))
+    poller = Poller(p, lambda bus, can_id, data, ext: False)
+    assert not poller.active  # no `transmit: true`: it only listens
+    st = p.packs[0].compiled.state
+    t_state = p.packs[0].publisher.t_state
+
+    def answer(ts: float, cells_mv: list[int]) -> list[dict[str, Any]]:
+        ff, cfs = isotp_frames(leaf_payload(cells_mv))
+        p.feed([(ts, 0x7BB, frame, "x") for frame in (ff, *cfs)])
+        assert st.changed and st.cells_changed
+        p.tick(ts + 0.2)
+        return [json.loads(pub.payload) for pub in p.drain()[0] if pub.topic == t_state]
+
+    cells = [3700 + i for i in range(96)]
+    first = answer(1.0, cells)
+    assert first[-1]["cell_v_max"] == pytest.approx(3.795)
+    cells[7] = 3900
+    cells[5] = 0xFFFF  # 65.5 V: not a cell voltage
+    later = answer(3.0, cells)
+    assert later and later[-1]["cell_v_max"] == pytest.approx(3.9)
+    assert st.cell_v[5] is None and st.cell_v[7] == pytest.approx(3.9)
+    assert p.packs[0].compiled.implausible_counts() == {"cell_voltage": 1}
 
 
 REQ = IsoTpRequest("isotp[0]", 0x79B, 0x7BB, bytes.fromhex("022102"), 2.0, 1.0, False, 0xFF, 0,

@@ -455,8 +455,8 @@ class Daemon:
 
     def _start_poller(self, tg: asyncio.TaskGroup) -> None:
         """Request frames and ISO-TP exchanges (gateway/poll.py); only packs with
-        `transmit: true` ever send. Built on the current tables (it taps them), so a
-        reload starts a new one."""
+        `transmit: true` ever send. It taps the current config's frames (Pipeline.tap),
+        which a reload drops, so a reload starts a new one."""
         from gateway.source.poll import Poller
 
         if self._poller_task is not None:

@@ -9,8 +9,9 @@ publishing policy, fault rules and staleness run on a frame-time tick.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from gateway.config import GatewayConfig, PackConfig, Problem
 from gateway.decode.dbc import DbcError, where_failed
@@ -18,11 +19,20 @@ from gateway.faults.engine import FaultEngine
 from gateway.faults.plausibility import cross_check
 from gateway.model import FIELD_INDEX, FaultEvent, Output, Publication
 from gateway.normalize.cellcount import CellLearner, cell_learner
-from gateway.normalize.compiler import CompiledPack, DbcCache, compile_pack, prime_state
+from gateway.normalize.compiler import (
+    CELL_VALID,
+    MAX_CELLS,
+    CompiledPack,
+    DbcCache,
+    compile_pack,
+    prime_state,
+)
 from gateway.publish.sinks import PackPublisher, Topics, dumps
 from gateway.source.logs import Frame
 
 log = logging.getLogger("gateway.pipeline")
+
+Handler = Callable[[float, bytes], None]  # (frame time, data): one frame of one id
 
 TICK_S = 0.1  # frame-time granularity of publishing, rules and staleness
 MAX_UNKNOWN_IDS = 4096  # distinct unknown ids counted one by one (all are counted in total)
@@ -76,9 +86,10 @@ class Prepared:
     cfg: GatewayConfig
     packs: list[tuple[PackConfig, CompiledPack, PackRuntime | None]]
     learners: dict[str, CellLearner]  # by pack id: packs whose cell count is to be learned
+    cache: DbcCache  # the DBCs it was compiled against, for whoever taps the pipeline
 
 
-def _fanout(handlers: list[Callable[[float, bytes], None]]) -> Callable[[float, bytes], None]:
+def _fanout(handlers: list[Handler]) -> Handler:
     def fan(ts: float, data: bytes) -> None:
         for h in handlers:
             h(ts, data)
@@ -105,8 +116,14 @@ class Pipeline:
         self.packs: list[PackRuntime] = []
         # cell-count learners listen only until the count is known (gateway/cellcount.py)
         self.learners: list[tuple[CellLearner, int]] = []
-        self.handler_lists: list[dict[int, list[Callable[[float, bytes], None]]]] = []
-        self.tables: list[dict[int, Callable[[float, bytes], None]]] = []
+        # Per bus, frame key -> what runs: composed (_set_entries) from the packs'
+        # handlers, the taps and the cell-count learners. Private: others go through
+        # tap() and routes().
+        self._handler_lists: list[dict[int, list[Handler]]] = []
+        self._taps: list[dict[int, list[Handler]]] = []
+        self._tables: list[dict[int, Handler]] = []
+        self._by_id: dict[str, PackRuntime] = {}
+        self.cache = DbcCache()
         self.bus_names: list[str] = []
         self.bus_lookup: dict[str, int] = {}
         self.counters: list[BusCounters] = []
@@ -147,7 +164,7 @@ class Pipeline:
                 learners[pc.id] = learner
         if problems:
             raise ConfigError(problems)
-        return Prepared(cfg, out, learners)
+        return Prepared(cfg, out, learners, cache)
 
     def apply(self, prep: Prepared, ts: float) -> None:
         """Switch to a prepared config (on the thread that feeds frames; quick).
@@ -187,8 +204,7 @@ class Pipeline:
             self.out.append(rt.publisher.availability(False))
             log.info("pack %s: removed by the reload: offline", rt.compiled.state.pack_id)
         bus_index = {b.name: i for i, b in enumerate(cfg.buses)}
-        tables: list[dict[int, list[Callable[[float, bytes], None]]]] = [
-            {} for _ in cfg.buses]
+        tables: list[dict[int, list[Handler]]] = [{} for _ in cfg.buses]
         for rt in packs:
             table = tables[bus_index.get(rt.compiled.cfg.bus, 0)]
             for key, h in rt.compiled.handlers.items():
@@ -204,7 +220,10 @@ class Pipeline:
         counters = dict(zip(self.bus_names, self.counters, strict=True))
         self.cfg = cfg
         self.packs = packs
-        self.handler_lists = tables
+        self.cache = prep.cache
+        self._by_id = {rt.compiled.cfg.id: rt for rt in packs}
+        self._handler_lists = tables
+        self._taps = [{} for _ in cfg.buses]  # the tappers tap the new config again
         self._build_tables()
         self.bus_names = [b.name for b in cfg.buses]
         self.bus_lookup = {}
@@ -214,26 +233,24 @@ class Pipeline:
         self.counters = [counters.get(b.name) or BusCounters() for b in cfg.buses]
 
     def _build_tables(self) -> None:
-        self.tables = [{} for _ in self.handler_lists]
-        self._installed: dict[tuple[int, int], Callable[[float, bytes], None]] = {}
-        self._set_entries({(b, k) for b, t in enumerate(self.handler_lists) for k in t}
+        self._tables = [{} for _ in self._handler_lists]
+        self._set_entries({(b, k) for b, t in enumerate(self._handler_lists) for k in t}
                           | {(b, k) for lr, b in self.learners for k in lr.sources})
 
     def _set_entries(self, keys: set[tuple[int, int]]) -> None:
-        """(Re)compose these (bus, key) table entries: the packs' handlers, then the
-        cell-count learners still listening. An entry wrapped by someone else since (the
-        poller's taps) is left as it is: its learner then just returns at once."""
-        learning: dict[tuple[int, int], list[Callable[[float, bytes], None]]] = {}
+        """(Re)compose these (bus, key) table entries: the taps, the packs' handlers,
+        then the cell-count learners still listening."""
+        learning: dict[tuple[int, int], list[Handler]] = {}
         for learner, bus in self.learners:
             for key, h in learner.handlers().items():
                 learning.setdefault((bus, key), []).append(h)
         for bus, key in keys:
-            cur = self.tables[bus].get(key)
-            if cur is not None and cur is not self._installed.get((bus, key)):
-                continue
-            hs = [*self.handler_lists[bus].get(key, []), *learning.get((bus, key), [])]
-            fn = hs[0] if len(hs) == 1 else _fanout(hs)
-            self.tables[bus][key] = self._installed[bus, key] = fn
+            hs = [*self._taps[bus].get(key, []), *self._handler_lists[bus].get(key, []),
+                  *learning.get((bus, key), [])]
+            if hs:
+                self._tables[bus][key] = hs[0] if len(hs) == 1 else _fanout(hs)
+            else:
+                self._tables[bus].pop(key, None)
 
     def _learned(self, ts: float | None) -> None:
         """Time out cell-count learners (None: the log ended) and drop finished ones."""
@@ -247,11 +264,69 @@ class Pipeline:
             self.learners = [(lr, b) for lr, b in self.learners if not lr.done]
             self._set_entries(done)
 
+    # ----------------------------------------------------------- taps and writers
+    # For sources that are not a stream of broadcast frames (gateway/source/poll.py):
+    # they listen to frames of the buses and write what they learn into a pack.
+
+    def tap(self, bus: int, key: int, fn: Handler) -> None:
+        """Also run `fn` for every frame with this key on bus number `bus`, before the
+        packs' own handlers. The id then counts as read (not unknown; a SocketCAN bus
+        receives it). Taps last until the next `apply`: whoever tapped the old config
+        taps the new one (the daemon starts a new poller)."""
+        self._taps[bus].setdefault(key, []).append(fn)
+        self._set_entries({(bus, key)})
+
+    def routes(self, bus: int) -> Mapping[int, Handler]:
+        """What runs for each frame key of bus number `bus` (read-only): its keys are the
+        ids the pipeline reads on that bus."""
+        return self._tables[bus]
+
+    def write_cells(self, pack_id: str, kind: Literal["voltages", "temps"], first: int,
+                    values: Sequence[float | None], ts: float) -> None:
+        """Write cells `first`, `first + 1`, ... (0-based) of a pack, read at frame time
+        `ts` by something other than the pack's compiled handlers (an ISO-TP answer).
+
+        The same rules as the handlers the profile compiles to (normalize/compiler.py,
+        `write_cells`): a value outside the kind's valid range is counted implausible and
+        stored as None; with a configured `cell_count`, voltages past it are not cells;
+        a change marks the cells and the state changed (derived fields follow cells)."""
+        rt = self._by_id.get(pack_id)
+        if rt is None:
+            msg = f"write_cells: no pack {pack_id!r} in the running config"
+            raise KeyError(msg)
+        st, cfg, impl = rt.compiled.state, rt.compiled.cfg, rt.compiled.implausible
+        lo, hi = CELL_VALID[kind]
+        slot = len(FIELD_INDEX) + (0 if kind == "voltages" else 1)
+        limit = cfg.cell_count if kind == "voltages" and cfg.cell_count else MAX_CELLS
+        arr = st.cell_v if kind == "voltages" else st.cell_t
+        changed = False
+        for i, raw in enumerate(values, first):
+            if i >= limit:
+                if i >= MAX_CELLS:  # counted as the compiled handlers count it
+                    impl[slot] += 1
+                continue
+            v = raw
+            if v is not None and not lo <= v <= hi:
+                impl[slot] += 1
+                v = None
+            if i >= len(arr):
+                if kind == "voltages":
+                    st.ensure_cells(i + 1)
+                else:
+                    st.ensure_temps(i + 1)
+            if arr[i] != v:
+                arr[i] = v
+                changed = True
+        if changed:
+            st.cells_changed = st.changed = True
+        st.last_seen = ts
+        st.last_ts = ts
+
     # ----------------------------------------------------------- hot path
 
     def feed(self, frames: list[Frame], bus: int = 0) -> None:
         """Process a batch of frames from one bus (the hot path)."""
-        get = self.tables[bus].get
+        get = self._tables[bus].get
         next_tick = self.next_tick
         unknown = 0
         c = self.counters[bus]
@@ -283,7 +358,7 @@ class Pipeline:
 
     def feed_log(self, frames: list[Frame]) -> None:
         """A log batch may mix channels; route each frame by its channel name."""
-        if len(self.tables) == 1:
+        if len(self._tables) == 1:
             self.feed(frames, 0)
             return
         lookup = self.bus_lookup
@@ -295,7 +370,7 @@ class Pipeline:
                     idx = int(f[3]) - 1 if int(f[3]) >= 1 else int(f[3])
                 except ValueError:
                     idx = 0
-                if not 0 <= idx < len(self.tables):
+                if not 0 <= idx < len(self._tables):
                     idx = 0
             groups.setdefault(idx, []).append(f)
         for idx, fs in groups.items():

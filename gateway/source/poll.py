@@ -15,8 +15,9 @@ ISO-TP client still listens: if another tool asks the BMS, we reassemble the ans
 without sending anything. A BMS that stops answering simply stops producing frames,
 so the pipeline's normal `stale_after_s` handling marks it offline.
 
-Frames reach this module through taps on the pipeline's per-bus handler tables, so the
-hot path is unchanged for every other identifier.
+Frames reach this module through the pipeline's taps (`Pipeline.tap`), so the hot path
+is unchanged for every other identifier, and ISO-TP cells go into the pack through
+`Pipeline.write_cells`, by the same rules as the cells the profile's handlers write.
 
 gateway/config/polling.py parses the profile's `poll`, `isotp` and `poll_id_offset_shift`
 keys into `PollRequest`s and `IsoTpRequest`s; this module only runs them.
@@ -27,19 +28,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-from gateway.config import CellBlock, IsoTpRequest, PackConfig, PollRequest, Problem, nearest
+from gateway.config import (
+    CellBlock,
+    GatewayConfig,
+    IsoTpRequest,
+    PackConfig,
+    PollRequest,
+    Problem,
+    nearest,
+)
 from gateway.decode.dbc import EXTENDED_FLAG, frame_key
-from gateway.model import FIELD_INDEX, PackState
-from gateway.normalize.compiler import CELL_VALID, DbcCache
+from gateway.normalize.compiler import DbcCache
 
 log = logging.getLogger("gateway.poll")
 
 SendFn = Callable[[int, int, bytes, bool], bool]  # (bus index, arbitration id, data, extended)
 Handler = Callable[[float, bytes], None]
+CellKind = Literal["voltages", "temps"]  # as config.CellBlock.kind
 
 
 def request_frame(pc: PackConfig, req: PollRequest, cache: DbcCache,
@@ -228,34 +237,23 @@ class IsoTpClient:
         self.deliver(ts, payload)
 
 
-def cell_writer(state: PackState, block: CellBlock,
-                implausible: list[int]) -> Callable[[float, bytes], None]:
-    """A deliver function that writes a block of cells into the pack state."""
-    lo, hi = CELL_VALID[block.kind]
-    slot = len(FIELD_INDEX) + (0 if block.kind == "voltages" else 1)
-
-    def deliver(ts: float, payload: bytes) -> None:
-        values = decode_cells(block, payload)
-        arr = state.cell_v if block.kind == "voltages" else state.cell_t
-        n = block.first + len(values)
-        if block.kind == "voltages":
-            state.ensure_cells(n)
-        else:
-            state.ensure_temps(n)
-        for i, raw in enumerate(values, block.first):
-            v = raw
-            if v is not None and not lo <= v <= hi:
-                implausible[slot] += 1
-                v = None
-            if arr[i] != v:
-                arr[i] = v
-                state.cells_changed = True
-        state.last_seen = ts
-        state.last_ts = ts
-    return deliver
-
-
 # ---------------------------------------------------------------- the poller
+
+
+class PollPipeline(Protocol):
+    """What the poller uses of the pipeline it feeds: gateway.runtime.pipeline.Pipeline
+    (not imported: a source does not depend on the runtime that drives it)."""
+
+    @property
+    def cfg(self) -> GatewayConfig: ...
+
+    @property
+    def cache(self) -> DbcCache: ...
+
+    def tap(self, bus: int, key: int, fn: Handler) -> None: ...
+
+    def write_cells(self, pack_id: str, kind: CellKind, first: int,
+                    values: Sequence[float | None], ts: float) -> None: ...
 
 
 @dataclass(slots=True)
@@ -279,7 +277,7 @@ class PollJob:
 class Poller:
     """All requests of all packs of one gateway; `run()` is the daemon's poller task."""
 
-    pipeline: Any  # gateway.runtime.pipeline.Pipeline (not imported: it imports the fault stage)
+    pipeline: PollPipeline
     send: SendFn
     clock: Callable[[], float] = time.monotonic
     jobs: list[PollJob] = field(default_factory=list)
@@ -287,14 +285,9 @@ class Poller:
     problems: list[Problem] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        cfg = self.pipeline.cfg
-        cache = DbcCache()
+        cfg, cache, tap = self.pipeline.cfg, self.pipeline.cache, self.pipeline.tap
         buses = {b.name: i for i, b in enumerate(cfg.buses)}
-        runtimes = {rt.compiled.cfg.id: rt for rt in self.pipeline.packs}
         for pc in cfg.packs:
-            rt = runtimes.get(pc.id)
-            if rt is None:
-                continue
             bus = buses.get(pc.bus, 0)
             if pc.transmit:
                 for req in pc.profile.poll:
@@ -308,15 +301,15 @@ class Poller:
                                   reply_key(pc, req, cache))
                     self.jobs.append(job)
                     if job.reply is not None:
-                        self._tap(bus, job.reply, self._answered(job))
+                        tap(bus, job.reply, self._answered(job))
             for ireq in pc.profile.isotp:
                 send = self._sender(bus) if pc.transmit else None
-                deliver = (cell_writer(rt.compiled.state, ireq.cells, rt.compiled.implausible)
-                           if ireq.cells is not None else (lambda ts, payload: None))
+                deliver = (self._cell_writer(pc.id, ireq.cells) if ireq.cells is not None
+                           else (lambda ts, payload: None))
                 client = IsoTpClient(ireq, send, deliver, self.clock)
                 self.clients.append((pc.id, bus, client))
                 key = frame_key(ireq.response_id, ireq.extended)
-                self._tap(bus, key, client.on_frame)
+                tap(bus, key, client.on_frame)
         for p in self.problems:
             log.error("polling: %s", p)
 
@@ -333,18 +326,13 @@ class Poller:
                 job.answered += 1
         return seen
 
-    def _tap(self, bus: int, key: int, fn: Handler) -> None:
-        """Run `fn` for frames with this key, before the pipeline's own handler (if any)."""
-        table: dict[int, Handler] = self.pipeline.tables[bus]
-        inner = table.get(key)
-        if inner is None:
-            table[key] = fn
-            return
+    def _cell_writer(self, pack_id: str, block: CellBlock) -> Handler:
+        """Deliver an ISO-TP answer's cells into the pack, through the pipeline."""
+        write = self.pipeline.write_cells
 
-        def both(ts: float, data: bytes) -> None:
-            fn(ts, data)
-            inner(ts, data)
-        table[key] = both
+        def deliver(ts: float, payload: bytes) -> None:
+            write(pack_id, block.kind, block.first, decode_cells(block, payload), ts)
+        return deliver
 
     @property
     def active(self) -> bool:

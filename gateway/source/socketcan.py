@@ -484,7 +484,7 @@ def make_source(cfg: CanBus, bus: int, on_batch: BatchSink, on_state: StateSink,
     def keys() -> Collection[int]:
         p = pipeline()  # by name: a reload may give the bus another number
         names: list[str] = p.bus_names
-        return p.tables[names.index(cfg.name)] if cfg.name in names else {}  # type: ignore[no-any-return]
+        return p.routes(names.index(cfg.name)) if cfg.name in names else {}  # type: ignore[no-any-return]
 
     if cfg.receive == "raw":
         return RawSource(cfg, on_batch, on_state, keys)
