@@ -13,20 +13,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gateway.config import GatewayConfig, PackConfig, Problem
+from gateway.config import MAX_CELLS, GatewayConfig, PackConfig, Problem
 from gateway.decode.dbc import DbcError, where_failed
 from gateway.faults.engine import FaultEngine
 from gateway.faults.plausibility import cross_check
 from gateway.model import FIELD_INDEX, FaultEvent, Output, Publication
 from gateway.normalize.cellcount import CellLearner, cell_learner
-from gateway.normalize.compiler import (
-    CELL_VALID,
-    MAX_CELLS,
-    CompiledPack,
-    DbcCache,
-    compile_pack,
-    prime_state,
-)
+from gateway.normalize.cellwriter import CELL_VALID
+from gateway.normalize.compiler import DbcCache, LivePack, compile_pack, prime_state
 from gateway.publish.sinks import PackPublisher, Topics, dumps
 from gateway.source.logs import Frame
 
@@ -52,7 +46,7 @@ class PackRuntime:
     """One pack's lasting state: it outlives a reload that keeps the pack's identity
     (id, profile, bus); the reload only swaps `compiled` and the settings."""
 
-    compiled: CompiledPack
+    compiled: LivePack
     publisher: PackPublisher
     faults: FaultEngine
     events_topic: str
@@ -84,7 +78,7 @@ class Prepared:
     pipeline uses, so it may run in a worker thread while frames keep flowing."""
 
     cfg: GatewayConfig
-    packs: list[tuple[PackConfig, CompiledPack, PackRuntime | None]]
+    packs: list[tuple[PackConfig, LivePack, PackRuntime | None]]
     learners: dict[str, CellLearner]  # by pack id: packs whose cell count is to be learned
     cache: DbcCache  # the DBCs it was compiled against, for whoever taps the pipeline
 
@@ -146,7 +140,7 @@ class Pipeline:
         problems: list[Problem] = []
         cache = cache or DbcCache()
         running = {rt.compiled.cfg.id: rt for rt in self.packs}
-        out: list[tuple[PackConfig, CompiledPack, PackRuntime | None]] = []
+        out: list[tuple[PackConfig, LivePack, PackRuntime | None]] = []
         learners: dict[str, CellLearner] = {}
         for pc in cfg.packs:
             old = running.get(pc.id)
@@ -286,8 +280,8 @@ class Pipeline:
         """Write cells `first`, `first + 1`, ... (0-based) of a pack, read at frame time
         `ts` by something other than the pack's compiled handlers (an ISO-TP answer).
 
-        The same rules as the handlers the profile compiles to (normalize/compiler.py,
-        `write_cells`): a value outside the kind's valid range is counted implausible and
+        The same rules as the handlers the profile compiles to (normalize/cellwriter.py,
+        `_CellCode.write`): a value outside the kind's valid range is counted implausible and
         stored as None; with a configured `cell_count`, voltages past it are not cells;
         a change marks the cells and the state changed (derived fields follow cells)."""
         rt = self._by_id.get(pack_id)

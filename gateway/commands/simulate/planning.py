@@ -5,11 +5,9 @@ them, each inverting the profile's conversion back to the DBC's physical value."
 from __future__ import annotations
 
 import ast
-import fnmatch
 import itertools
 import logging
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +19,15 @@ from gateway.commands.simulate.physics import Snapshot
 from gateway.config import BmsFault, CellSource, PackConfig, Problem, ValueSpec, nearest
 from gateway.decode.dbc import mux_signal
 from gateway.model import FIELD_BY_NAME
-from gateway.normalize.compiler import group_by_mux
+from gateway.normalize.cells import (
+    CellSlot,
+    cell_bits,
+    cell_slots,
+    cells_per_group,
+    is_pattern,
+    matching,
+)
+from gateway.normalize.expr import ExprError, evaluate
 
 log = logging.getLogger("gateway.simulate")
 
@@ -66,7 +72,7 @@ def _default(sig: Signal) -> float:
 
 
 def _inverse(spec: ValueSpec) -> Callable[[float], float]:
-    """Model value -> the value of `spec`'s expression (inverse of normalize._linear)."""
+    """Model value -> the value of `spec`'s expression (inverse of normalize.expr.linear)."""
     f, o = spec.factor_offset()
     scale, offset, sign = spec.scale or 1.0, spec.offset, -1.0 if spec.invert else 1.0
 
@@ -74,30 +80,6 @@ def _inverse(spec: ValueSpec) -> Callable[[float], float]:
         return ((v * sign - o) / f - offset) / scale
 
     return inv
-
-
-def _eval_expr(node: ast.AST, env: dict[str, float]) -> float:
-    if isinstance(node, ast.Expression):
-        return _eval_expr(node.body, env)
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) \
-            and not isinstance(node.value, bool):
-        return float(node.value)
-    if isinstance(node, ast.Name):
-        return env[node.id]
-    if isinstance(node, ast.BinOp):
-        a, b = _eval_expr(node.left, env), _eval_expr(node.right, env)
-        ops: dict[type[ast.operator], Callable[[float, float], float]] = {
-            ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y,
-            ast.Mult: lambda x, y: x * y, ast.Div: lambda x, y: x / y}
-        return ops[type(node.op)](a, b)
-    if isinstance(node, ast.UnaryOp):
-        x = _eval_expr(node.operand, env)
-        return -x if isinstance(node.op, ast.USub) else x
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-        args = [_eval_expr(a, env) for a in node.args]
-        fn: dict[str, Callable[..., float]] = {"min": min, "max": max, "abs": abs}
-        return float(fn[node.func.id](*args))
-    raise ValueError(type(node).__name__)
 
 
 def _linear_expr(expr: str, msg: Message) -> tuple[Signal, float, float] | None:
@@ -109,8 +91,9 @@ def _linear_expr(expr: str, msg: Message) -> tuple[Signal, float, float] | None:
             return None
         name = names.pop()
         sig = next(s for s in msg.signals if s.name == name)
-        y0, y1, y2 = (_eval_expr(tree, {name: x}) for x in (0.0, 1.0, 2.0))
-    except (SyntaxError, ValueError, KeyError, StopIteration, ZeroDivisionError, TypeError):
+        y0, y1, y2 = (evaluate(tree, {name: x}.__getitem__) for x in (0.0, 1.0, 2.0))
+    except (SyntaxError, ValueError, KeyError, StopIteration, ZeroDivisionError, TypeError,
+            ExprError):
         return None
     b = y1 - y0
     if b == 0 or abs((y2 - y0) - 2 * b) > 1e-9 * max(1.0, abs(b)):
@@ -315,9 +298,8 @@ class PlanBuilder:
         muxer = mux_signal(msg)
 
         def select(spec: tuple[str, ...] | str) -> list[Signal]:
-            if isinstance(spec, str) and any(c in spec for c in "*?["):
-                return [s for s in msg.signals if fnmatch.fnmatchcase(s.name, spec)
-                        and not s.is_multiplexer]
+            if isinstance(spec, str) and is_pattern(spec):
+                return matching(msg, spec)
             names = (spec,) if isinstance(spec, str) else spec
             return [s for s in msg.signals if s.name in names]
 
@@ -328,36 +310,21 @@ class PlanBuilder:
             idx_sig = self.signal(f"{src.key}.index", msg, src.index_signal)
             if idx_sig is None:
                 return
-        groups, inv_groups = group_by_mux(src, values, invalid)
-        # per group: (slot number as normalize computes it, value signal, invalid signal)
-        plans: dict[int | None, list[tuple[int, Signal, Signal | None]]] = {}
-        for mid, sigs in groups.items():
-            invs = inv_groups.get(mid, [])
-            if src.order == "name":
-                inv_by_num = {_name_number(s.name): s for s in invs}
-                plans[mid] = [(n - src.name_base, s, inv_by_num.get(n))
-                              for s in sigs if (n := _name_number(s.name)) is not None]
-            else:
-                by_pos = sorted(sigs, key=lambda s: _pos(s, msg))
-                invs = sorted(invs, key=lambda s: _pos(s, msg))
-                plans[mid] = [(i, s, invs[i] if len(invs) == len(by_pos) else None)
-                              for i, s in enumerate(by_pos)]
+        # per group: (slot number as normalize computes it, value signal, invalid signal);
+        # a layout normalize rejects is simulated as far as it goes
+        plans, _ = cell_slots(src, values, invalid)
         count = self.cells if kind != "temps" else self.sensors
-
-        def bits(sig: Signal) -> int:
-            return sig.length if kind == "balancing" and src.bitfield else 1
-
-        per_group = max((sum(bits(s) for _, s, _ in p) for p in plans.values()), default=1)
+        per_group = cells_per_group(src, kind, plans)
         stride = per_group if src.stride is None else src.stride
 
         def add_variant(selector: dict[str, float], mux: int | None,
-                        cells: list[tuple[int, Signal, Signal | None]]) -> None:
+                        cells: list[CellSlot]) -> None:
             # cells: (0-based element index of the signal's first element, signal, invalid)
             live = [(i, s, inv) for i, s, inv in cells if 0 <= i < count]
             if not live:
                 return
             var = plan.variant(selector, mux)
-            var.writers.append(self._cell_writer(kind, src, live, bits))
+            var.writers.append(self._cell_writer(kind, src, live))
 
         if src.mux and muxer is not None:
             for mid, items in sorted(plans.items(), key=lambda kv: kv[0] or 0):
@@ -385,8 +352,7 @@ class PlanBuilder:
             add_variant({}, None, [(base + slot, s, inv) for slot, s, inv in items])
 
     def _cell_writer(self, kind: str, src: CellSource,
-                     live: list[tuple[int, Signal, Signal | None]],
-                     bits: Callable[[Signal], int]) -> Writer:
+                     live: list[CellSlot]) -> Writer:
         f, o = ValueSpec(key=src.key, unit=src.unit).factor_offset()
         scale = src.scale * f
         inv_on = src.invalid_value
@@ -405,7 +371,7 @@ class PlanBuilder:
         def w_cells(snap: Snapshot, vals: dict[str, Any]) -> None:
             for i, sig, inv in live:
                 if kind == "balancing":
-                    n = bits(sig)
+                    n = cell_bits(src, kind, sig)
                     raw = 0
                     for j in range(n):
                         if i + j < len(snap.balancing) and snap.balancing[i + j]:
@@ -432,21 +398,3 @@ def _flag_raws(bit: int | None, values: tuple[int, ...] | None) -> tuple[int, in
         idle = next(v for v in itertools.count() if v not in values)
         return values[0], idle
     return 1, 0
-
-
-_NUM_IN_NAME = re.compile(r"(\d+)(?!.*\d)")
-
-
-def _name_number(name: str) -> int | None:
-    # same rule as normalize._name_number
-    base = re.sub(r"_?(invalid|valid|flag|Flag|invalidFlag)+$", "", name)
-    m = _NUM_IN_NAME.search(base)
-    return int(m.group(1)) if m else None
-
-
-def _pos(sig: Signal, msg: Message) -> int:
-    if sig.byte_order == "little_endian":
-        return int(sig.start)
-    msb = (sig.start // 8) * 8 + (7 - sig.start % 8)
-    return int(msb)
-

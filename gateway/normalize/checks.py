@@ -1,0 +1,121 @@
+"""`checks:` a frame whose checksum (sum8, xor8, CRC-8 SAE J1850) or rolling counter is
+wrong is dropped, and counted, before its handler writes anything: the generated test at
+the top of the handler, and the functions it calls."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from gateway.config import FrameCheck, Problem
+from gateway.decode.dbc import SignalRead, Source
+
+if TYPE_CHECKING:
+    from gateway.normalize.compiler import Compiler
+
+
+def xor8(data: bytes) -> int:
+    x = 0
+    for b in data:
+        x ^= b
+    return x
+
+
+def _crc8_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = ((c << 1) ^ 0x1D) & 0xFF if c & 0x80 else (c << 1) & 0xFF
+        table.append(c)
+    return table
+
+
+_CRC8 = _crc8_table()
+
+
+def crc8_sae_j1850(data: bytes) -> int:
+    """CRC-8 SAE J1850 (poly 0x1D, init 0xFF, final xor 0xFF), as AUTOSAR E2E profile 1."""
+    c = 0xFF
+    for b in data:
+        c = _CRC8[c ^ b]
+    return c ^ 0xFF
+
+
+# The names the generated test calls, for the handler's namespace.
+CHECK_FUNCTIONS: dict[str, Callable[[bytes], int]] = {
+    "_sum": sum, "_xor": xor8, "_crc8": crc8_sae_j1850}
+
+
+def compile_check(c: Compiler, chk: FrameCheck) -> None:
+    """Check one `checks:` entry against its message and register it for the handler."""
+    msg = c.message(chk.key, chk.message)
+    if msg is None:
+        return
+    cs = ctr = None
+    if chk.checksum is not None:
+        cs = c.read(f"{chk.key}.checksum", msg, chk.checksum)
+        if cs is None:
+            return
+        if cs.path or cs.field.length != 8 or \
+                (cs.field.shift % 8 if not cs.field.big_endian else
+                 (msg.length * 8 - cs.field.shift - 8) % 8):
+            c.problems.append(Problem(c.file, f"{chk.key}.checksum",
+                                      f"{chk.checksum!r} is not one whole byte of every "
+                                      "frame", "checksums are 8-bit, byte-aligned, not "
+                                      "multiplexed"))
+            return
+    if chk.counter is not None:
+        ctr = c.read(f"{chk.key}.counter", msg, chk.counter)
+        if ctr is None:
+            return
+        if ctr.path:
+            c.problems.append(Problem(c.file, f"{chk.key}.counter",
+                                      f"{chk.counter!r} is multiplexed",
+                                      "a rolling counter must be in every frame"))
+            return
+    c.msgs.setdefault(msg.name, [])
+    c.checks[msg.name] = (chk, cs, ctr)
+
+
+def emit_checks(g: Source, key: int, length: int, chk: FrameCheck, cs: SignalRead | None,
+                ctr: SignalRead | None) -> None:
+    """The test of frame key `key` (a message of `length` bytes): checksum `cs`, then
+    rolling counter `ctr`."""
+    k = chk.key
+    if cs is not None:
+        bf = cs.field
+        pos = bf.shift // 8 if not bf.big_endian else (length * 8 - bf.shift - 8) // 8
+        fid = key & 0x1FFFFFFF
+        id_bytes = fid.to_bytes(4 if key & 0x80000000 else 2, "big").lstrip(b"\0") or b"\0"
+        g.tag(k)
+        got = g.read(bf, raw=True)
+        if chk.method == "crc8_sae_j1850":
+            want = f"_crc8(data[:{pos}] + data[{pos} + 1:])"
+        else:
+            op = "^" if chk.method == "xor8" else "+"
+            extra: list[int | str] = []
+            if chk.with_id:
+                extra.append(sum(id_bytes) if op == "+" else xor8(id_bytes))
+            if chk.with_length:
+                extra.append("n")
+            agg = "_sum" if op == "+" else "_xor"
+            want = f"{agg}(data[:{pos}] + data[{pos} + 1:])"
+            for e in extra:
+                want = f"({want} {op} {e})"
+            want = f"{want} & 0xFF"
+        g.emit(1, f"if {got} != {want}:")
+        g.emit(2, "CNT.bad_checksum += 1")
+        g.emit(2, "return")
+    if ctr is not None:
+        g.tag(k)
+        mod = 1 << ctr.field.length
+        step = chk.max_step or max(1, mod // 2)
+        slot = g.const([None], "counter")
+        g.emit(1, f"c = {g.read(ctr.field, raw=True)}")
+        g.emit(1, f"p = {slot}[0]")
+        g.emit(1, f"{slot}[0] = c")
+        g.emit(1, f"if p is not None and not 0 < (c - p) % {mod} <= {step}:")
+        g.emit(2, "CNT.bad_counter += 1")
+        g.emit(2, "return")
+    g.tag("")
