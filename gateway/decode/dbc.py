@@ -185,7 +185,7 @@ def mux_signal(msg: Message) -> Signal | None:
 #
 # One description of a message (`MessageLayout`: each signal cantools reports, where its
 # bits are, and the multiplexer values that must hold for it to be present) and one
-# code generator (`Source`) that production's frame handlers (gateway/normalize.py) and
+# code generator (`Source`) that production's frame handlers (gateway/normalize/) and
 # `compile_message` both use. Extended (nested) multiplexing is a path of several
 # `MuxStep`s: a signal is present only when every multiplexer on its path has one of
 # its listed values, which is how cantools decides.

@@ -386,27 +386,8 @@ class Compiler:
         if info.kind == "bool":
             self.bool_field(slot, spec, msg)
             return
-        got = self.value_expr(spec, msg, Source(self.layout(msg)))
-        if got is None:
-            return
-        path = got[1]
         lo, hi = spec.valid or DEFAULT_VALID.get(name, (float("-inf"), float("inf")))
-        is_int = info.kind == "int"
-
-        def gen(g: Source, ind: int) -> None:
-            expr = self.value_expr(spec, msg, g)
-            assert expr is not None
-            g.emit(ind, f"v = {expr[0]}")
-            g.emit(ind, f"if {literal(lo)} <= v <= {literal(hi)}:")  # NaN fails: int() would raise
-            if is_int:
-                g.emit(ind + 1, "v = int(v)")
-            g.emit(ind + 1, f"if V[{slot}] != v:")
-            g.emit(ind + 2, f"V[{slot}] = v")
-            g.emit(ind + 2, "st.changed = True")
-            g.emit(ind, "else:")
-            g.emit(ind + 1, f"IMPL[{slot}] += 1")
-
-        self.add_with_sentinel(msg, spec, path, gen, f"V[{slot}]")
+        self.number(spec, msg, f"V[{slot}]", f"V[{slot}]", slot, (lo, hi), info.kind == "int")
 
     def extra(self, name: str, spec: ValueSpec) -> None:
         if spec.sources:
@@ -422,25 +403,32 @@ class Compiler:
             return
         if msg is None:
             return
+        self.number(spec, msg, f"X[{name!r}]", f"X.get({name!r})", len(FIELD_INDEX) + 2,
+                    spec.valid or (float("-inf"), float("inf")), False)
+
+    def number(self, spec: ValueSpec, msg: Message, target: str, current: str, impl: int,
+               valid: tuple[float, float], is_int: bool) -> None:
+        """A number from `msg` written to `target` (read back as `current`) when in the
+        `valid` range, else counted in IMPL[impl]."""
         got = self.value_expr(spec, msg, Source(self.layout(msg)))
         if got is None:
             return
-        path = got[1]
-        lo, hi = spec.valid or (float("-inf"), float("inf"))
-        extra_slot = len(FIELD_INDEX) + 2
+        lo, hi = valid
 
         def gen(g: Source, ind: int) -> None:
             expr = self.value_expr(spec, msg, g)
             assert expr is not None
             g.emit(ind, f"v = {expr[0]}")
-            g.emit(ind, f"if {literal(lo)} <= v <= {literal(hi)}:")
-            g.emit(ind + 1, f"if X.get({name!r}) != v:")
-            g.emit(ind + 2, f"X[{name!r}] = v")
+            g.emit(ind, f"if {literal(lo)} <= v <= {literal(hi)}:")  # NaN fails: int() would raise
+            if is_int:
+                g.emit(ind + 1, "v = int(v)")
+            g.emit(ind + 1, f"if {current} != v:")
+            g.emit(ind + 2, f"{target} = v")
             g.emit(ind + 2, "st.changed = True")
             g.emit(ind, "else:")
-            g.emit(ind + 1, f"IMPL[{extra_slot}] += 1")
+            g.emit(ind + 1, f"IMPL[{impl}] += 1")
 
-        self.add_with_sentinel(msg, spec, path, gen, f"X[{name!r}]")
+        self.add_with_sentinel(msg, spec, got[1], gen, target)
 
     def message_read(self, key: str, message: str, signal: str,
                      ) -> tuple[Message, SignalRead] | None:

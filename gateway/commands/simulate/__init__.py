@@ -4,7 +4,7 @@ The profile says where each model value lives in the DBC; the simulator runs tha
 mapping backwards. For every DBC message the profile reads it builds a plan: the
 frame variants it needs (one per mux value, per cell-index value, or one), and the
 writers that put simulated values into those frames, each inverting the profile's
-conversion (`normalize._linear`: scale, offset, unit, invert) back to the DBC's
+conversion (`normalize.expr.linear`: scale, offset, unit, invert) back to the DBC's
 physical value before cantools encodes it. Signals the profile does not read are 0
 (or their minimum when 0 is out of range).
 
