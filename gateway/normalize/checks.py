@@ -1,13 +1,14 @@
-"""`checks:` a frame whose checksum (sum8, xor8, CRC-8 SAE J1850) or rolling counter is
-wrong is dropped, and counted, before its handler writes anything: the generated test at
-the top of the handler, and the functions it calls."""
+"""The frames a handler drops, and counts, before it writes anything: `checks:` a frame
+whose checksum (sum8, xor8, CRC-8 SAE J1850) or rolling counter is wrong; `gates:` frames
+that arrive while a state signal says the BMS sends placeholders. Each entry is checked
+against the DBC, then emitted at the top of its message's handler."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from gateway.config import FrameCheck, Problem
+from gateway.config import FrameCheck, Gate, Problem, nearest
 from gateway.decode.dbc import SignalRead, Source
 
 if TYPE_CHECKING:
@@ -41,6 +42,10 @@ def crc8_sae_j1850(data: bytes) -> int:
         c = _CRC8[c ^ b]
     return c ^ 0xFF
 
+
+# A gate: (state message, state signal, values that shut it, ignored messages or None:
+# all but the state message)
+GateSpec = tuple[str, SignalRead, frozenset[int], list[str] | None]
 
 # The names the generated test calls, for the handler's namespace.
 CHECK_FUNCTIONS: dict[str, Callable[[bytes], int]] = {
@@ -76,6 +81,59 @@ def compile_check(c: Compiler, chk: FrameCheck) -> None:
             return
     c.msgs.setdefault(msg.name, [])
     c.checks[msg.name] = (chk, cs, ctr)
+
+
+def compile_gate(c: Compiler, gate: Gate) -> None:
+    """`gates`: while a state signal has given values, listed messages are ignored."""
+    got = c.message_read(gate.key, gate.message, gate.signal)
+    if got is None:
+        return
+    msg, rd = got
+    if rd.path:
+        c.problems.append(Problem(c.file, f"{gate.key}.signal",
+                                  f"{gate.signal!r} is multiplexed: a gate needs a signal "
+                                  "every frame of its message carries",
+                                  "choose an unmultiplexed state signal"))
+        return
+    sig = next(s for s in msg.signals if s.name == rd.name)
+    by_name = {str(v): int(k) for k, v in (sig.choices or {}).items()}
+    values: set[int] = set()
+    for v in gate.values:
+        if isinstance(v, int):
+            values.add(v)
+        elif v in by_name:
+            values.add(by_name[v])
+        else:
+            c.problems.append(Problem(c.file, f"{gate.key}.values",
+                                      f"signal {sig.name!r} has no choice {v!r}",
+                                      nearest(v, by_name) or "use the raw number"))
+            return
+    ignore: list[str] | None = None
+    if gate.ignore is not None:
+        ignore = []
+        for name in gate.ignore:
+            m = c.message(f"{gate.key}.ignore", name)
+            if m is None:
+                return
+            ignore.append(m.name)
+    c.msgs.setdefault(msg.name, [])
+    c.gate_specs.append((msg.name, rd, frozenset(values), ignore))
+
+
+def emit_gates(g: Source, name: str, specs: list[GateSpec]) -> None:
+    """Message `name`'s part of the gates: set a gate's flag from its state signal, or
+    drop the frame while a gate over it is shut."""
+    gated = []
+    for k, (gmsg, rd, values, ignore) in enumerate(specs):
+        if gmsg == name:
+            g.emit(1, f"G[{k}] = {g.read(rd.field, raw=True)} in "
+                   f"{g.const(values, 'gate')}  # gates[{k}]: state")
+        if (ignore is None and gmsg != name) or (ignore is not None and name in ignore):
+            gated.append(k)
+    if gated:
+        g.emit(1, f"if {' or '.join(f'G[{k}]' for k in gated)}:  # validity gate")
+        g.emit(2, "CNT.gated += 1")
+        g.emit(2, "return")
 
 
 def emit_checks(g: Source, key: int, length: int, chk: FrameCheck, cs: SignalRead | None,

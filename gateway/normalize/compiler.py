@@ -8,9 +8,10 @@ source contains only numbers and names of our own; nothing from the profile or t
 is ever evaluated as code (expressions are parsed with `ast` and re-emitted from a
 whitelist of nodes).
 
-The `Compiler` here does fields, extras, BMS flags, trouble codes and gates; beside it:
-cells.py (where a `cells:` source puts each cell), cellwriter.py (the code writing
-them), expr.py (expressions), checks.py (checksums and rolling counters).
+The `Compiler` here does fields, extras, BMS flags and trouble codes, and builds the
+handlers; beside it: cells.py (where a `cells:` source puts each cell), cellwriter.py
+(the code writing them), expr.py (expressions), checks.py (the frames a handler drops:
+checksums, rolling counters, validity gates).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from gateway.config import (
     BmsFault,
     DtcStream,
     FrameCheck,
-    Gate,
     PackConfig,
     Problem,
     ValueSpec,
@@ -50,7 +50,14 @@ from gateway.decode.dbc import (
 )
 from gateway.model import BMS_STATES, FIELD_BY_NAME, FIELD_INDEX, PackState, Value
 from gateway.normalize.cellwriter import compile_cells
-from gateway.normalize.checks import CHECK_FUNCTIONS, compile_check, emit_checks
+from gateway.normalize.checks import (
+    CHECK_FUNCTIONS,
+    GateSpec,
+    compile_check,
+    compile_gate,
+    emit_checks,
+    emit_gates,
+)
 from gateway.normalize.expr import ExprError, linear, literal, parse, to_python
 
 log = logging.getLogger("gateway.normalize")
@@ -125,7 +132,7 @@ class Compiler:
         self.layouts: dict[str, MessageLayout] = {}
         self.gates: list[Callable[[Source, int], int]] = []
         # format 2 `gates`: (state message, state signal, values, ignored messages or None)
-        self.gate_specs: list[tuple[str, SignalRead, frozenset[int], list[str] | None]] = []
+        self.gate_specs: list[GateSpec] = []
         self.checks: dict[str, tuple[FrameCheck, SignalRead | None, SignalRead | None]] = {}
         self.counters = PackCounters()
         self.code: dict[int, str] = {}  # frame key -> generated source
@@ -436,42 +443,6 @@ class Compiler:
         rd = self.read(f"{key}.signal", msg, signal) if msg is not None else None
         return None if msg is None or rd is None else (msg, rd)
 
-    def gate(self, gate: Gate) -> None:
-        """`gates`: while a state signal has given values, listed messages are ignored."""
-        got = self.message_read(gate.key, gate.message, gate.signal)
-        if got is None:
-            return
-        msg, rd = got
-        if rd.path:
-            self.problems.append(Problem(self.file, f"{gate.key}.signal",
-                                         f"{gate.signal!r} is multiplexed: a gate needs a "
-                                         "signal every frame of its message carries",
-                                         "choose an unmultiplexed state signal"))
-            return
-        sig = next(s for s in msg.signals if s.name == rd.name)
-        by_name = {str(v): int(k) for k, v in (sig.choices or {}).items()}
-        values: set[int] = set()
-        for v in gate.values:
-            if isinstance(v, int):
-                values.add(v)
-            elif v in by_name:
-                values.add(by_name[v])
-            else:
-                self.problems.append(Problem(self.file, f"{gate.key}.values",
-                                             f"signal {sig.name!r} has no choice {v!r}",
-                                             nearest(v, by_name) or "use the raw number"))
-                return
-        ignore: list[str] | None = None
-        if gate.ignore is not None:
-            ignore = []
-            for name in gate.ignore:
-                m = self.message(f"{gate.key}.ignore", name)
-                if m is None:
-                    return
-                ignore.append(m.name)
-        self.msgs.setdefault(msg.name, [])
-        self.gate_specs.append((msg.name, rd, frozenset(values), ignore))
-
     def add_with_sentinel(self, msg: Message, spec: ValueSpec, path: tuple[MuxStep, ...],
                           gen: Callable[[Source, int], None], target: str) -> None:
         """`sentinel: [...]`: a raw value meaning "not available" makes the value null."""
@@ -628,17 +599,7 @@ class Compiler:
             key = message_key(msg) + offset
             if name in self.checks:
                 emit_checks(body, key, msg.length, *self.checks[name])
-            gated = []
-            for k, (gmsg, rd, values, ignore) in enumerate(self.gate_specs):
-                if gmsg == name:
-                    body.emit(1, f"G[{k}] = {body.read(rd.field, raw=True)} in "
-                              f"{body.const(values, 'gate')}  # gates[{k}]: state")
-                if (ignore is None and gmsg != name) or (ignore is not None and name in ignore):
-                    gated.append(k)
-            if gated:
-                body.emit(1, f"if {' or '.join(f'G[{k}]' for k in gated)}:  # validity gate")
-                body.emit(2, "CNT.gated += 1")
-                body.emit(2, "return")
+            emit_gates(body, name, self.gate_specs)
             body.items(items, 1)
             L = msg.length
             lines = [f"def handler(ts, data):  # pack {self.cfg.id}: {self.file}: {name} "
@@ -735,7 +696,7 @@ def compile_pack(cfg: PackConfig, cache: DbcCache, problems: list[Problem], *,
     for chk in prof.checks:
         compile_check(c, chk)
     for gate in prof.gates:
-        c.gate(gate)
+        compile_gate(c, gate)
     if len(problems) > before:
         return None
     if keep is None:
