@@ -280,10 +280,11 @@ class Pipeline:
         """Write cells `first`, `first + 1`, ... (0-based) of a pack, read at frame time
         `ts` by something other than the pack's compiled handlers (an ISO-TP answer).
 
-        The same rules as the handlers the profile compiles to (normalize/cellwriter.py,
-        `_CellCode.write`): a value outside the kind's valid range is counted implausible and
-        stored as None; with a configured `cell_count`, voltages past it are not cells;
-        a change marks the cells and the state changed (derived fields follow cells)."""
+        The same rules as the handlers the profile compiles to (the generated cell
+        writer of normalize/cellwriter.py): a value outside the kind's valid range is
+        counted implausible and stored as None; with a configured `cell_count`, voltages
+        past it are not cells; a change marks the cells and the state changed (derived
+        fields follow cells)."""
         rt = self._by_id.get(pack_id)
         if rt is None:
             msg = f"write_cells: no pack {pack_id!r} in the running config"
