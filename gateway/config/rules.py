@@ -19,8 +19,9 @@ def _number(v: Any) -> bool:
 
 
 def _gap(d: RuleDef, raise_at: float) -> float:
-    if d.raise_at is not None and d.clear_at is not None:
-        return abs(d.raise_at - d.clear_at)
+    default_raise, default_clear, _ = d.limits
+    if default_raise is not None and default_clear is not None:
+        return abs(default_raise - default_clear)
     return abs(raise_at) * d.rel_gap
 
 

@@ -217,7 +217,7 @@ class CanBus:
     fd: bool = False
     data_bitrate: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
-    # socketcan only: "raw" reads the AF_CAN socket directly (gateway/socketcan.py),
+    # socketcan only: "raw" reads the AF_CAN socket directly (gateway/source/socketcan.py),
     # "bcm" lets the kernel's broadcast manager deliver only changes of the bits read,
     # "python-can" goes through can.Bus like every other interface
     receive: Literal["raw", "bcm", "python-can"] = "python-can"

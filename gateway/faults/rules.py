@@ -34,9 +34,7 @@ class RuleDef:
     kind: Kind
     severity: Severity
     label: str
-    raise_at: float | None = None
-    clear_at: float | None = None
-    debounce_s: float = 0.0
+    limits: tuple[float | None, float | None, float] = (None, None, 0.0)  # raise, clear, debounce
     window_s: float | None = None
     field: str | None = None  # model field read (the extreme, for per-cell/sensor rules)
     element: Literal["cell", "sensor"] | None = None
@@ -50,7 +48,7 @@ class RuleDef:
 
 def _d(kind: Kind, sev: Severity, label: str,
        limits: tuple[float | None, float | None, float] = (None, None, 0.0), **kw: Any) -> RuleDef:
-    return RuleDef(kind, sev, label, *limits, **kw)
+    return RuleDef(kind, sev, label, limits, **kw)
 
 
 _CELL_V = (0.0, 6.0)
@@ -112,8 +110,7 @@ CHEMISTRY: dict[str, dict[str, tuple[float, float]]] = {
 
 
 def default_rules(chemistry: str = "lfp") -> dict[str, RuleSpec]:
-    out = {n: RuleSpec(n, True, d.severity, d.raise_at, d.clear_at, d.debounce_s,
-                       d.window_s) for n, d in RULES.items()}
+    out = {n: RuleSpec(n, True, d.severity, *d.limits, d.window_s) for n, d in RULES.items()}
     for name, (ra, ca) in CHEMISTRY.get(chemistry, {}).items():
         out[name] = dataclasses.replace(out[name], raise_at=ra, clear_at=ca)
     return out
