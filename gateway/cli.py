@@ -15,16 +15,14 @@ from typing import TYPE_CHECKING
 
 from gateway import __version__
 from gateway.config import BUILTIN_CONFIG, ConfigError, GatewayConfig, load_config
+from gateway.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, GatewayError
 
 if TYPE_CHECKING:
     from gateway.config import Scenario
     from gateway.runtime.pipeline import Pipeline
     from gateway.source.logformats import LineFormat
 
-EXIT_OK = 0
-EXIT_RUNTIME = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 3  # start-up failure: systemd's RestartPreventExitStatus=3 stops the loop
+__all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_RUNTIME", "EXIT_USAGE", "build_parser", "main"]
 
 log = logging.getLogger("gateway")
 DEFAULT_CONFIG = BUILTIN_CONFIG / "gateway.example.yaml"
@@ -39,35 +37,29 @@ def _setup_logging(level: str, stream: object = None) -> None:
     )
 
 
-def _print_problems(e: ConfigError) -> None:
-    print(f"config error{'s' if len(e.problems) > 1 else ''}:", file=sys.stderr)
-    for p in e.problems:
-        print(f"  {p}", file=sys.stderr)
+def _report(e: GatewayError) -> None:
+    """The one place where an error that ends a command is printed: one line, or a
+    config error's problems under a heading, one per line."""
+    if isinstance(e, ConfigError):
+        print(f"{e.kind} error{'s' if len(e.problems) > 1 else ''}:", file=sys.stderr)
+        for p in e.problems:
+            print(f"  {p}", file=sys.stderr)
+    else:
+        print(f"error: {e}", file=sys.stderr)
 
 
-def _load(args: argparse.Namespace, mqtt: str | None = None) -> GatewayConfig | None:
-    try:
-        return load_config(args.config, mqtt_url=mqtt)
-    except ConfigError as e:
-        _print_problems(e)
-        return None
+def _load(args: argparse.Namespace, mqtt: str | None = None) -> GatewayConfig:
+    return load_config(args.config, mqtt_url=mqtt)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from gateway.runtime.pipeline import Pipeline
-
-    cfg = _load(args)
-    if cfg is None:
-        return EXIT_CONFIG
     from gateway.source.logs import interface_problems
 
-    try:
-        pipeline = Pipeline(cfg)
-        if problems := interface_problems(cfg):
-            raise ConfigError(problems)
-    except ConfigError as e:
-        _print_problems(e)
-        return EXIT_CONFIG
+    cfg = _load(args)
+    pipeline = Pipeline(cfg)
+    if problems := interface_problems(cfg):
+        raise ConfigError(problems)
     if args.show_code is not None:
         return _show_code(pipeline, args.show_code)
     print(f"{cfg.path}: OK")
@@ -108,50 +100,36 @@ def _speed(text: str) -> float | None:
 
 
 def _log_options(args: argparse.Namespace, cfg: GatewayConfig | None = None
-                 ) -> tuple[LineFormat | None, float | None] | int:
-    """--log-format / --ts-unit / --ts-base (else the config's `log_format`) and --start,
-    or an exit code after the message."""
-    from gateway.source.logformats import FormatError, LineFormat, parse_start
+                 ) -> tuple[LineFormat | None, float | None]:
+    """--log-format / --ts-unit / --ts-base (else the config's `log_format`) and --start
+    (a FormatError, exit 2, when they cannot work)."""
+    from gateway.source.logformats import LineFormat, parse_start
 
-    try:
-        if args.log_format:
-            fmt: LineFormat | None = LineFormat.parse(args.log_format, args.ts_unit,
-                                                      args.ts_base)
-        elif cfg is not None and cfg.log_format is not None:
-            fmt = LineFormat.parse(*cfg.log_format)
-        else:
-            fmt = None
-        start = parse_start(args.start) if args.start is not None else None
-    except FormatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    if args.log_format:
+        fmt: LineFormat | None = LineFormat.parse(args.log_format, args.ts_unit, args.ts_base)
+    elif cfg is not None and cfg.log_format is not None:
+        fmt = LineFormat.parse(*cfg.log_format)
+    else:
+        fmt = None
+    start = parse_start(args.start) if args.start is not None else None
     return fmt, start
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from gateway.publish.outbox import OutboxError
     from gateway.runtime.daemon import replay, run_loop
-    from gateway.source.logs import LogError
 
     cfg = _load(args, args.mqtt)
-    if cfg is None:
-        return EXIT_CONFIG
-    opts = _log_options(args, cfg)
-    if isinstance(opts, int):
-        return opts
+    line_format, start = _log_options(args, cfg)
     _setup_logging(args.log_level or cfg.log_level)
     try:
         rt = run_loop(replay(cfg, args.log, speed=args.speed, outbox_path=args.outbox,
-                             line_format=opts[0], start=opts[1]), args.loop)
-    except ConfigError as e:
-        _print_problems(e)
-        return EXIT_CONFIG
+                             line_format=line_format, start=start), args.loop)
     except OutboxError as e:  # --outbox names a directory, a device, /proc/...
-        print(f"error: --outbox: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except LogError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_RUNTIME
+        if args.outbox is None:
+            raise
+        msg = f"--outbox: {e}"
+        raise OutboxError(msg) from e
     except KeyboardInterrupt:
         return 130
     st = rt.log_stats
@@ -181,30 +159,18 @@ def _stopped_early() -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway.publish.outbox import OutboxError
     from gateway.runtime.daemon import Daemon, run_loop
     from gateway.source.logs import interface_problems
 
     cfg = _load(args, args.mqtt)
-    if cfg is None:
-        return EXIT_CONFIG
     if problems := interface_problems(cfg):
-        _print_problems(ConfigError(problems))
-        return EXIT_CONFIG
+        raise ConfigError(problems)
     _setup_logging(args.log_level or cfg.log_level)
     if _stopped_early():
         return EXIT_OK
 
     async def main() -> int:
-        try:
-            d = Daemon(cfg)
-        except ConfigError as e:
-            for p in e.problems:
-                log.error("%s", p)
-            return EXIT_CONFIG
-        except OutboxError as e:
-            log.error("%s", e)
-            return EXIT_CONFIG
+        d = Daemon(cfg)
         if _stopped_early():
             d.rt.close()
             return EXIT_OK
@@ -214,21 +180,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _sim_setup(args: argparse.Namespace, mqtt: str | None = None) -> tuple[
-        GatewayConfig, Scenario | None] | int:
-    """Config and scenario for simulate/demo, or an exit code after printing the problems."""
+        GatewayConfig, Scenario | None]:
+    """Config and scenario for simulate/demo."""
     from gateway.config import load_scenario
 
     cfg = _load(args, mqtt)
-    if cfg is None:
-        return EXIT_CONFIG
     _setup_logging(args.log_level or cfg.log_level)
     try:
         scenario = load_scenario(args.scenario) if args.scenario else None
     except ConfigError as e:
-        print(f"scenario error{'s' if len(e.problems) > 1 else ''}:", file=sys.stderr)
-        for p in e.problems:
-            print(f"  {p}", file=sys.stderr)
-        return EXIT_CONFIG
+        raise ConfigError(e.problems, kind="scenario") from e
     return cfg, scenario
 
 
@@ -244,17 +205,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     )
     from gateway.source.logs import open_bus
 
-    got = _sim_setup(args)
-    if isinstance(got, int):
-        return got
-    cfg, scenario = got
-    try:
-        pack = find_pack(cfg, args.pack)
-        sim = Simulator(pack, scenario=scenario, seed=args.seed)
-    except ConfigError as e:
-        for p in e.problems:
-            print(f"  {p}", file=sys.stderr)
-        return EXIT_CONFIG
+    cfg, scenario = _sim_setup(args)
+    pack = find_pack(cfg, args.pack)
+    sim = Simulator(pack, scenario=scenario, seed=args.seed)
     if args.out is not None:
         start = FIXED_START if args.start is None else args.start
         n = write_candump(sim.frames(start, args.duration or 60.0, args.period), args.out,
@@ -290,29 +243,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.commands.simulate import run_demo
-    from gateway.publish.outbox import OutboxError
 
-    got = _sim_setup(args, args.mqtt)
-    if isinstance(got, int):
-        return got
-    cfg, scenario = got
-    try:
-        return asyncio.run(run_demo(cfg, scenario=scenario, duration=args.duration,
-                                    seed=args.seed, pack_id=args.pack))
-    except (ConfigError, OutboxError) as e:
-        log.error("%s", e)
-        return EXIT_CONFIG
+    cfg, scenario = _sim_setup(args, args.mqtt)
+    return asyncio.run(run_demo(cfg, scenario=scenario, duration=args.duration,
+                                seed=args.seed, pack_id=args.pack))
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from gateway.commands.watch import WatchError, require_rich, watch_bus, watch_log, watch_mqtt
-    from gateway.source.logs import LogError
+    from gateway.commands.watch import require_rich, watch_bus, watch_log, watch_mqtt
 
-    try:
-        require_rich()
-    except WatchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_RUNTIME
+    require_rich()
     # log lines would tear the full-screen display: only errors, unless asked for
     _setup_logging(args.log_level or "error")
     limits = {"ok_mv": args.ok_mv, "warn_mv": args.warn_mv}
@@ -322,21 +262,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
                                    **limits))
             return EXIT_OK
         cfg = _load(args)
-        if cfg is None:
-            return EXIT_CONFIG
         if args.log is not None:
             asyncio.run(watch_log(cfg, args.log, speed=args.speed, **limits))
         else:
             asyncio.run(watch_bus(cfg, **limits))
     except KeyboardInterrupt:
         return EXIT_OK  # Ctrl-C is how one leaves the dashboard
-    except ConfigError as e:
-        for p in e.problems:
-            print(f"  {p}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (WatchError, LogError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_RUNTIME
     return EXIT_OK
 
 
@@ -349,14 +280,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
         write_csv,
         write_jsonl,
     )
-    from gateway.source.logs import LogError
 
     cfg = _load(args)
-    if cfg is None:
-        return EXIT_CONFIG
-    opts = _log_options(args, cfg)
-    if isinstance(opts, int):
-        return opts
+    line_format, start = _log_options(args, cfg)
     _setup_logging(args.log_level or "warning")
     if not args.log_level:  # fault events are the output here, not news for stderr
         logging.getLogger("gateway.pipeline").setLevel(logging.ERROR)
@@ -373,7 +299,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
             files.append(out)
         with Progress(args.log) as progress:
             recs = records(cfg, args.log, every=args.every_frame_time, summary=summary,
-                           progress=progress, line_format=opts[0], start=opts[1])
+                           progress=progress, line_format=line_format, start=start)
             if args.format == "jsonl":
                 write_jsonl(recs, out)
             else:
@@ -386,11 +312,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
                 if lost:
                     log.warning("%d fault events not written: give --events FILE (or --out) "
                                 "for the events CSV", lost)
-    except ConfigError as e:
-        for p in e.problems:
-            print(f"  {p}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (LogError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # a LogError goes on to main: "error: ...", exit 1
         if isinstance(e, BrokenPipeError):  # `| head`: the reader has what it wanted
             return EXIT_OK
         print(f"error: {e}", file=sys.stderr)
@@ -407,14 +329,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from gateway.commands.export import Progress, collect, plot, records
-    from gateway.source.logs import LogError
 
     if args.out.suffix.lower() not in (".png", ".svg", ".pdf"):
         print(f"error: --out {args.out}: use a .png, .svg or .pdf file", file=sys.stderr)
         return EXIT_USAGE
     cfg = _load(args)
-    if cfg is None:
-        return EXIT_CONFIG
     _setup_logging(args.log_level or "warning")
     if not args.log_level:
         logging.getLogger("gateway.pipeline").setLevel(logging.ERROR)
@@ -428,11 +347,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         with Progress(args.log) as progress:
             series = collect(records(cfg, args.log, progress=progress), args.pack)
         plot(series, args.out, title=f"{args.log.name}: pack {series.pack_id}")
-    except ConfigError as e:
-        for p in e.problems:
-            print(f"  {p}", file=sys.stderr)
-        return EXIT_CONFIG
-    except (LogError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_RUNTIME
     log.info("wrote %s", args.out)
@@ -443,21 +358,15 @@ def cmd_identify(args: argparse.Namespace) -> int:
     import json
 
     from gateway.commands.identify import identify, report
-    from gateway.source.logs import LogError
 
     # every profile meets foreign frames here: their warnings are noise, the table says it
-    opts = _log_options(args)
-    if isinstance(opts, int):
-        return opts
+    line_format, _ = _log_options(args)
     quiet = logging.getLogger("gateway")
     level = quiet.level
     if not args.log_level:
         quiet.setLevel(logging.ERROR)
     try:
-        fits, stats = identify(args.log, args.dbc, line_format=opts[0])
-    except LogError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_RUNTIME
+        fits, stats = identify(args.log, args.dbc, line_format=line_format)
     finally:
         quiet.setLevel(level)
     text, fits_any = report(fits, stats, args.log)
@@ -599,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "log_level", None) or "info")
     try:
         return int(args.func(args))
+    except GatewayError as e:
+        _report(e)
+        return e.exit_code
     except BrokenPipeError:
         # `bms-gateway replay ... | head`: the reader left; that is not an error
         with contextlib.suppress(OSError):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.backoff import backoff
 from gateway.commands.export import parse_ts
+from gateway.errors import GatewayError
 from gateway.model import PackState, Value, iso_ts
 
 if TYPE_CHECKING:
@@ -46,7 +47,7 @@ DENSE_GROUP = 16
 REFRESH_S = 0.25
 
 
-class WatchError(Exception):
+class WatchError(GatewayError):
     """The dashboard cannot start (rich missing, bad URL, unreadable log)."""
 
 

@@ -10,6 +10,8 @@ from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.errors import EXIT_CONFIG, GatewayError
+
 
 @dataclass(frozen=True, slots=True)
 class Problem:
@@ -24,9 +26,15 @@ class Problem:
         return f"{self.file}: {self.key}: {self.what}{end}{fix}"
 
 
-class ConfigError(Exception):
-    def __init__(self, problems: list[Problem]) -> None:
+class ConfigError(GatewayError):
+    """Every problem found in a config, profile or scenario file, each naming the file,
+    the key and the fix. `kind` heads the list as the CLI prints it ("config errors:")."""
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, problems: list[Problem], *, kind: str = "config") -> None:
         self.problems = problems
+        self.kind = kind
         super().__init__("\n".join(str(p) for p in problems))
 
 

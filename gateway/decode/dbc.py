@@ -24,13 +24,17 @@ import cantools
 from cantools.database import Database
 from cantools.database.can import Message, Signal
 
+from gateway.errors import EXIT_CONFIG, GatewayError
+
 log = logging.getLogger("gateway.decode")
 
 EXTENDED_FLAG = 0x80000000  # key bit for 29-bit identifiers, as DBC files write them
 
 
-class DbcError(Exception):
+class DbcError(GatewayError):
     """A DBC file could not be loaded; the message says which file, where, and what to do."""
+
+    exit_code = EXIT_CONFIG
 
 
 def frame_key(arbitration_id: int, is_extended: bool) -> int:

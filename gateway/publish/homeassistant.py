@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from gateway import __version__
 from gateway.config import MAX_CELLS, GatewayConfig, PackConfig, id_problem
+from gateway.errors import GatewayError
 from gateway.faults.rules import RULES
 from gateway.model import BMS_STATES, FIELDS, FieldInfo, Publication
 from gateway.publish.sinks import Topics, dumps
@@ -86,7 +87,7 @@ def node_body(gid: str, pack: str) -> str:
     return f"{gid.replace('_', '__')}_{pack}"
 
 
-class RegistryError(ValueError):
+class RegistryError(GatewayError, ValueError):
     """A discovery registry on the broker that the gateway will not act on."""
 
 

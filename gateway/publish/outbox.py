@@ -55,6 +55,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
+from gateway.errors import EXIT_CONFIG, GatewayError
 from gateway.model import FaultEvent, Value, iso_ts
 
 __all__ = ["FILENAME", "HELD_MAX", "Outbox", "OutboxError", "Row", "SeqMark"]
@@ -77,8 +78,10 @@ Row = tuple[int, str, bytes]  # (seq, topic, payload)
 _MakePayload = Callable[[int, str], dict[str, Value]]
 
 
-class OutboxError(Exception):
+class OutboxError(GatewayError):
     """The outbox file or its directory cannot be used; the message says how to fix it."""
+
+    exit_code = EXIT_CONFIG
 
 
 @dataclass(slots=True)

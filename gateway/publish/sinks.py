@@ -26,6 +26,7 @@ from typing import Any, TextIO
 
 from gateway.backoff import backoff
 from gateway.config import MqttConfig, PackConfig
+from gateway.errors import EXIT_CONFIG, GatewayError
 from gateway.model import FIELDS, Output, PackState, Publication, Value, clean, iso_ts
 
 log = logging.getLogger("gateway.publish")
@@ -465,9 +466,11 @@ class MqttSink:
         return bool(self.pending or self.queue or self.next_events())
 
 
-class BrokerAddressError(ValueError):
+class BrokerAddressError(GatewayError, ValueError):
     """The broker address cannot be used at all (not a passing network failure): the
     daemon stops with the config exit status instead of restarting the task."""
+
+    exit_code = EXIT_CONFIG
 
 
 @dataclass(frozen=True, slots=True)

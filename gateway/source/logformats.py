@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.decode.dbc import EXTENDED_FLAG
+from gateway.errors import EXIT_USAGE, GatewayError
 
 if TYPE_CHECKING:
     from gateway.source.logs import Frame, SourceStats
@@ -33,8 +34,10 @@ RELATIVE_BEFORE = 10 * 365 * 86400.0  # a first timestamp before 1980: relative 
 _UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}
 
 
-class FormatError(ValueError):
+class FormatError(GatewayError, ValueError):
     """A --format / log_format spec that cannot work; the message says how to write it."""
+
+    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ import can
 from gateway.backoff import backoff
 from gateway.config import CanBus, GatewayConfig, Problem
 from gateway.decode.dbc import EXTENDED_FLAG
+from gateway.errors import GatewayError
 from gateway.source import logformats
 from gateway.source.logformats import LineFormat
 
@@ -60,7 +61,7 @@ def ts_ok(ts: float) -> bool:
     return 0.0 <= ts <= TS_MAX
 
 
-class LogError(Exception):
+class LogError(GatewayError):
     """A log file that cannot be read at all (missing, unknown format, reader refused it)."""
 
 
