@@ -361,3 +361,24 @@ def test_hostname_check_is_on_by_default(tls_broker: TlsBroker) -> None:
         ca_file=str(tls_broker.pki.ca))))
     assert ctx is not None
     assert ctx.check_hostname and ctx.verify_mode == ssl.CERT_REQUIRED
+
+
+def test_tls_setup_errors_are_explained_by_their_kind(tls_broker: TlsBroker,
+                                                      tmp_path: Path) -> None:
+    """The hint comes from the error's type (a key of another certificate, a CA file that
+    is no certificate), not from searching its message text."""
+    from gateway.config import MqttConfig, TlsConfig
+    from gateway.publish.sinks import _explain, tls_context
+
+    pki = tls_broker.pki
+    mismatch = MqttConfig(url="mqtts://localhost:1", tls=TlsConfig(
+        ca_file=str(pki.ca), cert_file=str(pki.client_cert), key_file=str(pki.wrong_key)))
+    with pytest.raises(OSError) as got:
+        tls_context(mismatch)
+    assert "cert_file and mqtt.tls.key_file: they must be a pair" in _explain(got.value)
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    with pytest.raises(ssl.SSLError) as bad_ca:
+        tls_context(MqttConfig(url="mqtts://localhost:1", tls=TlsConfig(ca_file=str(junk))))
+    assert "check mqtt.tls.ca_file" in _explain(bad_ca.value)
+    assert _explain(ValueError("other")) == "other"

@@ -186,7 +186,10 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
         return None
     ctx = ssl.create_default_context(cafile=cfg.tls.ca_file)
     if cfg.tls.cert_file and cfg.tls.key_file:
-        ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+        try:
+            ctx.load_cert_chain(cfg.tls.cert_file, cfg.tls.key_file)
+        except ssl.SSLError as e:  # not PEM, or a key of another certificate
+            raise _KeyPairError(*e.args) from e
     if cfg.tls.insecure:
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
@@ -574,14 +577,45 @@ def _first_mqtt_error(e: BaseException, kind: type[BaseException]) -> BaseExcept
     return e
 
 
+class _KeyPairError(OSError):
+    """mqtt.tls.cert_file and key_file cannot be loaded as a pair (ssl.SSLError's args)."""
+
+
+# CONNACK refusals that mean the credentials: MQTT 3.1.1 return codes 4 (bad user name or
+# password) and 5 (not authorised); MQTT 5 reason codes 0x86 and 0x87, which paho also
+# reports for a 3.1.1 broker's 4 and 5.
+_AUTH_CODES = frozenset({4, 5, 0x86, 0x87})
+
+
+def _reason_code(e: BaseException) -> int | None:
+    """The MQTT reason code (`rc`) an aiomqtt error carries, if it carries one."""
+    import aiomqtt
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    if not isinstance(e, aiomqtt.MqttCodeError):
+        return None
+    rc = e.rc
+    return rc.value if isinstance(rc, ReasonCode) else rc
+
+
+def _tls_failure(e: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind `e` (aiomqtt re-raises a failed handshake `from None`, which
+    keeps it as the context), or None."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _explain(e: BaseException) -> str:
+    """The error and, where its kind says which, the setting to check."""
     text = str(e)
-    low = text.lower()
-    if "not authori" in low or "bad user name or password" in low or "code:5" in low \
-            or "code:4" in low or "code:135" in low or "code:134" in low:
+    if _reason_code(e) in _AUTH_CODES:
         return f"{text} (check mqtt.username and the password file)"
-    if "key values mismatch" in low or "pem lib" in low:
+    if isinstance(e, _KeyPairError):
         return f"{text} (check mqtt.tls.cert_file and mqtt.tls.key_file: they must be a pair)"
-    if "certificate" in low or "ssl" in low:
+    if _tls_failure(e) is not None:
         return f"{text} (check mqtt.tls.ca_file and that the broker's name matches its certificate)"
     return text
