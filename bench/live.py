@@ -205,7 +205,7 @@ def recv_gateway(mode: str, n: int, receive: str) -> int:
     async def run() -> int:
         nonlocal proc
         task = asyncio.create_task(d.serve())
-        while not (d.rt.sources and all(s.opened.is_set() for s in d.rt.sources)):
+        while not (d.runtime.sources and all(s.opened.is_set() for s in d.runtime.sources)):
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.3)
         proc = _sender(mode, n)

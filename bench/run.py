@@ -151,7 +151,7 @@ def child_pipeline(a: dict[str, Any]) -> dict[str, Any]:
     pubs = 0
     for b in read_log(a["log"], SourceStats()):
         pipe.feed_log(b)
-        out, _ = pipe.drain()
+        out, _ = pipe.take_split()
         pubs += len(out)
     pipe.finish()
     n = sum(c.received for c in pipe.counters)
@@ -161,14 +161,14 @@ def child_pipeline(a: dict[str, Any]) -> dict[str, Any]:
 def child_e2e(a: dict[str, Any]) -> dict[str, Any]:
     """(b) `replay()` of the candump log to the real mosquitto, default publishing policy."""
     from gateway.config import load_config
-    from gateway.runtime.daemon import replay, run_loop
+    from gateway.runtime.replay import replay
+    from gateway.runtime.runtime import run_loop
     cfg = load_config(a["config"], mqtt_url=a["url"])
     t, w = time.process_time(), time.perf_counter()
     rt = run_loop(replay(cfg, a["log"], speed=None))
     n = sum(c.received for c in rt.pipeline.counters)
-    sink = rt.sink
     return result(n, time.process_time() - t, time.perf_counter() - w,
-                  published=getattr(sink, "published", 0))
+                  published=rt.sink.status().published)
 
 
 def child_baseline1(a: dict[str, Any]) -> dict[str, Any]:
@@ -255,7 +255,8 @@ def child_live(a: dict[str, Any]) -> dict[str, Any]:
     import can
 
     from gateway.config import load_config
-    from gateway.runtime.daemon import Daemon, run_loop
+    from gateway.runtime.daemon import Daemon
+    from gateway.runtime.runtime import run_loop
 
     rate, duration = a["rate"], a["duration"]
     chan = f"bench-live-{os.getpid()}"
@@ -303,7 +304,7 @@ def child_live(a: dict[str, Any]) -> dict[str, Any]:
         d = Daemon(cfg)
         serve = asyncio.create_task(d.serve(), name="bench.gateway")
         deadline = time.monotonic() + 10
-        while not (d.rt.sources and all(s.opened.is_set() for s in d.rt.sources)):
+        while not (d.runtime.sources and all(s.opened.is_set() for s in d.runtime.sources)):
             if serve.done() or time.monotonic() > deadline:
                 raise RuntimeError("gateway did not open the virtual bus")
             await asyncio.sleep(0.02)
@@ -357,49 +358,47 @@ def child_live(a: dict[str, Any]) -> dict[str, Any]:
 def child_memory(a: dict[str, Any]) -> dict[str, Any]:
     """(d) RSS after warm-up vs after `count` frames through pipeline + MQTT, one process."""
     from gateway.config import load_config
-    from gateway.publish.sinks import MqttSink
-    from gateway.runtime.daemon import Runtime, _with_sink, run_loop
     from gateway.runtime.pipeline import Pipeline
+    from gateway.runtime.runtime import Runtime, run_loop
 
     cfg = load_config(a["config"], mqtt_url=a["url"])
     base = W.base_frames(cfg, base_s=60.0)
     count, warm = a["count"], a["warm"]
     pipe = Pipeline(cfg)
-    rt = Runtime(cfg, pipe)
-    sink = rt.sink
-    assert isinstance(sink, MqttSink)
-    sink.coalesce = False  # as replay(): every snapshot goes out
+    rt = Runtime(cfg, pipe, guest=True)  # as replay(): every snapshot goes out, in order
     samples: dict[str, float] = {}
 
     async def body() -> None:
-        batch: list[tuple[float, int, bytes, str]] = []
-        n = 0
-        for ts, aid, data, ext in W.tiled(base, count, W.SATURATED):
-            batch.append((ts, aid | EXT if ext else aid, data, "can0"))
-            if len(batch) == 512:
-                pipe.feed_log(batch)
-                rt.ship()
-                await sink.backpressure()
-                await asyncio.sleep(0)
-                n += len(batch)
-                batch = []
-                if "warm" not in samples and n >= warm:
-                    samples["warm"] = rss_mb()
-                    samples["warm_cpu"] = time.process_time()
-        pipe.feed_log(batch)
-        pipe.finish()
-        rt.ship()
-        samples["end"] = rss_mb()
-        samples["end_cpu"] = time.process_time()
+        async with rt:
+            rt.start(rt.sink.name, rt.sink_until_it_dies())
+            batch: list[tuple[float, int, bytes, str]] = []
+            n = 0
+            for ts, aid, data, ext in W.tiled(base, count, W.SATURATED):
+                batch.append((ts, aid | EXT if ext else aid, data, "can0"))
+                if len(batch) == 512:
+                    pipe.feed_log(batch)
+                    rt.ship()
+                    await rt.sink.room()
+                    await asyncio.sleep(0)
+                    n += len(batch)
+                    batch = []
+                    if "warm" not in samples and n >= warm:
+                        samples["warm"] = rss_mb()
+                        samples["warm_cpu"] = time.process_time()
+            pipe.feed_log(batch)
+            pipe.finish()
+            rt.ship()
+            samples["end"] = rss_mb()
+            samples["end_cpu"] = time.process_time()
+            await rt.deliver(30.0, list)  # no final publications: nothing to time
 
     t, w = time.process_time(), time.perf_counter()
-    run_loop(_with_sink(rt, body, 30.0, list))  # no final publications: nothing to time
-    rt.close()
+    run_loop(body())
     n = sum(c.received for c in pipe.counters)
     return result(n, time.process_time() - t, time.perf_counter() - w,
                   rss_warm_mb=samples["warm"], rss_end_mb=samples["end"],
                   growth_mb=samples["end"] - samples["warm"], warm_frames=warm,
-                  published=sink.published)
+                  published=rt.sink.status().published)
 
 
 CHILDREN = {"parse": child_parse, "decode": child_decode, "pipeline": child_pipeline,

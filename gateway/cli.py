@@ -63,10 +63,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     if args.show_code is not None:
         return _show_code(pipeline, args.show_code)
     print(f"{cfg.path}: OK")
-    for rt in pipeline.packs:
-        pc = rt.compiled.cfg
+    for pack in pipeline.packs:
+        pc = pack.compiled.cfg
         print(f"  pack {pc.id}: profile {pc.profile.name} on bus {pc.bus}, "
-              f"{len(rt.compiled.handlers)} messages, DBC {', '.join(str(d) for d in pc.profile.dbc)}"
+              f"{len(pack.compiled.handlers)} messages, DBC {', '.join(str(d) for d in pc.profile.dbc)}"
               f"{', transmit ON' if pc.transmit else ''}")
     print(f"  mqtt: {cfg.mqtt.url or 'stdout'}; state_dir: {cfg.state_dir}")
     return EXIT_OK
@@ -74,7 +74,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _show_code(pipeline: Pipeline, pack: str) -> int:
     """Print the generated handler source of one pack (each line names its profile key)."""
-    packs = {rt.compiled.cfg.id: rt.compiled for rt in pipeline.packs}
+    packs = {p.compiled.cfg.id: p.compiled for p in pipeline.packs}
     compiled = packs.get(pack)
     if compiled is None:
         print(f"error: no pack {pack!r} in the config; packs: {', '.join(packs)}",
@@ -117,7 +117,8 @@ def _log_options(args: argparse.Namespace, cfg: GatewayConfig | None = None
 
 def cmd_replay(args: argparse.Namespace) -> int:
     from gateway.publish.outbox import OutboxError
-    from gateway.runtime.daemon import replay, run_loop
+    from gateway.runtime.replay import replay
+    from gateway.runtime.runtime import run_loop
 
     cfg = _load(args, args.mqtt)
     line_format, start = _log_options(args, cfg)
@@ -159,7 +160,8 @@ def _stopped_early() -> bool:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway.runtime.daemon import Daemon, run_loop
+    from gateway.runtime.daemon import Daemon
+    from gateway.runtime.runtime import run_loop
     from gateway.source.logs import interface_problems
 
     cfg = _load(args, args.mqtt)
@@ -172,7 +174,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> int:
         d = Daemon(cfg)
         if _stopped_early():
-            d.rt.close()
+            d.runtime.close()
             return EXIT_OK
         return await d.serve()
 

@@ -18,7 +18,7 @@ code that raises them; the tree::
           |                              the event outbox cannot be used: --outbox /proc/
           |                              version, a corrupt outbox.sqlite, a full disk
           |                              while creating it
-          +-- BrokerAddressError         (gateway.publish.sinks; also a ValueError) exit 3
+          +-- BrokerAddressError         (gateway.publish.mqtt; also a ValueError)   exit 3
           |                              mqtt.url names a host no resolver takes (a label
           |                              over 63 characters): found only at connect
           +-- FormatError                (gateway.source.logformats; also a ValueError)

@@ -188,6 +188,6 @@ async def started(d: Any, timeout: float = 10.0) -> None:
     import asyncio
 
     deadline = time.monotonic() + timeout
-    while not (d.rt.sources and all(s.opened.is_set() for s in d.rt.sources)):
+    while not (d.runtime.sources and all(s.opened.is_set() for s in d.runtime.sources)):
         assert time.monotonic() < deadline, "the daemon's buses did not open"
         await asyncio.sleep(0.02)

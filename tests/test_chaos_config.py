@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 
 from gateway import cli
 from gateway.config import ConfigError, load_config
-from gateway.runtime.daemon import Daemon, replay
+from gateway.runtime.daemon import Daemon
 from gateway.runtime.pipeline import Pipeline
+from gateway.runtime.replay import replay
 from tests.conftest import REPO
 
 SAMPLE_LOG = REPO / "config" / "sample.log"
@@ -213,7 +214,7 @@ async def _run_daemon_briefly(cfg: object) -> None:
     d = Daemon(cfg, stdout=out)  # type: ignore[arg-type]
     task = asyncio.create_task(d.serve())
     deadline = asyncio.get_running_loop().time() + 5
-    while not (d.rt.sources and all(s.opened.is_set() for s in d.rt.sources)):
+    while not (d.runtime.sources and all(s.opened.is_set() for s in d.runtime.sources)):
         assert asyncio.get_running_loop().time() < deadline, "the bus did not open"
         assert not task.done(), task
         await asyncio.sleep(0.02)

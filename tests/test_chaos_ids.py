@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from gateway import cli
 from gateway.config import MAX_CELLS, load_config
 from gateway.publish.homeassistant import node_body
-from gateway.runtime.daemon import Daemon, replay
+from gateway.runtime.daemon import Daemon
+from gateway.runtime.replay import replay
 from tests.conftest import REPO, Broker
 from tests.test_chaos_config import check, write
 from tests.test_daemon import write_cfg
@@ -123,7 +124,7 @@ def test_hostile_registry_cannot_grow_our_own(
                        retain=True).wait_for_publish(5)
     cfg = load_config(cfg_path)
     asyncio.run(replay(cfg, write_log(tmp_path / "a.log", cells=False), speed=None,
-                       drain_timeout=60))
+                       deliver_timeout=60))
     reg = retained(broker.port, subscriber_factory, [reg_topic])[reg_topic]
     assert len(reg) <= cfg.mqtt.max_payload  # it was published: ours, bounded
     nodes = json.loads(reg)["nodes"]

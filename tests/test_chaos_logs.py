@@ -15,7 +15,7 @@ import can
 import pytest
 
 from gateway.config import load_config
-from gateway.runtime.daemon import replay
+from gateway.runtime.replay import replay
 from gateway.source.logs import SourceStats, read_log
 from tests.conftest import REPO, shared
 from tests.test_source import frames

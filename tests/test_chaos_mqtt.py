@@ -26,10 +26,12 @@ import pytest
 
 from gateway.config import ConfigError, load_config
 from gateway.model import FaultEvent
+from gateway.publish.mqtt import MqttSink
 from gateway.publish.outbox import Outbox
-from gateway.publish.sinks import MqttSink
 from gateway.runtime import daemon as daemon_mod
-from gateway.runtime.daemon import Daemon, replay
+from gateway.runtime import runtime as runtime_mod
+from gateway.runtime.daemon import Daemon
+from gateway.runtime.replay import replay
 from tests.conftest import REPO, Broker, Subscriber, started
 from tests.test_daemon import DB, pack_frame, write_cfg
 from tests.test_events_e2e import write_config as events_config
@@ -119,14 +121,14 @@ def test_hostile_registry_leaves_gateway_publishing(tmp_path: Path, broker: Brok
             assert await until(sub, lambda ms: len(events(sub)) >= 4)
             for payload in HOSTILE:
                 sub.client.publish(registry, payload, qos=1, retain=True).wait_for_publish(5)
-            disc = d.rt.discovery
+            disc = d.runtime.discovery
             assert disc is not None
             assert await until(sub, lambda ms: disc.rejected >= len(HOSTILE))
             seen = len(statuses(sub, gid))
             await toggle_alarm(tx, 3)  # the gateway still turns frames into events
             assert await until(sub, lambda ms: len(events(sub)) >= 10), len(events(sub))
             assert await until(sub, lambda ms: len(statuses(sub, gid)) >= seen + 3)
-            assert d.rt.sink.connected.is_set()
+            assert d.runtime.sink.connected.is_set()
             assert "mqtt" in d.alive
         finally:
             tx.shutdown()
@@ -161,14 +163,14 @@ def test_registry_schema_rejects_and_clears_nothing(tmp_path: Path, payload: byt
                                 extra="homeassistant: {discovery: true}\n"))
     d = Daemon(cfg)
     try:
-        disc = d.rt.discovery
+        disc = d.runtime.discovery
         assert disc is not None
         out = disc.on_registry(payload)
         assert [p.topic for p in out] == ["bms/gateway/chaos/discovery"]  # ours, put back
         assert not [p for p in out if p.payload == b""], "nothing is cleared"
         assert disc.rejected == 1
     finally:
-        d.rt.close()
+        d.runtime.close()
 
 
 def test_handler_error_is_counted_in_status_and_the_sink_lives(
@@ -182,19 +184,19 @@ def test_handler_error_is_counted_in_status_and_the_sink_lives(
 
     async def scenario() -> None:
         d = Daemon(load_config(cfg))
-        d.rt.subscriptions["bms/test/in"] = fragile  # the same dict the sink subscribes
+        d.runtime.subscriptions["bms/test/in"] = fragile  # the same dict the sink subscribes
         task = asyncio.create_task(d.serve())
         try:
             await started(d)
-            assert isinstance(d.rt.sink, MqttSink)
-            await asyncio.wait_for(d.rt.sink.connected.wait(), 10)
+            assert isinstance(d.runtime.sink, MqttSink)
+            await asyncio.wait_for(d.runtime.sink.connected.wait(), 10)
             for bad in (b"{}", b"junk", b"[1]"):
                 sub.client.publish("bms/test/in", bad, qos=1).wait_for_publish(5)
             assert await until(sub, lambda ms: any(
                 s["inbound_errors"] == 3 for s in statuses(sub, gid)))
             n = len(statuses(sub, gid))
             assert await until(sub, lambda ms: len(statuses(sub, gid)) >= n + 2)
-            assert d.rt.status_body()["task_deaths"] == 0
+            assert d.runtime.status_body()["task_deaths"] == 0
         finally:
             d._on_term()
             assert await asyncio.wait_for(task, 15) == 0
@@ -243,7 +245,7 @@ def test_refused_events_stay_until_the_broker_allows_them(
                 for s in statuses(sub, gid)))
             refused_status.update(next(s for s in statuses(sub, gid)
                                        if s["faults"] and s["mqtt_refused"] >= 3))
-            assert d.rt.outbox.depth() == 2 * pairs
+            assert d.runtime.outbox.depth() == 2 * pairs
             assert events(sub) == []
             assert "broker refuses: bms/p1/events" in d._status_line()  # systemctl status
             broker.stop()
@@ -379,15 +381,19 @@ def test_watchdog_not_fed_while_the_sink_is_dead(tmp_path: Path, broker: Broker,
             await started(d)
             assert await until(sub, lambda ms: sub.topic(avail)[-1:] == [b"online"])
             await asyncio.to_thread(ns.pump, lambda: ns.has("WATCHDOG=1"), 10)
-            sink = d.rt.sink
+            sink = d.runtime.sink
             assert isinstance(sink, MqttSink)
 
             # a real failure inside the sink's sender: reading the outbox raises
-            def broken() -> list[tuple[int, str, bytes]]:
-                msg = "injected: outbox read failed"
-                raise RuntimeError(msg)
+            class Broken:
+                def pending(self, limit: int) -> list[tuple[int, str, bytes]]:
+                    msg = "injected: outbox read failed"
+                    raise RuntimeError(msg)
 
-            sink.next_events = broken
+                def ack(self, seq: int) -> None:
+                    pass
+
+            sink.outbox = Broken()
             sink.flush()  # "new events": the sender reads the outbox, and dies
             assert await asyncio.to_thread(ns.pump, lambda: "mqtt" not in d.alive, 15)
             # it left with its last will: nobody is told that it is still online
@@ -396,7 +402,7 @@ def test_watchdog_not_fed_while_the_sink_is_dead(tmp_path: Path, broker: Broker,
             start = len(ns.got)
             await asyncio.to_thread(ns.pump, None, 1.5)  # the sink is backing off (3 s)
             pings["while_dead"] = sum(1 for _, m in ns.got[start:] if "WATCHDOG=1" in m)
-            pings["deaths"] = d.rt.task_deaths
+            pings["deaths"] = d.runtime.task_deaths
         finally:
             sub.close()
             d._on_term()
@@ -453,10 +459,10 @@ def test_replay_to_unreachable_broker_says_how_many_were_not_delivered(tmp_path:
     write_log(log, 16.0)
     cfg = events_config(tmp_path, f"mqtt://127.0.0.1:{free_port()}")
     r = subprocess.run([sys.executable, "-c",
-                        "import sys; from gateway.runtime.daemon import replay; "
+                        "import sys; from gateway.runtime.replay import replay; "
                         "from gateway.config import load_config; import asyncio; "
                         f"rt = asyncio.run(replay(load_config({str(cfg)!r}), {str(log)!r}, "
-                        "speed=None, drain_timeout=1)); print(rt.undelivered)"],
+                        "speed=None, deliver_timeout=1)); print(rt.undelivered)"],
                        capture_output=True, text=True, timeout=60, cwd=REPO, check=False)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "4"
@@ -578,10 +584,10 @@ def test_replay_whose_sink_dies_ends_nonzero_at_once(
         msg = "injected: on-connect failed"
         raise RuntimeError(msg)
 
-    monkeypatch.setattr(daemon_mod.Runtime, "_on_connect", broken)
+    monkeypatch.setattr(runtime_mod.Runtime, "_on_connect", broken)
     t0 = time.monotonic()
     with caplog.at_level(logging.ERROR, logger="gateway"):
-        rt = asyncio.run(replay(load_config(cfg_path), log, speed=None, drain_timeout=20))
+        rt = asyncio.run(replay(load_config(cfg_path), log, speed=None, deliver_timeout=20))
     assert time.monotonic() - t0 < 10, "the replay waited for a sink that was dead"
     assert "injected: on-connect failed" in rt.sink_error
     assert any("the MQTT sink died" in r.getMessage() for r in caplog.records)

@@ -32,8 +32,9 @@ import cantools
 import pytest
 
 from gateway.config import load_config
-from gateway.model import Publication
-from gateway.publish.sinks import MqttSink
+from gateway.model import FaultEvent, Publication
+from gateway.publish.mqtt import MqttSink
+from gateway.publish.outbox import Outbox
 from gateway.runtime.daemon import Daemon
 from tests.conftest import REPO, Broker, free_port, started
 
@@ -290,18 +291,18 @@ def test_reload_keeps_an_unchanged_bus_and_closes_a_changed_one(tmp_path: Path) 
             d = Daemon(load_config(cfg), stdout=devnull)
             task = asyncio.create_task(d.serve())
             await started(d)
-            old_src = d.rt.sources[0]
+            old_src = d.runtime.sources[0]
             old_bus = old_src.bus
             assert old_bus is not None
             await hup(d)
-            assert d.rt.sources[0] is old_src and old_src.bus is old_bus
+            assert d.runtime.sources[0] is old_src and old_src.bus is old_bus
             assert not old_bus._is_shutdown
 
             cfg.write_text(cfg.read_text().replace(chan, f"{chan}-moved"))
             await hup(d)
             await started(d)
-            assert d.rt.sources[0] is not old_src
-            assert d.rt.sources[0].cfg.channel == f"{chan}-moved"
+            assert d.runtime.sources[0] is not old_src
+            assert d.runtime.sources[0].cfg.channel == f"{chan}-moved"
             assert old_bus._is_shutdown, "the bus from before the reload is still open"
             assert old_src.bus is None
             d._on_term()
@@ -343,21 +344,21 @@ def test_bus_pulled_and_back_resumes_with_can_bus_lost_raise_and_clear(
             assert await until(lambda ms: any(
                 t == "bms/p1/state" and json.loads(p)["voltage_v"] == 51.0 for t, p, _ in ms))
 
-            bus = d.rt.sources[0].bus
+            bus = d.runtime.sources[0].bus
             assert bus is not None
             bus.shutdown()  # the adapter is pulled
             assert await until(lambda ms: lost_events(ms)[-1:] == ["cleared"]), \
                 lost_events(sub.messages)
             assert lost_events(sub.messages) == ["raised", "cleared"]
-            assert not d.rt.sources[0].lost
-            assert d.rt.sources[0].bus is not bus, "reopened as a new bus"
+            assert not d.runtime.sources[0].lost
+            assert d.runtime.sources[0].bus is not bus, "reopened as a new bus"
 
             for i in range(5):  # frames sent after the bus came back reach MQTT
                 tx.send(pack_frame(53.5, i))
                 await asyncio.sleep(0.05)
             assert await until(lambda ms: any(
                 t == "bms/p1/state" and json.loads(p)["voltage_v"] == 53.5 for t, p, _ in ms))
-            body = d.rt.status_body()
+            body = d.runtime.status_body()
             assert body["buses"][channel]["state"] == "up"
             assert "CanOperationError" in body["last_error"]
         finally:
@@ -397,7 +398,7 @@ def test_bus_missing_at_start_keeps_daemon_up(tmp_path: Path, broker: Broker,
             assert time.monotonic() - t0 < 4.5, "READY must not wait 5 s for a missing bus"
             await asyncio.sleep(2.5)  # a few reopen attempts
             assert not task.done(), "the daemon must stay up without its bus"
-            assert d.rt.sources[0].attempt >= 2
+            assert d.runtime.sources[0].attempt >= 2
         finally:
             d._on_term()
             assert await asyncio.wait_for(task, 15) == 0
@@ -483,7 +484,7 @@ def test_status_and_prometheus_report_the_same_counters(
             assert await asyncio.to_thread(sub.wait_for, lambda ms: any(
                 t == "bms/p1/state" for t, _, _ in ms), 15)
             text = await asyncio.to_thread(scrape)
-            body = d.rt.status_body()
+            body = d.runtime.status_body()
             bus = body["buses"][channel]
             assert bus["received"] == 11 and bus["unknown"] == 1 and bus["decoded"] == 10
             assert sample(text, f'bms_gateway_bus_received_total{{bus="{channel}"}}') == 11
@@ -539,8 +540,8 @@ def test_broker_down_logs_one_line_and_keeps_running(tmp_path: Path,
         task = asyncio.create_task(d.serve())
         await asyncio.sleep(4)
         assert not task.done()
-        assert d.rt.sink.reconnects >= 3  # type: ignore[union-attr]
-        assert d.rt.status_body()["last_error"]
+        assert d.runtime.sink.status().reconnects >= 3
+        assert d.runtime.status_body()["last_error"]
         d._on_term()
         assert await asyncio.wait_for(task, 10) == 0
 
@@ -553,6 +554,10 @@ def test_broker_down_logs_one_line_and_keeps_running(tmp_path: Path,
 # ---------------------------------------------------------------- 7. payload bound
 
 
+def _outbox() -> Outbox:
+    return Outbox.open(":memory:", max_events=100, max_age_s=3600.0, gateway_id="test")
+
+
 def test_oversize_payload_dropped_with_one_warning(
         tmp_path: Path, broker: Broker, subscriber_factory: Any,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -563,17 +568,16 @@ def test_oversize_payload_dropped_with_one_warning(
     sub = subscriber_factory(broker.port, ["big/#"])
 
     async def scenario() -> MqttSink:
-        sink = MqttSink(mqtt_cfg, "big-test", "big/avail", list, lambda _: None, list)
+        sink = MqttSink(mqtt_cfg, "big-test", "big/avail", _outbox(), list)
         task = asyncio.create_task(sink.run())
         try:
             await asyncio.wait_for(sink.connected.wait(), 10)
-            sink.snapshot(Publication("big/huge", b"x" * 1025))
-            sink.snapshot(Publication("big/huge", b"y" * 4000))
-            sink.snapshot(Publication("big/fits", b"z" * 1024))
-            assert await sink.drain(10)
+            sink.publish(Publication("big/huge", b"x" * 1025))
+            sink.publish(Publication("big/huge", b"y" * 4000))
+            sink.publish(Publication("big/fits", b"z" * 1024))
+            assert await sink.delivered(10)
         finally:
-            sink.stopping = True
-            sink.wake.set()
+            sink.stop()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -597,25 +601,25 @@ def test_drain_with_the_broker_away_and_no_event_does_not_wait(tmp_path: Path) -
     said "0 events stay in the outbox". Only events are worth the wait."""
     url = f"mqtt://127.0.0.1:{free_port()}"  # nobody listens there
     mqtt_cfg = load_config(write_cfg(tmp_path / "gw.yaml", gid="away", url=url)).mqtt
-    events: list[tuple[int, str, bytes]] = []
+    outbox = _outbox()
 
     async def scenario() -> tuple[bool, bool]:
-        sink = MqttSink(mqtt_cfg, "away-test", "away/avail", lambda: list(events),
-                        lambda _: None, list)
+        sink = MqttSink(mqtt_cfg, "away-test", "away/avail", outbox, list)
         task = asyncio.create_task(sink.run())
         try:
-            sink.snapshot(Publication("away/state", b"{}"))
+            sink.publish(Publication("away/state", b"{}"))
             async def refused() -> None:  # the first attempt to connect
                 while not sink.down:
                     await asyncio.sleep(0.01)
             await asyncio.wait_for(refused(), 30)
             # an hour's timeout: only the outer bound could end a wait
-            nothing = await asyncio.wait_for(sink.drain(3600), 60)
-            events.append((1, "away/events", b"{}"))
-            waited = await sink.drain(0.3)
+            nothing = await asyncio.wait_for(sink.delivered(3600), 60)
+            outbox.append([(FaultEvent(ts=1.7e9, pack_id="away", code="comm_lost",
+                                       severity="alarm", state="raised", source="gateway",
+                                       message="test"), "away/events")])
+            waited = await sink.delivered(0.3)
         finally:
-            sink.stopping = True
-            sink.wake.set()
+            sink.stop()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

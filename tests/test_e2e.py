@@ -20,7 +20,8 @@ import cantools
 import pytest
 
 from gateway.config import load_config
-from gateway.runtime.daemon import Daemon, replay
+from gateway.runtime.daemon import Daemon
+from gateway.runtime.replay import replay
 from tests.conftest import REPO, Broker, shared, started
 
 

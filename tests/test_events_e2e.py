@@ -20,7 +20,7 @@ import cantools
 import pytest
 
 from gateway.config import load_config
-from gateway.runtime.daemon import replay
+from gateway.runtime.replay import replay
 from tests.conftest import REPO, Broker
 
 DB = cantools.database.load_file(str(REPO / "dbc" / "example-bms.dbc"))
@@ -188,7 +188,7 @@ def test_broker_outage_loses_no_event(tmp_path: Path, broker: Broker,
     sub.client.reconnect_delay_set(3, 3)
 
     async def run() -> None:
-        task = asyncio.create_task(replay(load_config(cfg), log, speed=1.0, drain_timeout=30))
+        task = asyncio.create_task(replay(load_config(cfg), log, speed=1.0, deliver_timeout=30))
         await asyncio.sleep(4.0)
         broker.stop()
         await asyncio.sleep(4.0)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import load_config
-from gateway.runtime.daemon import replay
+from gateway.runtime.replay import replay
 from tests.conftest import REPO, Broker
 
 SAMPLE = REPO / "config" / "sample.log"

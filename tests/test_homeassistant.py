@@ -20,8 +20,9 @@ import pytest
 
 from gateway.config import load_config
 from gateway.publish.homeassistant import Discovery
-from gateway.runtime.daemon import Daemon, replay
+from gateway.runtime.daemon import Daemon
 from gateway.runtime.pipeline import Pipeline
+from gateway.runtime.replay import replay
 from tests.conftest import REPO, Broker
 
 T0 = 1_700_000_000.0

@@ -12,7 +12,8 @@ import can
 import cantools
 
 from gateway.config import load_config
-from gateway.runtime.daemon import Daemon, replay
+from gateway.runtime.daemon import Daemon
+from gateway.runtime.replay import replay
 from tests.conftest import REPO, started
 
 DB = cantools.database.load_file(str(REPO / "dbc" / "example-bms.dbc"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.runtime.systemd import Notifier, watchdog_interval
+from gateway.runtime.systemd import SystemdNotifier, watchdog_interval
 
 
 def _receiver(address: str) -> socket.socket:
@@ -30,7 +30,7 @@ def receiver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[socket
 
 
 def test_ready_watchdog_status_stopping(receiver: socket.socket) -> None:
-    with Notifier() as notifier:
+    with SystemdNotifier() as notifier:
         assert notifier.enabled
         notifier.ready()
         assert receiver.recv(4096) == b"READY=1"
@@ -43,19 +43,19 @@ def test_ready_watchdog_status_stopping(receiver: socket.socket) -> None:
 
 
 def test_ready_with_status_is_one_datagram(receiver: socket.socket) -> None:
-    with Notifier() as notifier:
+    with SystemdNotifier() as notifier:
         notifier.ready(status="running")
         assert receiver.recv(4096) == b"READY=1\nSTATUS=running"
 
 
 def test_status_newlines_are_flattened(receiver: socket.socket) -> None:
-    with Notifier() as notifier:
+    with SystemdNotifier() as notifier:
         notifier.status("line one\nline two")
         assert receiver.recv(4096) == b"STATUS=line one line two"
 
 
 def test_reloading_carries_monotonic_timestamp(receiver: socket.socket) -> None:
-    with Notifier() as notifier:
+    with SystemdNotifier() as notifier:
         before = time.monotonic_ns() // 1000
         notifier.reloading()
         after = time.monotonic_ns() // 1000
@@ -68,13 +68,13 @@ def test_reloading_carries_monotonic_timestamp(receiver: socket.socket) -> None:
 
 
 def test_send_keeps_field_order(receiver: socket.socket) -> None:
-    with Notifier() as notifier:
+    with SystemdNotifier() as notifier:
         notifier.send(STATUS="x", EXTEND_TIMEOUT_USEC=5_000_000)
         assert receiver.recv(4096) == b"STATUS=x\nEXTEND_TIMEOUT_USEC=5000000"
 
 
 def test_send_rejects_fields_that_would_corrupt_the_message(receiver: socket.socket) -> None:
-    with Notifier() as notifier, pytest.raises(ValueError, match="newline"):
+    with SystemdNotifier() as notifier, pytest.raises(ValueError, match="newline"):
         notifier.send(STATUS="a\nREADY=1")
 
 
@@ -83,7 +83,7 @@ def test_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     sock = _receiver("\0" + name)
     try:
         monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
-        with Notifier() as notifier:
+        with SystemdNotifier() as notifier:
             assert notifier.enabled
             notifier.ready()
             assert sock.recv(4096) == b"READY=1"
@@ -95,7 +95,7 @@ def test_explicit_address_overrides_environment(tmp_path: Path) -> None:
     path = str(tmp_path / "other.sock")
     sock = _receiver(path)
     try:
-        with Notifier(path) as notifier:
+        with SystemdNotifier(path) as notifier:
             notifier.watchdog()
             assert sock.recv(4096) == b"WATCHDOG=1"
     finally:
@@ -108,7 +108,7 @@ def test_noop_without_usable_socket(monkeypatch: pytest.MonkeyPatch, value: str 
         monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
     else:
         monkeypatch.setenv("NOTIFY_SOCKET", value)
-    with Notifier() as notifier:
+    with SystemdNotifier() as notifier:
         assert not notifier.enabled
         notifier.ready()
         notifier.watchdog()
@@ -123,7 +123,7 @@ def test_send_failure_is_logged_once_and_never_raises(
     # Nobody listens on this path: every send fails with ENOENT.
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
     caplog.set_level(logging.DEBUG, logger="gateway.runtime.systemd")
-    with Notifier() as notifier:
+    with SystemdNotifier() as notifier:
         for _ in range(5):
             notifier.watchdog()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -136,7 +136,7 @@ def test_warning_rearms_after_a_successful_send(
 ) -> None:
     path = tmp_path / "flaky.sock"
     monkeypatch.setenv("NOTIFY_SOCKET", str(path))
-    with Notifier() as notifier:
+    with SystemdNotifier() as notifier:
         notifier.watchdog()  # fails: not bound yet
         sock = _receiver(str(path))
         try:
@@ -151,7 +151,7 @@ def test_warning_rearms_after_a_successful_send(
 
 
 def test_closed_notifier_is_a_noop(receiver: socket.socket) -> None:
-    notifier = Notifier()
+    notifier = SystemdNotifier()
     notifier.close()
     notifier.close()
     assert not notifier.enabled
@@ -162,7 +162,7 @@ def test_closed_notifier_is_a_noop(receiver: socket.socket) -> None:
 
 
 async def test_async_context_manager(receiver: socket.socket) -> None:
-    async with Notifier() as notifier:
+    async with SystemdNotifier() as notifier:
         notifier.ready()
     assert receiver.recv(4096) == b"READY=1"
     assert not notifier.enabled

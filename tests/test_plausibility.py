@@ -17,7 +17,7 @@ from gateway.source.logs import Frame
 
 
 def states(p: Pipeline, events: list[Any] | None = None) -> list[dict[str, Any]]:
-    pubs, evs = p.drain()
+    pubs, evs = p.take_split()
     if events is not None:
         events.extend(e for e, _ in evs)
     return [json.loads(x.payload) for x in pubs if x.topic.endswith("/state")]

@@ -223,7 +223,7 @@ def test_daly_transmit_off_sends_nothing(tmp_path: Path, channel: str) -> None:
         rec.close()
     assert rec.frames == []          # nothing at all on the channel
     assert responder.requests == []  # the BMS was never asked
-    assert sum(s.tx_count for s in d.rt.sources) == 0
+    assert sum(s.tx_count for s in d.runtime.sources) == 0
     st = d.pipeline.packs[0].compiled.state
     assert st.cell_v == [] and st.last_seen is None and not st.online
 

@@ -19,8 +19,8 @@ import pytest
 from conftest import REPO, shared
 
 from gateway.config import load_config
-from gateway.runtime.daemon import replay
 from gateway.runtime.pipeline import Pipeline
+from gateway.runtime.replay import replay
 from gateway.source.logs import Frame
 
 EXT = 0x80000000

@@ -17,7 +17,7 @@ from test_profiles import load_db
 from test_profiles import pipeline_for as pipeline
 
 from gateway.config import ConfigError, load_config
-from gateway.runtime.daemon import replay
+from gateway.runtime.replay import replay
 from gateway.source.logs import Frame
 
 
@@ -429,7 +429,7 @@ def test_trouble_code_stream_and_fault_cell(tmp_path: Path) -> None:
     frames.append(encoded(db, "Faults", {"CellOv": 0, "CellOvIndex": 0, "PackV": 51.2}, t))
     p.feed(frames, 0)
     p.finish(t + 0.1)
-    _, events = p.drain()
+    _, events = p.take_split()
     got = [(e.code, e.state, e.value, e.cell, e.message) for e, _ in events
            if e.code.startswith(("bms_dtc", "bms_cell"))]
     assert [g[:3] for g in got if g[1] == "raised" and g[0].startswith("bms_dtc")] == [

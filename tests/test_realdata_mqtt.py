@@ -19,7 +19,7 @@ from conftest import REPO, Broker, shared
 from test_profiles import load_db
 
 from gateway.config import load_config
-from gateway.runtime.daemon import replay
+from gateway.runtime.replay import replay
 
 # profile, capture, vendor DBC, fields the gateway is known to withhold (and why)
 CASES = [

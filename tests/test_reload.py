@@ -319,7 +319,7 @@ def reload(pl: Pipeline, cfg: Path, ts: float) -> None:
 
 
 def fault_events(pl: Pipeline) -> list[tuple[str, str, str, float]]:
-    return [(ev.pack_id, ev.code, ev.state, ev.ts) for ev, _ in pl.drain()[1]]
+    return [(ev.pack_id, ev.code, ev.state, ev.ts) for ev, _ in pl.take_split()[1]]
 
 
 def test_reload_keeps_state_and_faults_of_an_unchanged_pack(tmp_path: Path) -> None:
@@ -355,7 +355,7 @@ def test_reload_keeps_state_and_faults_of_an_unchanged_pack(tmp_path: Path) -> N
                                                  ("p2", "pack_over_voltage", "raised")]
     pipeline_config(tmp_path, ["p1"], "{pack_over_voltage: false}")
     reload(pl, cfg, 1006.0)
-    pubs, evs = pl.drain()
+    pubs, evs = pl.take_split()
     assert [(e.pack_id, e.code, e.state, e.ts) for e, _ in evs] == [
         ("p1", "pack_over_voltage", "cleared", 1006.0),
         ("p2", "pack_over_voltage", "cleared", 1006.0)]
@@ -382,14 +382,14 @@ def test_a_pack_that_never_speaks_goes_offline_in_frame_time(tmp_path: Path) -> 
     the log (any pack, any bus), so the result does not depend on the replay speed."""
     pl = Pipeline(load_config(pipeline_config(tmp_path, ["p1", "quiet"])))
     feed(pl, 1000.0, 1012.0, 51.0)
-    pubs, evs = pl.drain()
+    pubs, evs = pl.take_split()
     assert [(e.pack_id, e.code, e.state, e.ts) for e, _ in evs] == [
         ("quiet", "comm_lost", "raised", 1005.0)]
     assert ("bms/quiet/availability", b"offline") in [(p.topic, p.payload) for p in pubs]
     assert "bms/p1/availability" not in [p.topic for p in pubs if p.payload == b"offline"]
     # it speaks at last: online, comm_lost cleared
     feed(pl, 1012.0, 1012.2, 51.0, (QUIET,))
-    pubs, evs = pl.drain()
+    pubs, evs = pl.take_split()
     assert [(e.pack_id, e.code, e.state) for e, _ in evs] == [("quiet", "comm_lost", "cleared")]
     assert ("bms/quiet/availability", b"online") in [(p.topic, p.payload) for p in pubs]
 

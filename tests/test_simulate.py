@@ -23,7 +23,8 @@ import pytest
 
 from gateway.commands.simulate import Simulator, write_candump
 from gateway.config import ConfigError, GatewayConfig, load_config, load_scenario, parse_scenario
-from gateway.runtime.daemon import Daemon, replay
+from gateway.runtime.daemon import Daemon
+from gateway.runtime.replay import replay
 from tests.conftest import REPO, Broker
 
 DBC = REPO / "dbc"
@@ -212,7 +213,7 @@ async def test_simulator_drives_the_gateway_over_a_virtual_bus(
     tx = can.Bus(interface="virtual", channel=channel)
     try:
         deadline = time.monotonic() + 20
-        while not (d.rt.sources and d.rt.sources[0].opened.is_set()):
+        while not (d.runtime.sources and d.runtime.sources[0].opened.is_set()):
             assert time.monotonic() < deadline, "gateway bus did not open"
             assert not serve.done(), serve.exception() if serve.done() else ""
             await asyncio.sleep(0.05)

@@ -43,7 +43,7 @@ def test_socketcan_frames_reach_the_pipeline_without_a_thread(tmp_path: Path) ->
         d = Daemon(load_config(cfg_path), stdout=buf)
         task = asyncio.create_task(d.serve())
         await started(d)
-        bus = d.rt.sources[0].bus
+        bus = d.runtime.sources[0].bus
         assert bus is not None and bus.fileno() >= 0  # the event loop watches the socket
         tx = can.Bus(interface="socketcan", channel=CHANNEL)
         try:

@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from gateway.config import load_config
-from gateway.runtime.daemon import Daemon, replay
+from gateway.runtime.daemon import Daemon
+from gateway.runtime.replay import replay
 from tests.conftest import REPO, started
 from tests.test_socketcan import CHANNEL
 
@@ -106,7 +107,7 @@ async def test_canplayer_frames_are_published_as_replay_publishes_them(
         """)
     sub = subscriber_factory(broker.port, ["bms/p/#", "bms/gateway/g/status"])
     async with daemon(cfg) as (d, _):
-        assert d.rt.sources[0].receive_path == path
+        assert d.runtime.sources[0].receive_path == path
         proc = await asyncio.create_subprocess_exec("canplayer", "-I", str(log))
         assert await asyncio.wait_for(proc.wait(), 60) == 0
         if path != "bcm":
@@ -115,7 +116,7 @@ async def test_canplayer_frames_are_published_as_replay_publishes_them(
             _ts, _chan, last = log.read_text().splitlines()[-1].split()
             ident, payload = last.split("#")
             key, want_data = int(ident, 16), bytes.fromhex(payload)
-            sock = d.rt.sources[0].bus
+            sock = d.runtime.sources[0].bus
 
             def delivered() -> bool:
                 mask = sock.masks.get(key)
@@ -130,9 +131,9 @@ async def test_canplayer_frames_are_published_as_replay_publishes_them(
             await until(delivered, 10, "the last frame through the broadcast manager")
         # less than stale_after_s: the replay oracle has no silence after the last frame
         await asyncio.sleep(0.5)
-        assert d.rt.status_body()["buses"][CHANNEL]["receive"] == path
+        assert d.runtime.status_body()["buses"][CHANNEL]["receive"] == path
     if path == "bcm":  # only changes of the bits read (plus refeeds of the last frames)
-        assert d.rt.sources[0].stats.frames < 1508
+        assert d.runtime.sources[0].stats.frames < 1508
     else:
         assert d.pipeline.counters[0].received == 1508
 
@@ -197,7 +198,7 @@ async def test_interface_down_up_and_delete_recreate_reopen_the_bus(
 
     try:
         async with daemon(cfg) as (d, buf):
-            src = d.rt.sources[0]
+            src = d.runtime.sources[0]
             await frames_arrive(d)
             sh("ip", "link", "set", CHANNEL, "down")
             await until(lambda: src.lost, 10, "can_bus_lost after link down")
@@ -217,7 +218,7 @@ async def test_interface_down_up_and_delete_recreate_reopen_the_bus(
             assert src.bus is not first
             await frames_arrive(d)
             assert events(buf, "can_bus_lost") == ["raised", "cleared"] * 2
-            assert d.rt.status_body()["buses"][CHANNEL]["state"] == "up"
+            assert d.runtime.status_body()["buses"][CHANNEL]["state"] == "up"
     finally:  # leave vcan0 up for the next test whatever happened
         subprocess.run(["ip", "link", "add", "dev", CHANNEL, "type", "vcan"],
                        stderr=subprocess.DEVNULL, check=False)
@@ -244,7 +245,7 @@ async def test_nothing_is_sent_unless_the_pack_says_transmit(
         """)
     async with daemon(cfg) as (d, _):
         lines = await candump_while(3.0)
-        tx = d.rt.sources[0].tx_count
+        tx = d.runtime.sources[0].tx_count
     ids = {ln.split()[2].split("#")[0] for ln in lines}
     if transmit:
         assert tx > 0 and "18900140" in ids, lines  # Request_0x90 to board 1
@@ -264,7 +265,7 @@ async def test_error_frames_and_an_overrun_are_counted_not_fatal(tmp_path: Path)
     err.bind((CHANNEL,))
     try:
         async with daemon(cfg) as (d, _):
-            src = d.rt.sources[0]
+            src = d.runtime.sources[0]
             for _ in range(3):  # CAN_ERR_BUSERROR
                 err.send(struct.pack("=IB3x8s", socket.CAN_ERR_FLAG | 0x80, 8, bytes(8)))
             await until(lambda: src.stats.error_frames == 3, 10, "3 error frames counted")
@@ -281,7 +282,7 @@ async def test_error_frames_and_an_overrun_are_counted_not_fatal(tmp_path: Path)
             sh("cansend", CHANNEL, "400#D014900178620200")
             await until(lambda: d.pipeline.counters[0].received > received, 10, "frames after")
             await until(lambda: src.stats.overruns > 0, 10, "an overrun counted")
-            bus = d.rt.status_body()["buses"][CHANNEL]
+            bus = d.runtime.status_body()["buses"][CHANNEL]
             assert bus["errors"] == 3 and bus["overruns"] == src.stats.overruns
     finally:
         err.close()

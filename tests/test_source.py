@@ -13,7 +13,7 @@ import pytest
 
 from gateway.config import load_config
 from gateway.decode.dbc import EXTENDED_FLAG
-from gateway.runtime.daemon import replay
+from gateway.runtime.replay import replay
 from gateway.source.logs import LogError, SourceStats, read_log
 from tests.conftest import REPO
 

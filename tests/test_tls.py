@@ -273,9 +273,9 @@ def test_good_credentials_connect_and_publish_state(
             ok = await asyncio.to_thread(sub.wait_for, lambda ms: any(
                 t == f"bms/{gid}-pack/state" and json.loads(p)["voltage_v"] == 50.5
                 for t, p in ms))
-            assert ok, f"no state over TLS; last error: {d.rt.status_body()['last_error']}"
+            assert ok, f"no state over TLS; last error: {d.runtime.status_body()['last_error']}"
             assert (f"bms/gateway/{gid}/availability", b"online") in sub.messages
-            assert d.rt.sink.reconnects == 0  # type: ignore[union-attr]
+            assert d.runtime.sink.status().reconnects == 0
         finally:
             tx.shutdown()
             d._on_term()
@@ -304,9 +304,9 @@ def test_bad_password_logs_once_and_keeps_retrying(
         await asyncio.sleep(watch_s)
         for d, t in zip(ds, tasks, strict=True):
             assert not t.done(), "the daemon must stay up while the broker refuses it"
-            assert d.rt.sink.reconnects >= 3, d.rt.sink.reconnects  # type: ignore[union-attr]
-            assert not d.rt.sink.connected.is_set()  # type: ignore[union-attr]
-        errors = [d.rt.status_body()["last_error"] for d in ds]
+            assert d.runtime.sink.status().reconnects >= 3, d.runtime.sink.status().reconnects
+            assert not d.runtime.sink.status().connected
+        errors = [d.runtime.status_body()["last_error"] for d in ds]
         for d in ds:
             d._on_term()
         for t in tasks:
@@ -339,7 +339,7 @@ def test_certificate_for_another_name_is_refused(
         task = asyncio.create_task(d.serve())
         await asyncio.sleep(2.0)
         assert not task.done()
-        assert not d.rt.sink.connected.is_set()  # type: ignore[union-attr]
+        assert not d.runtime.sink.status().connected
         d._on_term()
         assert await asyncio.wait_for(task, 15) == 0
 
@@ -355,7 +355,7 @@ def test_certificate_for_another_name_is_refused(
 def test_hostname_check_is_on_by_default(tls_broker: TlsBroker) -> None:
     """The context the sink builds verifies names (no `insecure: true` in the config)."""
     from gateway.config import MqttConfig, TlsConfig
-    from gateway.publish.sinks import tls_context
+    from gateway.publish.mqtt import tls_context
 
     ctx = tls_context(MqttConfig(url="mqtts://localhost:1", tls=TlsConfig(
         ca_file=str(tls_broker.pki.ca))))
@@ -368,7 +368,7 @@ def test_tls_setup_errors_are_explained_by_their_kind(tls_broker: TlsBroker,
     """The hint comes from the error's type (a key of another certificate, a CA file that
     is no certificate), not from searching its message text."""
     from gateway.config import MqttConfig, TlsConfig
-    from gateway.publish.sinks import _explain, tls_context
+    from gateway.publish.mqtt import _explain, tls_context
 
     pki = tls_broker.pki
     mismatch = MqttConfig(url="mqtts://localhost:1", tls=TlsConfig(

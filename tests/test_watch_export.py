@@ -251,7 +251,7 @@ def _log_for(which: str, logs: dict[str, Path]) -> Path:
 async def test_decode_matches_what_mqtt_subscribers_see(
         which: str, logs: dict[str, Path], tmp_path: Path, broker: Any,
         subscriber_factory: Any) -> None:
-    from gateway.runtime.daemon import replay
+    from gateway.runtime.replay import replay
 
     log = _log_for(which, logs)
     cfg_path = write_config(tmp_path, mqtt_url=broker.url)

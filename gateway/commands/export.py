@@ -122,8 +122,8 @@ def records(cfg: GatewayConfig, log_path: str | Path, *, every: float | None = N
     held: dict[str, Record] = {}  # resampling: last state/cells record per topic
     next_sample = float("-inf")
 
-    def drain() -> Iterator[Record]:
-        out = pipeline.drain_ordered()
+    def produced() -> Iterator[Record]:
+        out = pipeline.take()
         clock = pipeline.clock
         events = [x for x in out if not isinstance(x, Publication)]
         stored = iter(outbox.append(events) if events else ())
@@ -156,7 +156,7 @@ def records(cfg: GatewayConfig, log_path: str | Path, *, every: float | None = N
         for batch in batches:
             if every is None:
                 pipeline.feed_log(batch)
-                yield from counted(drain())
+                yield from counted(produced())
             else:
                 start = 0
                 for i, fr in enumerate(batch):
@@ -166,16 +166,16 @@ def records(cfg: GatewayConfig, log_path: str | Path, *, every: float | None = N
                         next_sample = fr[0]
                     pipeline.feed_log(batch[start:i])
                     start = i
-                    yield from counted(drain())
+                    yield from counted(produced())
                     while fr[0] >= next_sample:
                         yield from counted(sample(next_sample))
                         next_sample += every
                 pipeline.feed_log(batch[start:])
-                yield from counted(drain())
+                yield from counted(produced())
             if progress is not None:
                 progress(len(batch))
         pipeline.finish()
-        yield from counted(drain())
+        yield from counted(produced())
         if every is not None and held and pipeline.clock > next_sample - every:
             yield from counted(sample(pipeline.clock))
         # what replay says at its end: the packs go offline (retained)

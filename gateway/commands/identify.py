@@ -134,7 +134,7 @@ def score_profile(profile: str, frames: list[Frame], ids: Counter[int], tmp: Pat
     fit.steady = steadiness(frames, used)
     pipe.feed([f for f in frames if f[1] in used], 0)
     pipe.finish()
-    pipe.drain()
+    pipe.take()
     st = pc.state
     st.derive()
     mapped = [i for i, m in enumerate(st.mapped) if m and FIELDS[i].name not in _IDENTITY]

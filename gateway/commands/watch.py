@@ -33,13 +33,15 @@ from typing import TYPE_CHECKING, Any
 from gateway.backoff import backoff
 from gateway.commands.export import parse_ts
 from gateway.errors import GatewayError
-from gateway.model import PackState, Value, iso_ts
+from gateway.model import PackState, Publication, Value, iso_ts
+from gateway.publish.sink import ImmediateSink
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
     from rich.text import Text
 
     from gateway.config import GatewayConfig
+    from gateway.runtime.runtime import Runtime
 
 GLYPHS = "▁▂▃▄▅▆▇█"
 MAX_MARK, MIN_MARK, BAL_MARK = "▲", "▼", "*"
@@ -528,12 +530,23 @@ def render_text(vm: ViewModel, width: int = 80, height: int = 24) -> str:
 # ------------------------------------------------------------------ sources
 
 
-def _pipeline_feed(store: WatchStore, pipeline: Any) -> Callable[[], None]:
-    def ship() -> None:
-        pubs, _events = pipeline.drain()
-        for pub in pubs:
-            store.apply(pub.topic, pub.payload)
-    return ship
+class WatchSink(ImmediateSink):
+    """The dashboard as the runtime's sink: each snapshot goes into the store, as a
+    subscriber would keep it; events need no line of their own (the faults topic lists
+    what is active)."""
+
+    name = "watch"
+
+    def __init__(self, store: WatchStore) -> None:
+        super().__init__()
+        self.store = store
+
+    def publish(self, pub: Publication) -> None:
+        self.store.apply(pub.topic, pub.payload)
+        self.count += 1
+
+    def event(self, seq: int, topic: str, payload: bytes) -> bool:
+        return True
 
 
 class _Screen:
@@ -562,20 +575,27 @@ class _Screen:
         self.live.update(render(self.view(), w, h), refresh=True)
 
 
+def _runtime(cfg: GatewayConfig, store: WatchStore) -> Runtime:
+    """A private runtime: the config's pipeline, the dashboard as its only sink."""
+    from gateway.runtime.pipeline import Pipeline
+    from gateway.runtime.runtime import Runtime
+
+    return Runtime(cfg, Pipeline(cfg), sink=WatchSink(store), outbox_path=":memory:")
+
+
 async def watch_log(cfg: GatewayConfig, log_path: str | Path, *, speed: float | None,
                     ok_mv: float = 5.0, warn_mv: float = 20.0) -> None:
     """Replay a log through the pipeline in this process; no broker involved."""
-    from gateway.runtime.pipeline import Pipeline
     from gateway.source.logs import Pacer, SourceStats, read_log
 
-    pipeline = Pipeline(cfg)
     store = WatchStore(cfg.mqtt.topic_prefix)
-    ship = _pipeline_feed(store, pipeline)
     stats = SourceStats()
     batches = read_log(log_path, stats)
-    pacer = Pacer(speed)
+    rt = _runtime(cfg, store)
+    pipeline = rt.pipeline
     note = ""
     name = Path(log_path).name
+    last_draw = 0.0
 
     def view() -> ViewModel:
         now = pipeline.clock if math.isfinite(pipeline.clock) else time.time()
@@ -583,74 +603,41 @@ async def watch_log(cfg: GatewayConfig, log_path: str | Path, *, speed: float | 
                           ok_mv=ok_mv, warn_mv=warn_mv)
 
     with _Screen(view) as screen:
-        last_draw = 0.0
-        for batch in batches:
-            start = 0
-            for i, fr in enumerate(batch):
-                d = pacer.delay(fr[0])
-                if d > 0.002:
-                    pipeline.feed_log(batch[start:i])
-                    ship()
-                    start = i
-                    screen.draw()
-                    last_draw = time.monotonic()
-                    await asyncio.sleep(d)
-            pipeline.feed_log(batch[start:])
-            ship()
+        def draw() -> None:
+            nonlocal last_draw
+            screen.draw()
+            last_draw = time.monotonic()
+
+        def now_and_then() -> None:
             if time.monotonic() - last_draw >= REFRESH_S:
-                screen.draw()
-                last_draw = time.monotonic()
-            await asyncio.sleep(0)
-        pipeline.finish()
-        ship()
-        note = f"end of log ({stats.frames} frames)"
-        screen.draw()
-        await asyncio.Event().wait()  # hold the last picture until Ctrl-C
+                draw()
+
+        async with rt:
+            await rt.play(batches, Pacer(speed), on_pause=draw, on_batch=now_and_then)
+            note = f"end of log ({stats.frames} frames)"
+            screen.draw()
+            await asyncio.Event().wait()  # hold the last picture until Ctrl-C
 
 
 async def watch_bus(cfg: GatewayConfig, *, ok_mv: float = 5.0, warn_mv: float = 20.0) -> None:
     """Read the config's live buses into a private pipeline (publishes nothing)."""
-    from gateway.runtime.pipeline import Pipeline
-    from gateway.source.logs import LiveSource
-
-    pipeline = Pipeline(cfg)
     store = WatchStore(cfg.mqtt.topic_prefix)
-    ship = _pipeline_feed(store, pipeline)
-    sources: list[LiveSource] = []
-
-    def on_batch(bus: int) -> Callable[[list[Any]], None]:
-        def cb(batch: list[Any]) -> None:
-            pipeline.feed(batch, bus)
-            ship()
-        return cb
-
-    def on_state(bus: int) -> Callable[[str, bool, str], None]:
-        def cb(condition: str, active: bool, detail: str) -> None:
-            pipeline.bus_state(bus, condition, active, detail, time.time())
-            ship()
-        return cb
+    rt = _runtime(cfg, store)
 
     def view() -> ViewModel:
-        lost = [s.cfg.name for s in sources if s.lost]
+        lost = [s.cfg.name for s in rt.sources if s.lost]
         note = f"bus lost: {', '.join(lost)}" if lost else ""
         buses = ", ".join(f"{b.interface}:{b.channel}" for b in cfg.buses)
         return store.view(time.time(), f"bus {buses}", note, ok_mv=ok_mv, warn_mv=warn_mv)
 
     with _Screen(view) as screen:
-        try:
-            async with asyncio.TaskGroup() as tg:
-                for i, bus in enumerate(cfg.buses):
-                    src = LiveSource(bus, on_batch(i), on_state(i))
-                    sources.append(src)
-                    tg.create_task(src.run(), name=f"watch.source[{bus.name}]")
-                while True:
-                    pipeline.tick(time.time())
-                    ship()
-                    screen.draw()
-                    await asyncio.sleep(REFRESH_S)
-        finally:
-            for s in sources:
-                s.stop()
+        async with rt:
+            rt.start_sources()
+            while True:
+                rt.pipeline.tick(time.time())
+                rt.ship()
+                screen.draw()
+                await asyncio.sleep(REFRESH_S)
 
 
 def parse_mqtt_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
@@ -722,6 +709,6 @@ async def watch_mqtt(url: str, prefix: str = "bms", *, ok_mv: float = 5.0,
                 await task
 
 
-__all__ = ["FaultView", "PackView", "ViewModel", "WatchError", "WatchStore", "fmt_age",
+__all__ = ["FaultView", "PackView", "ViewModel", "WatchError", "WatchSink", "WatchStore", "fmt_age",
            "parse_mqtt_url", "render", "render_text", "require_rich", "watch_bus",
            "watch_log", "watch_mqtt"]

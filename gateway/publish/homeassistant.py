@@ -36,7 +36,7 @@ from gateway.config import MAX_CELLS, GatewayConfig, PackConfig, id_problem
 from gateway.errors import GatewayError
 from gateway.faults.rules import RULES
 from gateway.model import BMS_STATES, FIELDS, FieldInfo, Publication
-from gateway.publish.sinks import Topics, dumps
+from gateway.publish.publisher import Topics, dumps
 
 if TYPE_CHECKING:
     from gateway.runtime.pipeline import Pipeline

@@ -21,7 +21,7 @@ from gateway.model import FIELD_INDEX, FaultEvent, Output, Publication
 from gateway.normalize.cellcount import CellLearner, cell_learner
 from gateway.normalize.cellwriter import CELL_VALID
 from gateway.normalize.compiler import DbcCache, LivePack, compile_pack, prime_state
-from gateway.publish.sinks import PackPublisher, Topics, dumps
+from gateway.publish.publisher import PackPublisher, Topics, dumps
 from gateway.source.logs import Frame
 
 log = logging.getLogger("gateway.pipeline")
@@ -488,13 +488,14 @@ class Pipeline:
             rt.compiled.state.online = False
         return [rt.publisher.availability(False) for rt in self.packs]
 
-    def drain_ordered(self) -> list[Output]:
+    def take(self) -> list[Output]:
+        """Hand over what was produced since the last call, in frame-time order."""
         out, self.out = self.out, []
         return out
 
-    def drain(self) -> tuple[list[Publication], list[tuple[FaultEvent, str]]]:
-        """Snapshots and events separately (each list in order)."""
-        out = self.drain_ordered()
+    def take_split(self) -> tuple[list[Publication], list[tuple[FaultEvent, str]]]:
+        """`take()` as snapshots and events separately (each list in order)."""
+        out = self.take()
         return ([x for x in out if isinstance(x, Publication)],
                 [x for x in out if not isinstance(x, Publication)])
 

@@ -8,7 +8,7 @@ calls these unconditionally.
 Sending never raises: losing a notification must not take the gateway down. The first
 failure is logged at WARNING, repeats at DEBUG until a send succeeds again.
 
-    with Notifier() as notifier:
+    with SystemdNotifier() as notifier:
         notifier.ready()
         interval = watchdog_interval()  # ping every `interval` seconds, if not None
 """
@@ -22,12 +22,12 @@ import time
 from types import TracebackType
 from typing import Self
 
-__all__ = ["Notifier", "watchdog_interval"]
+__all__ = ["SystemdNotifier", "watchdog_interval"]
 
 log = logging.getLogger(__name__)
 
 
-class Notifier:
+class SystemdNotifier:
     """Sends sd_notify datagrams to the service manager; a no-op when not under systemd.
 
     ``address`` defaults to ``$NOTIFY_SOCKET``; an empty string disables notification.

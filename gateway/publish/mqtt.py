@@ -1,10 +1,8 @@
-"""Publish stage: the publishing policy (what and when, in frame time) and the sinks.
+"""The MQTT sink: one aiomqtt connection with reconnect.
 
-Policy, per pack and topic: publish on a change beyond the field's deadband, at most
-once per `min_interval_s`, at least once per `max_interval_s`, all in frame time, so
-replaying a log gives byte-identical payloads at any speed. Snapshots are retained and
-latest-only: while the broker is away only the newest payload per topic is kept.
-Fault events are different: they come from the outbox and leave it only on PUBACK.
+Snapshots are retained and latest-only: while the broker is away only the newest
+payload per topic is kept. Fault events are different: the sink reads them from the
+outbox in `seq` order and acknowledges each there only on an accepting PUBACK.
 """
 
 from __future__ import annotations
@@ -12,173 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import socket
 import ssl
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, TextIO
+from typing import Any, Protocol
 
 from gateway.backoff import backoff
-from gateway.config import MqttConfig, PackConfig
+from gateway.config import MqttConfig
 from gateway.errors import EXIT_CONFIG, GatewayError
-from gateway.model import FIELDS, Output, PackState, Publication, Value, clean, iso_ts
+from gateway.model import Publication, iso_ts
+from gateway.publish.sink import SinkStatus
 
 log = logging.getLogger("gateway.publish")
-
-
-def dumps(obj: object) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-class Topics:
-    def __init__(self, prefix: str, gateway_id: str) -> None:
-        self.prefix = prefix.rstrip("/")
-        self.gateway_id = gateway_id
-
-    def pack(self, pack_id: str, leaf: str) -> str:
-        return f"{self.prefix}/{pack_id}/{leaf}"
-
-    def gateway(self, leaf: str) -> str:
-        return f"{self.prefix}/gateway/{self.gateway_id}/{leaf}"
-
-
-class PackPublisher:
-    """Decides, at frame-time ticks, which of one pack's snapshots are due."""
-
-    def __init__(self, cfg: PackConfig, state: PackState, topics: Topics) -> None:
-        self.state = state
-        self.reconfigure(cfg, topics)
-        self.last_state: list[Value] | None = None
-        self.last_extras: dict[str, Value] = {}
-        self.last_state_ts = float("-inf")
-        self.last_cells: list[float | None] | None = None
-        self.last_cells_other: tuple[object, ...] = ()
-        self.last_cells_ts = float("-inf")
-        self.state_count = 0
-        self.cells_count = 0
-
-    def reconfigure(self, cfg: PackConfig, topics: Topics) -> None:
-        """The policy from `cfg`; what was last published (and when) is kept, so a reload
-        does not publish again what has not changed."""
-        self.cfg = cfg
-        pol = cfg.publish
-        self.state_pol = pol.state
-        self.cells_pol = pol.cells
-        self.deadbands = [pol.deadband.get(f.name, f.deadband) for f in FIELDS]
-        self.cell_db = pol.cell_deadband_v
-        self.per_value = pol.per_value_topics
-        self.t_state = topics.pack(cfg.id, "state")
-        self.t_cells = topics.pack(cfg.id, "cells")
-        self.t_avail = topics.pack(cfg.id, "availability")
-        self.t_faults = topics.pack(cfg.id, "faults")
-        self.topics = topics
-
-    def _state_moved(self) -> bool:
-        last = self.last_state
-        if last is None or self.state.extras != self.last_extras:
-            return True
-        for new, old, db in zip(self.state.values, last, self.deadbands, strict=True):
-            if new is old or new == old:
-                continue
-            if (type(new) in (int, float) and type(old) in (int, float)
-                    and abs(new - old) <= db):  # type: ignore[operator]
-                continue
-            return True
-        return False
-
-    def _cells_moved(self) -> bool:
-        st = self.state
-        last = self.last_cells
-        if last is None or len(last) != len(st.cell_v):
-            return True
-        if (tuple(st.cell_t), tuple(st.balancing)) != self.last_cells_other:
-            return True
-        db = self.cell_db
-        for new, old in zip(st.cell_v, last, strict=True):
-            if new is old:
-                continue
-            if new is None or old is None or abs(new - old) > db:
-                return True
-        return False
-
-    def tick(self, ts: float, out: list[Output], force: bool = False) -> None:
-        st = self.state
-        if st.last_seen is None:
-            return
-        sp = self.state_pol
-        age = ts - self.last_state_ts
-        if (st.changed and (age >= sp.min_interval_s or force)) or age >= sp.max_interval_s:
-            st.derive()
-            if age >= sp.max_interval_s or (self._state_moved() if not force else
-                                             self.last_state != st.values
-                                             or self.last_extras != st.extras):
-                self._emit_state(ts, out)
-            st.changed = False
-        cp = self.cells_pol
-        if (not st.cell_v and not st.cell_t) or not st.cells_known:
-            return
-        age = ts - self.last_cells_ts
-        if (st.cells_changed and (age >= cp.min_interval_s or force)) \
-                or age >= cp.max_interval_s:
-            if age >= cp.max_interval_s or force or self._cells_moved():
-                out.append(Publication(self.t_cells, dumps(st.cells_snapshot())))
-                self.last_cells = list(st.cell_v)
-                self.last_cells_other = (tuple(st.cell_t), tuple(st.balancing))
-                self.last_cells_ts = ts
-                self.cells_count += 1
-            st.cells_changed = False
-
-    def _emit_state(self, ts: float, out: list[Output]) -> None:
-        st = self.state
-        snap = st.snapshot()
-        out.append(Publication(self.t_state, dumps(snap)))
-        if self.per_value:
-            last = self.last_state
-            for i, f in enumerate(FIELDS):
-                v = st.values[i]
-                if last is None or last[i] != v:
-                    out.append(Publication(self.topics.pack(self.cfg.id, f.name),
-                                           _plain(clean(v))))
-        self.last_state = list(st.values)
-        self.last_extras = dict(st.extras)
-        self.last_state_ts = ts
-        self.state_count += 1
-
-    def availability(self, online: bool) -> Publication:
-        return Publication(self.t_avail, b"online" if online else b"offline")
-
-
-def _plain(v: Value) -> bytes:
-    if v is None:
-        return b""
-    if isinstance(v, bool):
-        return b"true" if v else b"false"
-    return str(v).encode()
-
-
-# ------------------------------------------------------------------ sinks
-
-
-class StdoutSink:
-    """What a broker would receive, one `topic payload` line each; events are 'acked' at once."""
-
-    def __init__(self, stream: TextIO | None = None) -> None:
-        self.stream = stream or sys.stdout
-        self.count = 0
-        self.events_published = 0  # counted by the daemon's ship(), as printed
-
-    def snapshot(self, pub: Publication) -> None:
-        self.stream.write(f"{pub.topic} {pub.payload.decode(errors='replace')}\n")
-        self.count += 1
-
-    def flush(self) -> None:
-        self.stream.flush()
 
 
 def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
@@ -196,31 +44,39 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
     return ctx
 
 
+class EventStore(Protocol):
+    """Where the sink finds the fault events to deliver (the outbox)."""
+
+    def pending(self, limit: int) -> list[tuple[int, str, bytes]]: ...
+
+    def ack(self, seq: int) -> None: ...
+
+
 class MqttSink:
     """One aiomqtt connection with reconnect; snapshots latest-only, events at least once.
 
-    `snapshot()` only records the newest payload per topic and wakes the sender; the
-    sender task publishes what is pending whenever connected. Events are pulled from
-    the outbox by `next_events` and acknowledged through `ack` after PUBACK.
+    `publish()` only records the newest payload per topic and wakes the sender; the
+    sender task publishes what is pending whenever connected. Events are read from the
+    outbox in seq order and acknowledged there after PUBACK.
     """
 
+    name = "mqtt"
+
     def __init__(self, cfg: MqttConfig, client_id: str, will_topic: str,
-                 next_events: Callable[[], list[tuple[int, str, bytes]]],
-                 ack: Callable[[int], None], on_connect: Callable[[], list[Publication]],
+                 outbox: EventStore, on_connect: Callable[[], list[Publication]],
                  subscriptions: dict[str, Callable[[bytes], list[Publication]]] | None = None,
-                 ) -> None:
+                 *, ordered: bool = False) -> None:
         self.cfg = cfg
         self.client_id = client_id
         self.will_topic = will_topic
-        self.next_events = next_events
-        self.ack = ack
+        self.outbox = outbox
         self.on_connect = on_connect
         # the same dict object: handlers registered after construction are honoured
         self.subscriptions = subscriptions if subscriptions is not None else {}
         self.pending: dict[str, Publication] = {}
         # Replays keep every snapshot in order (byte-identical output at any speed);
         # live mode keeps only the newest per topic while the broker is slow or away.
-        self.coalesce = True
+        self.coalesce = not ordered
         self.queue: deque[Publication] = deque()
         self.space = asyncio.Event()
         self.wake = asyncio.Event()
@@ -229,7 +85,6 @@ class MqttSink:
         # the last connection attempt failed (not merely: not connected yet)
         self.down = False
         self.stopping = False
-        self.dead = False  # run() ended by an exception and nobody restarts it (replay)
         self.published = 0
         self.events_published = 0
         self.reconnects = 0
@@ -245,7 +100,7 @@ class MqttSink:
         self._events_retry_at = 0.0
         self._client: Any = None
 
-    def snapshot(self, pub: Publication) -> None:
+    def publish(self, pub: Publication) -> None:
         if len(pub.payload) > self.cfg.max_payload:
             self.dropped_oversize += 1
             # once per topic: a topic that is too big is too big at every publication
@@ -262,9 +117,12 @@ class MqttSink:
             self.pending[pub.topic] = pub
         self.wake.set()
 
-    async def backpressure(self, limit: int = 256) -> None:
+    def event(self, seq: int, topic: str, payload: bytes) -> bool:
+        return False  # delivered from the outbox, in seq order, after flush()
+
+    async def room(self, limit: int = 256) -> None:
         """In replay (no coalescing), wait while too much is queued for the broker."""
-        while len(self.queue) > limit and not self.dead:
+        while len(self.queue) > limit and not self.stopping:
             self.space.clear()
             await self.space.wait()
 
@@ -272,6 +130,11 @@ class MqttSink:
         """New events are in the outbox."""
         self.events_dirty = True
         self.wake.set()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.space.set()
 
     def _client_kwargs(self) -> dict[str, Any]:
         import aiomqtt
@@ -312,7 +175,7 @@ class MqttSink:
                     self.events_dirty = True  # unacknowledged events go out first
                     self._events_retry_at = 0.0  # a broker that refused may allow them now
                     for pub in self.on_connect():
-                        self.snapshot(pub)
+                        self.publish(pub)
                     # subscribe before anything is sent: replies to our own on-connect
                     # messages (e.g. the discovery registry) must not be missed
                     for topic in self.subscriptions:
@@ -393,7 +256,7 @@ class MqttSink:
         A refusal stops the round (order is kept: later events wait behind it) and the
         same event is tried again after a jittered, capped backoff.
         """
-        while batch := self.next_events():
+        while batch := self.outbox.pending(100):
             for seq, topic, payload in batch:
                 if not await self._publish(client, topic, payload, 1, False):
                     self._refusal_attempt += 1
@@ -401,7 +264,7 @@ class MqttSink:
                     self.events_dirty = True
                     return
                 self._refusal_attempt = 0
-                self.ack(seq)
+                self.outbox.ack(seq)
                 self.events_published += 1
 
     async def _publish(self, client: Any, topic: str, payload: bytes, qos: int,
@@ -420,12 +283,18 @@ class MqttSink:
                       _reason_name(code))
         return False
 
-    def faults(self) -> list[dict[str, Any]]:
-        """Gateway-level faults of the MQTT link, for the status topic."""
-        return [{"code": "mqtt_refused", "severity": "critical", "topic": r.topic,
-                 "reason_code": r.code, "reason": r.reason, "since": iso_ts(r.since),
-                 "message": f"broker refused {r.topic}: {r.reason} ({r.code})"}
-                for r in self.refused.values()]
+    def status(self) -> SinkStatus:
+        return SinkStatus(
+            published=self.published, events_published=self.events_published,
+            connected=self.connected.is_set(), away=self.down, reconnects=self.reconnects,
+            dropped_oversize=self.dropped_oversize, last_error=self.last_error,
+            refused=tuple(self.refused), refused_total=self.refused_total,
+            inbound_errors=self.inbound_errors,
+            # gateway-level faults of the MQTT link
+            faults=tuple({"code": "mqtt_refused", "severity": "critical", "topic": r.topic,
+                          "reason_code": r.code, "reason": r.reason, "since": iso_ts(r.since),
+                          "message": f"broker refused {r.topic}: {r.reason} ({r.code})"}
+                         for r in self.refused.values()))
 
     async def _receiver(self, client: Any) -> None:
         async for msg in client.messages:
@@ -448,25 +317,25 @@ class MqttSink:
                               "topic; counted in status inbound_errors)", topic, exc_info=True)
                 continue
             for pub in pubs:
-                self.snapshot(pub)
+                self.publish(pub)
 
-    async def drain(self, timeout: float) -> bool:
+    async def delivered(self, timeout: float) -> bool:
         """Wait until nothing is pending (or timeout); True when all was delivered.
         With the broker away (its last connection attempt failed; not merely a first
         connection still being made) and no event waiting there is nothing worth the
         wait: the snapshots are given up at once."""
         deadline = time.monotonic() + timeout
         self.wake.set()
-        while time.monotonic() < deadline and not self.dead:
+        while time.monotonic() < deadline and not self.stopping:
             if self.connected.is_set() and not self._undelivered():
                 return True
-            if self.down and not self.connected.is_set() and not self.next_events():
+            if self.down and not self.connected.is_set() and not self.outbox.pending(1):
                 break
             await asyncio.sleep(0.02)
         return not self._undelivered()
 
     def _undelivered(self) -> bool:
-        return bool(self.pending or self.queue or self.next_events())
+        return bool(self.pending or self.queue or self.outbox.pending(1))
 
 
 class BrokerAddressError(GatewayError, ValueError):
