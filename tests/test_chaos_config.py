@@ -121,7 +121,8 @@ BAD_NUM = st.sampled_from(["'10'", ".nan", ".inf", "-.inf", "1.0e+400", "-5.0", 
 # each key: (valid values, near-valid ones that check-config must judge)
 FIELDS: dict[str, tuple[st.SearchStrategy[str], st.SearchStrategy[str]]] = {
     "gateway_id": (st.sampled_from(["gw", "ok-1_2", "\u00e9t\u00e9"]),
-                   st.sampled_from(["g w", "g/w", "x" * 70, "g\\tw", "", "g\\udc80", "#"])),
+                   # not "": an empty gateway_id means the host name (docs/config.md)
+                   st.sampled_from(["g w", "g/w", "x" * 70, "g\\tw", "g\\udc80", "#"])),
     "pack_id": (st.sampled_from(["house", "p-1"]),
                 st.sampled_from(["h h", "h\\udc80", "gateway", "+", "", "a/b"])),
     "profile": (st.sampled_from(["example-bms", "./p.yaml"]),
