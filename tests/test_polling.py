@@ -360,7 +360,7 @@ def test_polled_cells_mark_the_state_changed_as_compiled_handlers_do(tmp_path: P
         p.feed([(ts, 0x7BB, frame, "x") for frame in (ff, *cfs)])
         assert st.changed and st.cells_changed
         p.tick(ts + 0.2)
-        return [json.loads(pub.payload) for pub in p.drain()[0] if pub.topic == t_state]
+        return [json.loads(pub.payload) for pub in p.take_split()[0] if pub.topic == t_state]
 
     cells = [3700 + i for i in range(96)]
     first = answer(1.0, cells)
