@@ -14,6 +14,10 @@ code that raises them; the tree::
           +-- DbcError                   (gateway.decode.dbc) exit 3
           |                              a DBC that cannot be read or parsed: a missing
           |                              file, a VAL_ line naming no signal
+          +-- ExprError                  (gateway.normalize.expr) exit 3
+          |                              a profile expression outside the whitelist
+          |                              (`__import__`, a name that is no signal); always
+          |                              reported as a config problem of its profile key
           +-- OutboxError                (gateway.publish.outbox) exit 3
           |                              the event outbox cannot be used: --outbox /proc/
           |                              version, a corrupt outbox.sqlite, a full disk

@@ -21,7 +21,7 @@ from tests.test_chaos_config import write
 
 SAMPLE_LOG = REPO / "config" / "sample.log"
 
-EXIT_CODES = {"ConfigError": 3, "DbcError": 3, "OutboxError": 3, "BrokerAddressError": 3,
+EXIT_CODES = {"ConfigError": 3, "DbcError": 3, "ExprError": 3, "OutboxError": 3, "BrokerAddressError": 3,
               "FormatError": 2, "LogError": 1, "WatchError": 1, "RegistryError": 1}
 
 

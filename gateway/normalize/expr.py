@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 
 from gateway.config import ValueSpec
+from gateway.errors import EXIT_CONFIG, GatewayError
 
 EXPR_MAX_CHARS = 1000
 EXPR_MAX_DEPTH = 40
@@ -23,8 +24,10 @@ _OPS: dict[type[ast.operator], tuple[str, Callable[[float, float], float]]] = {
 _FIX = "use signal names, numbers, + - * / and min/max/abs"
 
 
-class ExprError(Exception):
+class ExprError(GatewayError):
     """An expression outside the whitelist: args (what, fix)."""
+
+    exit_code = EXIT_CONFIG
 
 
 def parse(text: str) -> ast.Expression | tuple[str, str]:
