@@ -93,3 +93,23 @@ def test_live_two_virtual_buses(tmp_path: Path) -> None:
     out = buf.getvalue()
     assert last_state(out, "left")["voltage_v"] == 47.5
     assert last_state(out, "right")["voltage_v"] == 52.25
+
+
+def test_a_change_within_the_deadband_is_published_at_the_end(tmp_path: Path) -> None:
+    """A move smaller than the deadband is held back while the log runs, not forgotten:
+    the end of the replay publishes the exact last values."""
+    log = tmp_path / "creep.log"
+    rows = []
+    for i in range(40):  # 48.00 V for 2 s, then +0.02 V: under the 0.05 V deadband
+        v = 48.0 if i < 20 else 48.02
+        data = status(v, 0).hex().upper()  # the same frame again does not change the state
+        rows.append(f"({1_700_000_000 + i * 0.1:.6f}) can0 400#{data}")
+    log.write_text("\n".join(rows) + "\n")
+    buf = io.StringIO()
+    asyncio.run(replay(load_config(config(tmp_path, "x0", "x1")), log, speed=None, stdout=buf))
+    states = [json.loads(ln.split(" ", 1)[1]) for ln in buf.getvalue().splitlines()
+              if ln.startswith("bms/left/state ")]
+    assert states[0]["voltage_v"] == 48.0
+    assert states[-1]["voltage_v"] == 48.02
+    # held back while it ran: one state at the start, one at the end, nothing per frame
+    assert len(states) == 2, [s["voltage_v"] for s in states]

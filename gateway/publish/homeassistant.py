@@ -27,19 +27,16 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from gateway import __version__
 from gateway.config import MAX_CELLS, GatewayConfig, PackConfig, id_problem
 from gateway.errors import GatewayError
 from gateway.faults.rules import RULES
-from gateway.model import BMS_STATES, FIELDS, FieldInfo, Publication
+from gateway.model import BMS_STATES, FIELDS, FieldInfo, PackState, Publication
 from gateway.publish.publisher import Topics, dumps
-
-if TYPE_CHECKING:
-    from gateway.runtime.pipeline import Pipeline
 
 log = logging.getLogger("gateway.homeassistant")
 
@@ -479,14 +476,13 @@ class Discovery:
             out.append(reg)
         return out
 
-    def learn(self, pipeline: Pipeline) -> list[Publication]:
+    def learn(self, states: Iterable[PackState]) -> list[Publication]:
         """Cheap per-ship check: cells or temperature sensors beyond what was announced."""
         if not self.enabled:
             return []
         out: list[Publication] = []
         grown = False
-        for rt in pipeline.packs:
-            st = rt.compiled.state
+        for st in states:
             pid = st.pack_id
             if pid not in self.packs or not st.cells_known:  # no entities in steps
                 continue

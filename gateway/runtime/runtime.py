@@ -174,7 +174,7 @@ class Runtime:
             sink.flush()
         out = self.pipeline.take()
         if self.discovery is not None:
-            out.extend(self.discovery.learn(self.pipeline))
+            out.extend(self.discovery.learn(rt.compiled.state for rt in self.pipeline.packs))
         if not out:
             return
         events = [x for x in out if not isinstance(x, Publication)]
