@@ -84,9 +84,28 @@ def _callgrind(request: int) -> int:
 
 
 
-def sample_frames(n: int) -> list[bytes]:
+def _canbms_log() -> Path:
+    """A CAN-BMS pack's traffic (the issue's workload: few ids, values moving), from the
+    simulator (deterministic: seed 0, fixed start), made once per run."""
+    path = Path(os.environ.get("BENCH_CANBMS_LOG") or Path(tempfile.gettempdir())
+                / "bench-live-canbms.log")
+    if not path.exists():
+        cfg = path.with_suffix(".yaml")
+        cfg.write_text(f"state_dir: {path.parent / 'bench-live-state'}\n"
+                       "can: {interface: virtual, channel: vcan0}\n"
+                       "packs: [{id: p, profile: can-bms}]\n")
+        subprocess.run([sys.executable, "-m", "gateway", "simulate", "-c", str(cfg),
+                        "--duration", "200", "--out", str(path)], check=True, cwd=REPO,
+                       capture_output=True)
+    return path
+
+
+WORKLOADS = {"sample": ("example-bms", lambda: SAMPLE), "canbms": ("can-bms", _canbms_log)}
+
+
+def sample_frames(n: int, workload: str = "sample") -> list[bytes]:
     out = []
-    for ln in SAMPLE.read_text().splitlines():
+    for ln in WORKLOADS[workload][1]().read_text().splitlines():
         _ts, _chan, frame = ln.split()
         ident, data = frame.split("#")
         raw = bytes.fromhex(data)
@@ -108,7 +127,7 @@ def warmup(mode: str) -> int:
     return {"burst": 64, "rate": 64, "single": 16}.get(mode, 0)
 
 
-def send(mode: str, n: int) -> None:
+def send(mode: str, n: int, workload: str = "sample") -> None:
     """The warm-up frames, then (once the receiver closes our stdin) the measured ones."""
     s = socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW)
     s.bind((CHANNEL,))
@@ -125,7 +144,7 @@ def send(mode: str, n: int) -> None:
         s.send(FRAME.pack(0x355, 8, bytes([9, 0, 9, 0, 0, 0, 0, 0])))
         return
     w = warmup(mode)
-    frames = sample_frames(w + n)
+    frames = sample_frames(w + n, workload)
     for k, f in enumerate(frames):
         if k == w:
             sys.stdin.read()
@@ -160,11 +179,11 @@ class Sender:
     then, the warm-up frames run instrumented, `go()` zeroes the counters and lets the
     measured frames come."""
 
-    def __init__(self, mode: str, n: int) -> None:
+    def __init__(self, mode: str, n: int, workload: str = "sample") -> None:
         self.mode = mode
         self.warmup = warmup(mode)
         _callgrind(_CG_START_INSTRUMENTATION)
-        self.proc = subprocess.Popen(_py("--send", mode, str(n)), cwd=REPO,
+        self.proc = subprocess.Popen(_py("--send", mode, str(n), workload), cwd=REPO,
                                      stdin=subprocess.PIPE)
         self.started = False
 
@@ -188,6 +207,8 @@ def recv_python_can(mode: str, n: int) -> int:
     import can
 
     bus = can.Bus(interface="socketcan", channel=CHANNEL)
+    # traced, the loop is slower than the paced sender: room for the whole run
+    bus.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4_000_000)
     sender = Sender(mode, n)
     for _ in range(sender.warmup):
         while bus.recv(5) is None:
@@ -252,13 +273,13 @@ def _report(**fields: Any) -> None:
     print("bench.live child: " + json.dumps(fields), flush=True)
 
 
-def recv_gateway(mode: str, n: int, receive: str) -> int:
+def recv_gateway(mode: str, n: int, receive: str, workload: str = "sample") -> int:
     from gateway.config import load_config
     from gateway.runtime import pipeline
     from gateway.runtime.daemon import Daemon, run_loop
 
     tmp = Path(tempfile.mkdtemp())
-    profile = "can-bms" if mode == "steady" else "example-bms"
+    profile = "can-bms" if mode == "steady" else WORKLOADS[workload][0]
     cfg = tmp / "gw.yaml"
     k = DILATION.get(mode, 1.0)
     pipeline.TICK_S *= k
@@ -307,7 +328,7 @@ def recv_gateway(mode: str, n: int, receive: str) -> int:
         while not (d.runtime.sources and all(s.opened.is_set() for s in d.runtime.sources)):
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.3)
-        sender = Sender(mode, n)
+        sender = Sender(mode, n, workload)
         if not sender.warmup:
             sender.go()
         await done.wait()
@@ -337,6 +358,12 @@ CASES: dict[str, tuple[str, Any]] = {
     "gw-raw-single": ("single", lambda m, n: recv_gateway(m, n, "raw")),
     "gw-bcm-steady": ("steady", lambda m, n: recv_gateway(m, n, "bcm")),
     "gw-raw-steady": ("steady", lambda m, n: recv_gateway(m, n, "raw")),
+    # the issue's workload: CAN-BMS traffic (fewer values a frame than the sample's cells)
+    "gw-python-can-canbms-rate": ("rate", lambda m, n: recv_gateway(m, n, "python-can",
+                                                                    "canbms")),
+    "gw-raw-canbms-burst": ("burst", lambda m, n: recv_gateway(m, n, "raw", "canbms")),
+    "gw-raw-canbms-rate": ("rate", lambda m, n: recv_gateway(m, n, "raw", "canbms")),
+    "gw-raw-canbms-single": ("single", lambda m, n: recv_gateway(m, n, "raw", "canbms")),
 }
 SIZES = {"burst": BURST, "rate": RATE, "single": SINGLE, "steady": STEADY}
 
@@ -408,10 +435,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also print each case's N costliest functions, inclusive "
                          "(callgrind_annotate), to find where the instructions go")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    ap.add_argument("--send", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--send", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.send:
-        send(a.send[0], int(a.send[1]))
+        send(a.send[0], int(a.send[1]), a.send[2])
         return 0
     if a.child:
         mode, fn = CASES[a.child]
@@ -427,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
               "python3 -m bench.live)", file=sys.stderr)
         return 2
     outdir = Path(tempfile.mkdtemp(prefix="bench-live-"))
+    os.environ["BENCH_CANBMS_LOG"] = str(outdir / "canbms.log")
     from concurrent.futures import ThreadPoolExecutor
 
     cases = a.cases.split(",")
@@ -435,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.live: unknown cases {unknown}; known: {', '.join(CASES)}",
               file=sys.stderr)
         return 2
+    if any("canbms" in c for c in cases):
+        _canbms_log()  # once, before the cases that share it
     channels = _own_channels(len(cases)) if a.jobs > 1 else None
     jobs = a.jobs if channels else 1
 
