@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import glob
 import io
 import json
 import mmap
@@ -70,6 +69,7 @@ DILATION = {"rate": 8000 * RATE_PAUSE / RATE_GROUP, "single": 8000 * SINGLE_PAUS
 _CLIENT_REQUEST = bytes.fromhex("4889f8" "31d2" "48c1c703" "48c1c70d" "48c1c73d" "48c1c733"
                                 "4887db" "4889d0" "c3")
 _CG_START_INSTRUMENTATION = 0x43540004  # VG_USERREQ_TOOL_BASE('C','T') + 4, callgrind.h
+_CG_STOP_INSTRUMENTATION = 0x43540005
 
 
 def _callgrind(request: int) -> int:
@@ -201,6 +201,7 @@ class Sender:
 
 def end() -> None:
     os.getpgrp()  # callgrind dumps the counters here
+    _callgrind(_CG_STOP_INSTRUMENTATION)  # the next case's set-up runs at full speed
 
 
 def recv_python_can(mode: str, n: int) -> int:
@@ -269,8 +270,11 @@ def recv_raw_recvmsg(mode: str, n: int) -> int:
     return len(out)
 
 
+_REPORT: dict[str, Any] = {}
+
+
 def _report(**fields: Any) -> None:
-    print("bench.live child: " + json.dumps(fields), flush=True)
+    _REPORT.update(fields)
 
 
 def recv_gateway(mode: str, n: int, receive: str, workload: str = "sample") -> int:
@@ -365,44 +369,46 @@ CASES: dict[str, tuple[str, Any]] = {
     "gw-raw-canbms-rate": ("rate", lambda m, n: recv_gateway(m, n, "raw", "canbms")),
     "gw-raw-canbms-single": ("single", lambda m, n: recv_gateway(m, n, "raw", "canbms")),
 }
+CHECK_CASES = ["python-can-burst", "gw-raw-burst"]
+CHECK_FRAMES = 400
 SIZES = {"burst": BURST, "rate": RATE, "single": SINGLE, "steady": STEADY}
 
 
-def measure(case: str, outdir: Path, channel: str = CHANNEL) -> dict[str, Any]:
-    mode, _fn = CASES[case]
-    n = SIZES[mode]
-    out = outdir / f"cg.{case}"
+def measure(cases: list[str], outdir: Path, channel: str = CHANNEL,
+            frames: int | None = None) -> list[dict[str, Any]]:
+    """The cases one after the other in one traced child (one interpreter start, which
+    under emulation and valgrind takes longer than measuring): one callgrind dump each."""
+    out = outdir / f"cg.{cases[0]}"
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
            f"--callgrind-out-file={out}",
            "--zero-before=getppid", "--dump-before=getpgrp", "--dump-instr=no",
-           *_py("--child", case)]
+           *_py("--child", ",".join(cases), *(["--frames", str(frames)] if frames else []))]
     t0 = time.monotonic()
     env = {**os.environ, "TEST_SOCKETCAN_CHANNEL": channel}
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800,
                        check=False, env=env)
     if r.returncode != 0:
-        raise RuntimeError(f"{case}: {r.stderr[-2000:]}")
-    extra: dict[str, Any] = {}
-    for ln in r.stdout.splitlines():
-        if ln.startswith("bench.live child: "):
-            extra = json.loads(ln.split(": ", 1)[1])
-    parts = sorted(glob.glob(f"{out}.1")) or sorted(glob.glob(f"{out}*"))
-    total = None
-    for p in parts:
-        for ln in Path(p).read_text().splitlines():
-            if ln.startswith("summary:"):
-                total = int(ln.split()[1])
-                break
-        if total is not None:
-            extra["file"] = p
-            break
-    if total is None:
-        raise RuntimeError(f"{case}: no callgrind dump at getpgrp ({parts})")
-    if "wakeups" in extra:
-        extra["frames_per_wakeup"] = round(n / max(1, extra["wakeups"]), 1)
-    return {"case": case, "mode": mode, "frames": n, "instructions": total,
-            "per_frame": round(total / n), "seconds": round(time.monotonic() - t0, 1),
-            **extra}
+        raise RuntimeError(f"{cases}: {r.stderr[-2000:]}")
+    reports = [json.loads(ln.split(": ", 1)[1]) for ln in r.stdout.splitlines()
+               if ln.startswith("bench.live child: ")]
+    results = []
+    for k, (case, extra) in enumerate(zip(cases, reports, strict=True), 1):
+        part = Path(f"{out}.{k}")
+        total = None
+        if part.exists():
+            total = next((int(ln.split()[1]) for ln in part.read_text().splitlines()
+                          if ln.startswith("summary:")), None)
+        if total is None:
+            raise RuntimeError(f"{case}: no callgrind dump at getpgrp ({part})")
+        mode = CASES[case][0]
+        n = frames or SIZES[mode]
+        if "wakeups" in extra:
+            extra["frames_per_wakeup"] = round(n / max(1, extra["wakeups"]), 1)
+        results.append({"case": case, "mode": mode, "frames": n, "instructions": total,
+                        "per_frame": round(total / n),
+                        "seconds": round(time.monotonic() - t0, 1), "file": str(part),
+                        **extra})
+    return results
 
 
 def _own_channels(n: int) -> list[str] | None:
@@ -429,11 +435,14 @@ def main(argv: list[str] | None = None) -> int:
                          "(default: one per CPU; 1 where no vcan can be created)")
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--check", action="store_true",
-                    help="exit 1 unless the gateway's raw path costs at most a third of "
-                         "python-can's receive loop alone (burst; CI runs this)")
+                    help="measure only python-can-burst and gw-raw-burst, 400 frames, in one "
+                         "traced child, and exit 1 unless the gateway's raw path all in "
+                         "costs at most a third of python-can's receive loop alone (CI)")
     ap.add_argument("--annotate", type=int, metavar="N", default=0,
                     help="also print each case's N costliest functions, inclusive "
                          "(callgrind_annotate), to find where the instructions go")
+    ap.add_argument("--frames", type=int, help="frames a case (default: per mode, "
+                    "burst 1,000; --check: 400)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--send", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -441,8 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         send(a.send[0], int(a.send[1]), a.send[2])
         return 0
     if a.child:
-        mode, fn = CASES[a.child]
-        fn(mode, SIZES[mode])
+        for case in a.child.split(","):
+            mode, fn = CASES[case]
+            _REPORT.clear()
+            fn(mode, a.frames or SIZES[mode])
+            print("bench.live child: " + json.dumps(_REPORT), flush=True)
         return 0
     if shutil.which("valgrind") is None:
         print("bench.live: valgrind is not installed", file=sys.stderr)
@@ -463,30 +475,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.live: unknown cases {unknown}; known: {', '.join(CASES)}",
               file=sys.stderr)
         return 2
-    if any("canbms" in c for c in cases):
+    # --check: the two cases it compares, short, in one traced child (CI: about a minute)
+    groups = [CHECK_CASES] if a.check else [[c] for c in cases]
+    frames = a.frames or (CHECK_FRAMES if a.check else None)
+    if any("canbms" in c for g in groups for c in g):
         _canbms_log()  # once, before the cases that share it
-    channels = _own_channels(len(cases)) if a.jobs > 1 else None
+    channels = _own_channels(len(groups)) if a.jobs > 1 and len(groups) > 1 else None
     jobs = a.jobs if channels else 1
 
-    def one(i: int, case: str) -> dict[str, Any]:
-        r = measure(case, outdir, channels[i] if channels else CHANNEL)
-        wake = (f"  {r['frames_per_wakeup']:>6} frames/wake-up"
-                if "frames_per_wakeup" in r else "")
-        print(f"{case:24} {r['mode']:7} {r['frames']:6} frames  {r['per_frame']:>8,} "
-              f"instructions/frame{wake}  ({r['seconds']} s)", flush=True)
-        if a.annotate:
-            ann = subprocess.run(["callgrind_annotate", "--inclusive=yes",
-                                  "--threshold=100", r["file"]],
-                                 capture_output=True, text=True, check=False).stdout
-            lines = [ln for ln in ann.splitlines() if ln.strip()]
-            start = next((k for k, ln in enumerate(lines) if "file:function" in ln), 0)
-            print(f"--- {case}: costliest functions, inclusive\n"
-                  + "\n".join(lines[start:start + 1 + a.annotate]), flush=True)
-        return r
+    def one(i: int, group: list[str]) -> list[dict[str, Any]]:
+        rs = measure(group, outdir, channels[i] if channels else CHANNEL, frames)
+        for r in rs:
+            case = r["case"]
+            wake = (f"  {r['frames_per_wakeup']:>6} frames/wake-up"
+                    if "frames_per_wakeup" in r else "")
+            print(f"{case:26} {r['mode']:7} {r['frames']:6} frames  {r['per_frame']:>8,} "
+                  f"instructions/frame{wake}  ({r['seconds']} s)", flush=True)
+            if a.annotate:
+                ann = subprocess.run(["callgrind_annotate", "--inclusive=yes",
+                                      "--threshold=100", r["file"]],
+                                     capture_output=True, text=True, check=False).stdout
+                lines = [ln for ln in ann.splitlines() if ln.strip()]
+                start = next((k for k, ln in enumerate(lines) if "file:function" in ln), 0)
+                print(f"--- {case}: costliest functions, inclusive\n"
+                      + "\n".join(lines[start:start + 1 + a.annotate]), flush=True)
+        return rs
 
     try:
         with ThreadPoolExecutor(jobs) as pool:
-            results = list(pool.map(one, range(len(cases)), cases))
+            results = [r for rs in pool.map(one, range(len(groups)), groups) for r in rs]
     finally:
         for ch in channels or ():
             subprocess.run(["ip", "link", "delete", ch], check=False)
@@ -494,11 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         a.json.write_text(json.dumps(results, indent=1) + "\n")
     if a.check:
         per = {r["case"]: r["per_frame"] for r in results}
-        pc, gw = per.get("python-can-burst"), per.get("gw-raw-burst")
-        if pc is None or gw is None:
-            print("bench.live --check needs the cases python-can-burst and gw-raw-burst",
-                  file=sys.stderr)
-            return 2
+        pc, gw = (per[c] for c in CHECK_CASES)
         ratio = pc / gw
         print(f"python-can receive loop / gateway raw path, all in: {ratio:.2f}x (need >= 3)")
         if ratio < 3:

@@ -286,3 +286,52 @@ async def test_error_frames_and_an_overrun_are_counted_not_fatal(tmp_path: Path)
             assert bus["errors"] == 3 and bus["overruns"] == src.stats.overruns
     finally:
         err.close()
+
+
+async def test_leaf_cells_polled_over_the_kernels_isotp_stack(tmp_path: Path) -> None:
+    """Nissan Leaf: the gateway polls 0x79B with `02 21 02` (UDS 0x21 group 2); the
+    kernel's can-isotp answers as the battery controller (can-utils isotprecv reads the
+    request, isotpsend sends the 198-byte reply on 0x7BB: a First Frame, our Flow Control,
+    then the kernel's Consecutive Frames). The 96 cells are decoded and published."""
+    cells_mv = [3700 + (i * 7) % 90 for i in range(96)]
+    payload = bytes([0x61, 0x02]) + b"".join(v.to_bytes(2, "big") for v in cells_mv) + bytes(4)
+    reply = " ".join(f"{b:02X}" for b in payload).encode()
+    cfg = write_cfg(tmp_path, f"""\
+        can: {{interface: socketcan, channel: {CHANNEL}}}
+        packs: [{{id: p, profile: nissan-leaf, transmit: true}}]
+        """)
+    # the battery controller: receives on 0x79B, sends (and its flow control) on 0x7BB
+    ecu = await asyncio.create_subprocess_exec(
+        "stdbuf", "-oL", "isotprecv", "-l", "-s", "7BB", "-d", "79B", CHANNEL,
+        stdout=asyncio.subprocess.PIPE)
+    requests: list[str] = []
+
+    async def answer() -> None:
+        assert ecu.stdout is not None
+        async for line in ecu.stdout:
+            requests.append(line.decode().strip())
+            tx = await asyncio.create_subprocess_exec(
+                "isotpsend", "-s", "7BB", "-d", "79B", "-p", "FF", CHANNEL,
+                stdin=asyncio.subprocess.PIPE)
+            await tx.communicate(reply)
+
+    lbc = asyncio.create_task(answer())
+    try:
+        async with daemon(cfg) as (d, buf):
+            st = d.pipeline.packs[0].compiled.state
+            await until(lambda: bool(st.cell_v) and None not in st.cell_v, 30,
+                        "the 96 cells through ISO-TP")
+            await until(lambda: bool(states(buf.getvalue(), "bms/p/cells")), 10,
+                        "a cells snapshot")
+            stats = d.poller.stats()["p:isotp[0]"]
+    finally:
+        lbc.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await lbc
+        ecu.terminate()
+        await ecu.wait()
+    assert requests and requests[0] == "21 02"  # the kernel stripped PCI and padding
+    want = pytest.approx([v / 1000 for v in cells_mv])
+    assert st.cell_v == want
+    assert states(buf.getvalue(), "bms/p/cells")[-1]["voltages_v"] == want
+    assert stats["responses"] >= 1
