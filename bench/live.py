@@ -341,7 +341,7 @@ def recv_gateway(mode: str, n: int, receive: str, workload: str = "sample") -> i
         d._on_term()
         await task
         # the source's own count: bcm feeds refeeds too, which are not bus frames
-        _report(wakeups=batches, delivered=d.rt.sources[0].stats.frames,
+        _report(wakeups=batches, delivered=d.runtime.sources[0].stats.frames,
                 loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
         return n
 
