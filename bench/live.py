@@ -281,7 +281,8 @@ def _report(**fields: Any) -> None:
 def recv_gateway(mode: str, n: int, receive: str, workload: str = "sample") -> int:
     from gateway.config import load_config
     from gateway.runtime import pipeline
-    from gateway.runtime.daemon import Daemon, run_loop
+    from gateway.runtime.daemon import Daemon
+    from gateway.runtime.runtime import run_loop
 
     tmp = Path(tempfile.mkdtemp())
     profile = "can-bms" if mode == "steady" else WORKLOADS[workload][0]
