@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 
 from gateway import __version__
 from gateway.config import BUILTIN_CONFIG, ConfigError, GatewayConfig, load_config
-from gateway.errors import EXIT_CONFIG, EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, GatewayError
+from gateway.errors import (
+    EXIT_CONFIG,
+    EXIT_OK,
+    EXIT_RUNTIME,
+    EXIT_USAGE,
+    GatewayError,
+    require_extra,
+)
 
 if TYPE_CHECKING:
     from gateway.config import Scenario
@@ -339,12 +346,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     _setup_logging(args.log_level or "warning")
     if not args.log_level:
         logging.getLogger("gateway.pipeline").setLevel(logging.ERROR)
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("error: plot needs matplotlib, an optional extra: "
-              "pip install 'bms-gateway[plot]'", file=sys.stderr)
-        return EXIT_RUNTIME
+    require_extra("matplotlib", "plot", "plot", "matplotlib>=3.7")
     try:
         with Progress(args.log) as progress:
             series = collect(records(cfg, args.log, progress=progress), args.pack)

@@ -32,6 +32,10 @@ code that raises them; the tree::
           +-- LogError                   (gateway.source.logs) exit 1
           |                              a log that cannot be read: missing, a directory,
           |                              a format python-can cannot open
+          +-- MissingExtra               (gateway.errors) exit 1
+          |                              an optional extra the command needs is not
+          |                              installed: `plot` without matplotlib, `watch`
+          |                              without rich, `--loop uvloop` without uvloop
           +-- WatchError                 (gateway.commands.watch) exit 1
           |                              the dashboard cannot start: rich not installed,
           |                              --mqtt with a URL that is not mqtt[s]://
@@ -45,7 +49,11 @@ Errors are wrapped with ``raise ... from`` so the cause stays in a debug traceba
 
 from __future__ import annotations
 
-__all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_RUNTIME", "EXIT_USAGE", "GatewayError"]
+import importlib
+from types import ModuleType
+
+__all__ = ["EXIT_CONFIG", "EXIT_OK", "EXIT_RUNTIME", "EXIT_USAGE", "GatewayError",
+           "MissingExtra", "require_extra"]
 
 EXIT_OK = 0
 EXIT_RUNTIME = 1
@@ -57,3 +65,17 @@ class GatewayError(Exception):
     """Base of every error the gateway raises on purpose (see the tree above)."""
 
     exit_code: int = EXIT_RUNTIME
+
+
+class MissingExtra(GatewayError):
+    """An optional extra a command needs is not installed (see the tree above)."""
+
+
+def require_extra(module: str, what: str, extra: str, requirement: str) -> ModuleType:
+    """Import `module`, or raise MissingExtra naming the extra that brings it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        msg = (f"{what} needs {module}, an optional extra: pip install 'bms-gateway[{extra}]' "
+               f"(or pip install '{requirement}')")
+        raise MissingExtra(msg) from None

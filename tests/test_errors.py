@@ -22,7 +22,8 @@ from tests.test_chaos_config import write
 SAMPLE_LOG = REPO / "config" / "sample.log"
 
 EXIT_CODES = {"ConfigError": 3, "DbcError": 3, "ExprError": 3, "OutboxError": 3, "BrokerAddressError": 3,
-              "FormatError": 2, "LogError": 1, "WatchError": 1, "RegistryError": 1}
+              "FormatError": 2, "LogError": 1, "WatchError": 1, "RegistryError": 1,
+              "MissingExtra": 1}
 
 
 def gateway_errors() -> dict[str, type[GatewayError]]:
@@ -90,3 +91,25 @@ def test_a_bad_scenario_is_headed_as_such(tmp_path: Path) -> None:
     assert r.returncode == cli.EXIT_CONFIG, r.stderr
     assert r.stderr.startswith("scenario error"), r.stderr
     assert str(scenario) in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(("module", "argv", "extra"), [
+    ("uvloop", ["replay", "--loop", "uvloop", "--mqtt", "-", str(SAMPLE_LOG)], "fast"),
+    ("matplotlib", ["plot", str(SAMPLE_LOG), "--out", "x.png"], "plot"),
+    ("rich", ["watch", "--log", str(SAMPLE_LOG)], "watch"),
+])
+def test_a_missing_extra_is_one_line_naming_it(tmp_path: Path, module: str, argv: list[str],
+                                                extra: str) -> None:
+    """The three optional imports a command needs go through one helper: one line naming
+    the extra, exit 1; `--loop uvloop` used to end in a RuntimeError traceback."""
+    # a child where the import fails, as on an install without the extra
+    code = (f"import sys; sys.modules[{module!r}] = None\n"
+            "from gateway.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                       timeout=60, cwd=tmp_path, check=False, env={**__import__("os").environ,
+                                                                   "PYTHONPATH": str(REPO)})
+    assert r.returncode == cli.EXIT_RUNTIME, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") and f"bms-gateway[{extra}]" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr

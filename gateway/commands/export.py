@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from gateway.config import GatewayConfig
+from gateway.errors import require_extra
 from gateway.model import FIELDS, Publication, iso_ts
 from gateway.publish.outbox import Outbox
 from gateway.runtime.pipeline import Pipeline
@@ -285,12 +286,7 @@ class Progress:
 
 
 def _require_matplotlib() -> Any:
-    try:
-        import matplotlib
-    except ImportError:
-        msg = ("plot needs matplotlib, an optional extra: pip install 'bms-gateway[plot]' "
-               "(or pip install 'matplotlib>=3.7')")
-        raise RuntimeError(msg) from None
+    matplotlib = require_extra("matplotlib", "plot", "plot", "matplotlib>=3.7")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.backoff import backoff
 from gateway.commands.export import parse_ts
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, require_extra
 from gateway.model import PackState, Publication, Value, iso_ts
 from gateway.publish.sink import ImmediateSink
 
@@ -54,12 +54,7 @@ class WatchError(GatewayError):
 
 
 def require_rich() -> None:
-    try:
-        import rich  # noqa: F401
-    except ImportError:
-        msg = ("watch needs rich, an optional extra: pip install 'bms-gateway[watch]' "
-               "(or pip install 'rich>=13')")
-        raise WatchError(msg) from None
+    require_extra("rich", "watch", "watch", "rich>=13")
 
 
 # ------------------------------------------------------------------ view model
