@@ -122,13 +122,15 @@ def test_send_failure_is_logged_once_and_never_raises(
 ) -> None:
     # Nobody listens on this path: every send fails with ENOENT.
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "gone.sock"))
-    caplog.set_level(logging.DEBUG, logger="gateway.runtime.systemd")
+    # the logger keeps its name from before the package layout: journal filters use it
+    caplog.set_level(logging.DEBUG, logger="gateway.notify")
     with SystemdNotifier() as notifier:
         for _ in range(5):
             notifier.watchdog()
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "sd_notify" in warnings[0].getMessage()
+    assert warnings[0].name == "gateway.notify"
 
 
 def test_warning_rearms_after_a_successful_send(

@@ -182,6 +182,20 @@ def test_files_are_private(tmp_path: Path) -> None:
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
 
 
+def test_loose_mode_is_logged_under_gateway_outbox(tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # log lines keep the logger name they had before the package layout (issue 14: no
+    # behaviour change): "gateway.outbox", not the module path gateway.publish.outbox
+    path = tmp_path / FILENAME
+    path.touch(mode=0o644)
+    path.chmod(0o644)
+    with _open(path):
+        pass
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    names = {r.name for r in caplog.records if "restricting it to 0600" in r.getMessage()}
+    assert names == {"gateway.outbox"}
+
+
 def test_overflow_by_count(tmp_path: Path) -> None:
     path = tmp_path / FILENAME
     with _open(path, max_events=5) as box:

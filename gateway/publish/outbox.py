@@ -60,7 +60,7 @@ from gateway.model import FaultEvent, Value, iso_ts
 
 __all__ = ["FILENAME", "HELD_MAX", "Outbox", "OutboxError", "Row", "SeqMark"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.outbox")  # its name before the package layout: journal filters use it
 
 FILENAME = "outbox.sqlite"  # conventional name inside the state directory
 SCHEMA_VERSION = 1

@@ -24,7 +24,7 @@ from typing import Self
 
 __all__ = ["SystemdNotifier", "watchdog_interval"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("gateway.notify")  # its name before the package layout: journal filters use it
 
 
 class SystemdNotifier:
