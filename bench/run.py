@@ -117,7 +117,7 @@ def child_decode(a: dict[str, Any]) -> dict[str, Any]:
 
     checked = 0
     if a.get("check"):  # sample-check our normalized values against cantools
-        st = pipe.packs[0].compiled.state
+        st = pipe.packs[0].live.state
         iv = FIELD_INDEX["voltage_v"]
         ic = FIELD_INDEX["current_a"]
         for ts, key, data, _ in frames[:: max(1, len(frames) // 5000)]:

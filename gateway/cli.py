@@ -71,9 +71,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return _show_code(pipeline, args.show_code)
     print(f"{cfg.path}: OK")
     for pack in pipeline.packs:
-        pc = pack.compiled.cfg
+        pc = pack.live.cfg
         print(f"  pack {pc.id}: profile {pc.profile.name} on bus {pc.bus}, "
-              f"{len(pack.compiled.handlers)} messages, DBC {', '.join(str(d) for d in pc.profile.dbc)}"
+              f"{len(pack.live.handlers)} messages, DBC {', '.join(str(d) for d in pc.profile.dbc)}"
               f"{', transmit ON' if pc.transmit else ''}")
     print(f"  mqtt: {cfg.mqtt.url or 'stdout'}; state_dir: {cfg.state_dir}")
     return EXIT_OK
@@ -81,7 +81,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def _show_code(pipeline: Pipeline, pack: str) -> int:
     """Print the generated handler source of one pack (each line names its profile key)."""
-    packs = {p.compiled.cfg.id: p.compiled for p in pipeline.packs}
+    packs = {p.live.cfg.id: p.live for p in pipeline.packs}
     compiled = packs.get(pack)
     if compiled is None:
         print(f"error: no pack {pack!r} in the config; packs: {', '.join(packs)}",

@@ -92,7 +92,7 @@ def test_nested_multiplexing_in_a_profile(tmp_path: Path) -> None:
     data[0] = 0x91
     frames.append((1.4, 0x500, bytes(data), "x"))
     p.feed(frames, 0)
-    st = p.packs[0].compiled.state
+    st = p.packs[0].live.state
     assert st.values[0] == pytest.approx(expected["PackV"])  # 51.2, never a page-1 word
     assert st.values[1] == pytest.approx(expected["PackI"])
     assert st.values[2] == -1500
@@ -108,7 +108,7 @@ def test_traceback_names_line_and_profile_key(tmp_path: Path,
     profile = "fields:\n  current_a: {message: Nested, expr: \"PackI / PackV\"}\n"
     p = Pipeline(load_config(setup(tmp_path, profile), mqtt_url="-"))
     db = cantools.database.load_string(NESTED_DBC, strict=False)
-    handler = p.packs[0].compiled.handlers[0x500]
+    handler = p.packs[0].live.handlers[0x500]
     _, _, data, _ = frame(db, {"Page": 0, "PackV": 0, "PackI": 0}, 1.0)
     with pytest.raises(ZeroDivisionError) as err:
         handler(1.0, data)

@@ -52,4 +52,4 @@ def test_pack_with_dbc_lenient_decodes_the_real_capture(tmp_path: Path) -> None:
                              mqtt_url="-"))
     p.feed(asc_frames(shared("orion-we-ev/candump1_can0.asc"), {0x356}), 0)
     p.finish()
-    assert 292.0 <= p.packs[0].compiled.state.get("voltage_v") <= 293.0
+    assert 292.0 <= p.packs[0].live.state.get("voltage_v") <= 293.0

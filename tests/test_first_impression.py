@@ -109,11 +109,11 @@ def test_a_tap_survives_the_learner_leaving(tmp_path: Path) -> None:
     for batch in read_log(SAMPLE, SourceStats()):
         p.feed_log(batch)
     p.finish()
-    assert not p.learners and p.packs[0].compiled.state.cells_known
+    assert not p.learners and p.packs[0].live.state.cells_known
     assert len(seen) > 100
     entry = p.routes(0)[voltages]
-    assert entry is not p.packs[0].compiled.handlers[voltages]  # the tap is still in it
+    assert entry is not p.packs[0].live.handlers[voltages]  # the tap is still in it
     entry(p.clock + 1, bytes(8))
     assert seen[-1] == p.clock + 1
     assert p.routes(0)[temps] is not before  # the learner is gone from this one
-    assert p.routes(0)[temps] is p.packs[0].compiled.handlers[temps]
+    assert p.routes(0)[temps] is p.packs[0].live.handlers[temps]

@@ -50,7 +50,7 @@ def test_orion_capture_never_publishes_a_wrong_pack_voltage(tmp_path: Path) -> N
     p.finish()
     volts = {s["voltage_v"] for s in states(p)}
     assert volts and all(292.0 <= v <= 293.0 for v in volts), volts
-    assert p.packs[0].compiled.implausible_counts() == {}
+    assert p.packs[0].live.implausible_counts() == {}
     # the old mapping (0x6B0 in the utility's default layout) reads a 7.2 V pack: once
     # the broadcast has shown enough cells it is dropped, counted, and the reason given
     p = pipeline_for(tmp_path, "{id: o6, profile: orion-bms2-6b0, chemistry: nmc}")
@@ -58,7 +58,7 @@ def test_orion_capture_never_publishes_a_wrong_pack_voltage(tmp_path: Path) -> N
     p.finish()
     seen = [s["voltage_v"] for s in states(p)]
     assert seen[-1] is None and 7.2 in seen  # published only before any cells were known
-    assert p.packs[0].compiled.implausible_counts()["voltage_v"] > 10
+    assert p.packs[0].live.implausible_counts()["voltage_v"] > 10
     assert "below the sum of" in p.packs[0].impl_reason
     assert "implausible_values" in {f["code"] for f in p.packs[0].faults.active()}
 
@@ -90,7 +90,7 @@ def test_consistent_values_pass(tmp_path: Path) -> None:
     last = states(p)[-1]
     assert last["temp_min_c"] == pytest.approx(293 - 273.15) and last["temp_max_c"] == 25.0
     assert last["voltage_v"] == pytest.approx(52.8)
-    assert p.packs[0].compiled.implausible_counts() == {}
+    assert p.packs[0].live.implausible_counts() == {}
     assert not p.packs[0].faults.active()
 
 
@@ -100,7 +100,7 @@ def test_temp_min_above_temp_max_is_dropped_counted_and_raised(tmp_path: Path) -
     sts = states(p, events)
     assert all(s["temp_min_c"] is None and s["temp_max_c"] is None for s in sts)
     assert sts[-1]["voltage_v"] == pytest.approx(52.8)  # the rest is published
-    counts = p.packs[0].compiled.implausible_counts()
+    counts = p.packs[0].live.implausible_counts()
     assert counts["temp_min_c"] >= 10 and counts["temp_max_c"] >= 10
     active = {f["code"]: f for f in p.packs[0].faults.active()}
     assert "implausible_values" in active

@@ -179,7 +179,7 @@ def test_daly_polled_two_packs_full_cell_list(tmp_path: Path, channel: str) -> N
         cfg = daly_config(tmp_path, channel, True, [1, 2])
 
         def done(d: Daemon) -> bool:
-            sts = [rt.compiled.state for rt in d.pipeline.packs]
+            sts = [rt.live.state for rt in d.pipeline.packs]
             return all(st.cell_v and all(c is not None for c in st.cell_v[:8]) for st in sts) \
                 and all(len(st.cell_t) >= 2 and st.cell_t[1] is not None for st in sts) \
                 and sts[0].cell_v[15:16] != [None] and len(sts[0].balancing) >= 16 \
@@ -189,7 +189,7 @@ def test_daly_polled_two_packs_full_cell_list(tmp_path: Path, channel: str) -> N
         for r in responders:
             r.close()
         rec.close()
-    st1, st2 = (rt.compiled.state for rt in d.pipeline.packs)
+    st1, st2 = (rt.live.state for rt in d.pipeline.packs)
     # pack 1: 16 cells in six frames; the two unused slots of frame 6 are not cells
     assert st1.cell_v[:16] == pytest.approx([mv / 1000 for mv in bms1.cells_mv])
     assert all(c is None for c in st1.cell_v[16:])
@@ -224,7 +224,7 @@ def test_daly_transmit_off_sends_nothing(tmp_path: Path, channel: str) -> None:
     assert rec.frames == []          # nothing at all on the channel
     assert responder.requests == []  # the BMS was never asked
     assert sum(s.tx_count for s in d.runtime.sources) == 0
-    st = d.pipeline.packs[0].compiled.state
+    st = d.pipeline.packs[0].live.state
     assert st.cell_v == [] and st.last_seen is None and not st.online
 
 
@@ -238,7 +238,7 @@ def test_daly_stops_answering_goes_stale(tmp_path: Path, channel: str) -> None:
         seen: dict[str, bool] = {}
 
         def done(d: Daemon) -> bool:
-            st = d.pipeline.packs[0].compiled.state
+            st = d.pipeline.packs[0].live.state
             if st.online and "online" not in seen:
                 seen["online"] = True
                 answering.clear()  # the BMS goes silent
@@ -247,7 +247,7 @@ def test_daly_stops_answering_goes_stale(tmp_path: Path, channel: str) -> None:
     finally:
         responder.close()
     assert seen == {"online": True}
-    assert not d.pipeline.packs[0].compiled.state.online
+    assert not d.pipeline.packs[0].live.state.online
     stats = d.poller.stats()["daly1:poll[0]"]
     assert stats["unanswered"] >= 1
 
@@ -308,12 +308,12 @@ def test_leaf_cells_over_isotp(tmp_path: Path, channel: str) -> None:
     rec = Recorder(channel)
     try:
         cfg = leaf_config(tmp_path, channel, True)
-        d = run_daemon(cfg, lambda d: d.pipeline.packs[0].compiled.state.cell_v[95:96] != [None]
-                       and bool(d.pipeline.packs[0].compiled.state.cell_v))
+        d = run_daemon(cfg, lambda d: d.pipeline.packs[0].live.state.cell_v[95:96] != [None]
+                       and bool(d.pipeline.packs[0].live.state.cell_v))
     finally:
         responder.close()
         rec.close()
-    st = d.pipeline.packs[0].compiled.state
+    st = d.pipeline.packs[0].live.state
     assert st.cell_v == pytest.approx([c / 1000 for c in cells])
     # our request and flow control, padded to 8 bytes
     ours = [bytes(m.data) for m in rec.frames if m.arbitration_id == 0x79B]
@@ -334,7 +334,7 @@ def test_leaf_transmit_off_sends_nothing(tmp_path: Path, channel: str) -> None:
         responder.close()
         rec.close()
     assert rec.frames == [] and responder.requests == []
-    assert d.pipeline.packs[0].compiled.state.cell_v == [None] * 96
+    assert d.pipeline.packs[0].live.state.cell_v == [None] * 96
 
 
 def test_polled_cells_mark_the_state_changed_as_compiled_handlers_do(tmp_path: Path) -> None:
@@ -352,7 +352,7 @@ def test_polled_cells_mark_the_state_changed_as_compiled_handlers_do(tmp_path: P
     p = Pipeline(load_config(cfg, mqtt_url="-"))
     poller = Poller(p, lambda bus, can_id, data, ext: False)
     assert not poller.active  # no `transmit: true`: it only listens
-    st = p.packs[0].compiled.state
+    st = p.packs[0].live.state
     t_state = p.packs[0].publisher.t_state
 
     def answer(ts: float, cells_mv: list[int]) -> list[dict[str, Any]]:
@@ -370,7 +370,7 @@ def test_polled_cells_mark_the_state_changed_as_compiled_handlers_do(tmp_path: P
     later = answer(3.0, cells)
     assert later and later[-1]["cell_v_max"] == pytest.approx(3.9)
     assert st.cell_v[5] is None and st.cell_v[7] == pytest.approx(3.9)
-    assert p.packs[0].compiled.implausible_counts() == {"cell_voltage": 1}
+    assert p.packs[0].live.implausible_counts() == {"cell_voltage": 1}
 
 
 REQ = IsoTpRequest("isotp[0]", 0x79B, 0x7BB, bytes.fromhex("022102"), 2.0, 1.0, False, 0xFF, 0,

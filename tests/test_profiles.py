@@ -89,7 +89,7 @@ def last_decoded(db: Any, frames: Iterable[Frame], frame_id: int) -> dict[str, A
 def run(p: Pipeline, frames: list[Frame]) -> Any:
     p.feed(sorted(frames, key=lambda f: f[0]), 0)
     p.finish()
-    return p.packs[0].compiled.state
+    return p.packs[0].live.state
 
 
 def active_codes(p: Pipeline, i: int = 0) -> set[str]:
@@ -421,7 +421,7 @@ def test_daly_replies_two_boards(tmp_path: Path) -> None:
     p.feed(sorted(frames), 0)
     p.finish()
     for i, (addr, base) in enumerate(((1, 3300), (2, 3400))):
-        st = p.packs[i].compiled.state
+        st = p.packs[i].live.state
         assert st.cell_v == pytest.approx([(base + k) / 1000 for k in range(1, 10)])
         ps = db.decode_message(0x18904001, next(f[2] for f in frames
                                                 if f[1] == (0x18904001 + addr - 1) | EXT))

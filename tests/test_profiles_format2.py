@@ -71,7 +71,7 @@ def test_foxbms2_voltage_from_string_values_on_real_log(tmp_path: Path) -> None:
     assert sv and sv[-1]["Voltage"] == 63.93
     p = pipeline(tmp_path, "{id: fox, profile: foxbms2}")  # the shipped profile and DBC
     p.feed(frames, 0)
-    assert p.packs[0].compiled.state.get("voltage_v") == pytest.approx(sv[-1]["Voltage"])
+    assert p.packs[0].live.state.get("voltage_v") == pytest.approx(sv[-1]["Voltage"])
 
 
 def test_foxbms2_voltage_reaches_mosquitto(tmp_path: Path, broker: Broker,
@@ -97,7 +97,7 @@ def test_foxbms2_voltage_reaches_mosquitto(tmp_path: Path, broker: Broker,
 def test_sources_first_fresh_wins(tmp_path: Path) -> None:
     db = load_db(shared("foxbms2/foxbms.dbc"))
     p = pipeline(tmp_path, "{id: fox, profile: foxbms2, stale_after_s: 2}")
-    st = p.packs[0].compiled.state
+    st = p.packs[0].live.state
 
     def pack(v: float, ts: float) -> Frame:
         return encoded(db, "f_PackValuesP0", {"BatteryVoltage": v}, ts)
@@ -213,7 +213,7 @@ def test_mux_with_first_and_offset_compose(tmp_path: Path) -> None:
         for n in (1, 2, 3):  # cell = id x 3 (cells a group carries) + first + name - 1
             texp[mid * 3 + 2 + n - 1] = ref[f"T{n}"]
     p.feed(frames, 0)
-    st = p.packs[0].compiled.state
+    st = p.packs[0].live.state
     assert len(expected) == 48
     right = sum(st.cell_v[i] == pytest.approx(v) for i, v in expected.items())
     assert right == 48
@@ -281,7 +281,7 @@ def test_an_index_signal_out_of_range_is_counted(tmp_path: Path) -> None:
         {"ModuleId": mid, "T1": 1, "T2": 2, "T3": 3, "Flat1": 0})), "x")
         for i, mid in enumerate((0, 50))]  # cells 901-903 (past 48: unused), 1051-1053
     p.feed(frames, 0)
-    assert p.packs[0].compiled.implausible_counts() == {"cell_voltage": 3}
+    assert p.packs[0].live.implausible_counts() == {"cell_voltage": 3}
 
 
 # ------------------------------------------------------------------ validity gates, sentinels
@@ -324,8 +324,8 @@ def test_startup_gate_and_sentinels(tmp_path: Path) -> None:
     (tmp_path / "g.dbc").write_text(GATED_DBC)
     db = cantools.database.load_file(str(tmp_path / "g.dbc"), strict=False)
     p = pipeline(tmp_path, profile(tmp_path, tmp_path / "g.dbc", GATED_PROFILE))
-    st = p.packs[0].compiled.state
-    counters = p.packs[0].compiled.counters
+    st = p.packs[0].live.state
+    counters = p.packs[0].live.counters
 
     def status(state: int, raw_v: int, ts: float) -> Frame:
         m = db.get_message_by_name("Status")
@@ -351,7 +351,7 @@ def test_startup_gate_and_sentinels(tmp_path: Path) -> None:
     assert st.cell_v == pytest.approx([3.301, 3.302, None, 3.304])  # type: ignore[arg-type]
     assert st.get("temp_max_c") == db.decode_message(0x702, running[2][2])["T1"] == 25
     assert counters.gated == 2
-    assert p.packs[0].compiled.implausible_counts() == {}  # sentinels are not errors
+    assert p.packs[0].live.implausible_counts() == {}  # sentinels are not errors
     p.feed([status(0, 100, 3.0)], 0)  # back to INIT: value frames are ignored again
     p.feed([encoded(db, "Temps", {"T1": 156}, 3.1)], 0)
     assert st.get("temp_max_c") == 25 and counters.gated == 3
@@ -483,9 +483,9 @@ def test_orion_cell_broadcast_checksum_on_real_capture(tmp_path: Path) -> None:
         assert db.decode_message(0x36, data)["Checksum"] == (0x36 + 8 + sum(data[:7])) & 0xFF
     p = pipeline(tmp_path, "{id: orion, profile: orion-bms2}")
     p.feed(frames, 0)
-    counters = p.packs[0].compiled.counters
+    counters = p.packs[0].live.counters
     assert counters.bad_checksum == 0
-    st = p.packs[0].compiled.state
+    st = p.packs[0].live.state
     ts, _, data, _ = frames[-1]
     cell = db.decode_message(0x36, data)["CellId"]
     before = st.cell_v[cell]
@@ -514,7 +514,7 @@ def test_crc_and_rolling_counter(tmp_path: Path) -> None:
     body = ("fields:\n  voltage_v: {message: Pack, signal: PackV}\n"
             "checks:\n  - {message: Pack, checksum: Crc, method: crc8_sae_j1850, counter: Alive}\n")
     p = pipeline(tmp_path, profile(tmp_path, tmp_path / "c.dbc", body))
-    st, counters = p.packs[0].compiled.state, p.packs[0].compiled.counters
+    st, counters = p.packs[0].live.state, p.packs[0].live.counters
 
     def crc8(data: bytes) -> int:  # bit by bit, written from the J1850 definition
         c = 0xFF
@@ -590,7 +590,7 @@ def test_expression_across_messages_with_staleness(tmp_path: Path) -> None:
     (tmp_path / "x.dbc").write_text(CROSS_DBC)
     db = cantools.database.load_file(str(tmp_path / "x.dbc"), strict=False)
     p = pipeline(tmp_path, profile(tmp_path, tmp_path / "x.dbc", CROSS_PROFILE))
-    st = p.packs[0].compiled.state
+    st = p.packs[0].live.state
 
     def limits(kw: float, ts: float) -> Frame:
         return encoded(db, "Limits", {"MaxChargePower": kw}, ts)
@@ -620,7 +620,7 @@ def test_expression_across_messages_with_staleness(tmp_path: Path) -> None:
     p.feed([pack(480.0, 5.1)], 0)
     assert st.get("charge_current_limit_a") == pytest.approx(11.0 * 1000 / 480.0)
     assert st.extras["charge_limit_w"] == pytest.approx(11000.0)
-    assert p.packs[0].compiled.counters.frames == 7
+    assert p.packs[0].live.counters.frames == 7
     assert sum(c.handler_errors for c in p.counters) == 0
 
 

@@ -330,12 +330,12 @@ def test_reload_keeps_state_and_faults_of_an_unchanged_pack(tmp_path: Path) -> N
     assert fault_events(pl) == [("p1", "pack_over_voltage", "raised", 1000.1),
                                 ("p2", "pack_over_voltage", "raised", 1000.1)]
     p1 = pl.packs[0]
-    state, since = p1.compiled.state, p1.faults.active()[0]["since"]
+    state, since = p1.live.state, p1.faults.active()[0]["since"]
     for i in range(3):
         reload(pl, cfg, 1002.0 + i)
         feed(pl, 1002.0 + i, 1003.0 + i, 58.0, (P1, P2))
     assert fault_events(pl) == []  # no second `raised`
-    assert pl.packs[0] is p1 and p1.compiled.state is state
+    assert pl.packs[0] is p1 and p1.live.state is state
     assert p1.faults.active()[0]["since"] == since
     assert state.get("voltage_v") == 58.0 and state.online
     assert pl.counters[0].decoded == 2 * (20 + 30)  # counters survive too
@@ -373,7 +373,7 @@ def test_reload_that_changes_a_packs_bus_starts_it_afresh(tmp_path: Path) -> Non
     old = pl.packs[0]
     pipeline_config(tmp_path, ["p1-moved"])
     reload(pl, cfg, 1001.0)
-    assert pl.packs[0] is not old and pl.packs[0].compiled.state.get("voltage_v") is None
+    assert pl.packs[0] is not old and pl.packs[0].live.state.get("voltage_v") is None
     assert fault_events(pl) == [("p1", "pack_over_voltage", "cleared", 1001.0)]
 
 

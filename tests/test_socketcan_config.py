@@ -64,6 +64,6 @@ def test_the_kernel_compares_only_the_bits_the_profile_reads(tmp_path: Path) -> 
     """example-bms PackStatus (0x400): bytes 0-6 are read, byte 7 (AliveCounter) is not,
     so a frame differing only in its counter never wakes the gateway."""
     p = Pipeline(load_config(cfg(tmp_path, "{interface: socketcan, receive: bcm}")))
-    code = p.packs[0].compiled.code
+    code = p.packs[0].live.code
     assert content_mask(code[0x400]) == 0xFFFFFFFFFFFFFF00
     assert content_mask("def handler(ts, data):\n    x = data[3]\n") is None  # unknown reads

@@ -372,7 +372,7 @@ async def test_leaf_cells_polled_over_the_kernels_isotp_stack(tmp_path: Path) ->
     lbc = asyncio.create_task(answer())
     try:
         async with daemon(cfg) as (d, buf):
-            st = d.pipeline.packs[0].compiled.state
+            st = d.pipeline.packs[0].live.state
             await until(lambda: bool(st.cell_v) and None not in st.cell_v, 30,
                         "the 96 cells through ISO-TP")
             await until(lambda: bool(states(buf.getvalue(), "bms/p/cells")), 10,

@@ -132,7 +132,7 @@ def live_view(cfg: GatewayConfig, log: Path, until_s: float) -> tuple[PackView, 
     frames = [f for batch in read_log(log, SourceStats()) for f in batch]
     pl.feed_log([f for f in frames if f[0] <= frames[0][0] + until_s])
     rt = pl.packs[0]
-    st = rt.compiled.state
+    st = rt.live.state
     st.derive()
     return PackView.from_pack_state(st, faults=rt.faults.active(), online=st.online), pl.clock
 

@@ -86,13 +86,13 @@ class _Classifier:
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.kinds: dict[str, tuple[Kind, str]] = {}
-        for rt in pipeline.packs:
-            pid, pub = rt.compiled.state.pack_id, rt.publisher
+        for pack in pipeline.packs:
+            pid, pub = pack.live.state.pack_id, pack.publisher
             self.kinds[pub.t_state] = ("state", pid)
             self.kinds[pub.t_cells] = ("cells", pid)
             self.kinds[pub.t_avail] = ("availability", pid)
             self.kinds[pub.t_faults] = ("faults", pid)
-            self.kinds[rt.events_topic] = ("event", pid)
+            self.kinds[pack.events_topic] = ("event", pid)
 
     def record(self, pub: Publication, clock: float) -> Record | None:
         found = self.kinds.get(pub.topic)

@@ -5,7 +5,7 @@ the capture through the same pipeline the daemon uses. A profile scores by what 
 makes of the traffic:
 
 * **plausible**: of the pack values it published, the share that survived the range and
-  cross-signal checks (gateway/plausibility.py: pack voltage against the cells, against
+  cross-signal checks (gateway/faults/plausibility.py: pack voltage against the cells, against
   the BMS's own limits, min against max...). A layout that does not fit the BMS gives
   numbers that contradict each other;
 * **complete**: the share of the values the profile maps that the capture filled;
@@ -118,8 +118,8 @@ def score_profile(profile: str, frames: list[Frame], ids: Counter[int], tmp: Pat
         pipe = Pipeline(cfg, cache=cache)
     except ConfigError:
         return None
-    rt = pipe.packs[0]
-    pc = rt.compiled
+    pack = pipe.packs[0]
+    pc = pack.live
     used = set(pc.handlers)
     fit = Fit(profile, 0.0, [str(d) for d in cfg.packs[0].profile.dbc], [str(d) for d in dbc])
     fit.ids_used = len(used)
@@ -152,8 +152,8 @@ def score_profile(profile: str, frames: list[Frame], ids: Counter[int], tmp: Pat
     if cells_bad := bad.get("cell_voltage", 0):
         bad_fields.add("cell_voltage")
         fit.notes.append(f"{cells_bad} cell voltages out of range")
-    if rt.impl_reason:
-        fit.notes.append(rt.impl_reason)
+    if pack.impl_reason:
+        fit.notes.append(pack.impl_reason)
     for name in sorted(bad_fields - {"cell_voltage"}):
         fit.notes.append(f"{name}: {bad[name]} implausible")
     judged = fit.values + len(bad_fields)

@@ -8,7 +8,7 @@ it rejects is set to "no value" (so it is not published), and returned with the 
 so the caller can count it and raise `implausible_values` (docs/faults.md).
 
 Single values out of their range (SoC outside 0-100 %, a cell at 9 V) are dropped where
-they are decoded (normalize.py, `valid:` and the model's default ranges); this module
+they are decoded (gateway/normalize/, `valid:` and the model's default ranges); this module
 only adds the checks that need two or more values.
 """
 

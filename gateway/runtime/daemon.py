@@ -142,7 +142,7 @@ class Daemon:
         p = self.pipeline
         rt = self.runtime
         frames = sum(c.received for c in p.counters)
-        online = sum(1 for pack in p.packs if pack.compiled.state.online)
+        online = sum(1 for pack in p.packs if pack.live.state.online)
         lost = [s.cfg.name for s in rt.sources if s.lost]
         refused = sorted(rt.sink.status().refused)
         return (f"{frames} frames, {online}/{len(p.packs)} packs online, outbox "

@@ -42,11 +42,11 @@ class BusCounters:
 
 
 @dataclass(slots=True)
-class PackRuntime:
+class Pack:
     """One pack's lasting state: it outlives a reload that keeps the pack's identity
-    (id, profile, bus); the reload only swaps `compiled` and the settings."""
+    (id, profile, bus); the reload only swaps `live` (the compiled pack) and the settings."""
 
-    compiled: LivePack
+    live: LivePack
     publisher: PackPublisher
     faults: FaultEngine
     events_topic: str
@@ -61,7 +61,7 @@ class PackRuntime:
 
     @property
     def identity(self) -> tuple[str, object, str]:
-        return pack_identity(self.compiled.cfg)
+        return pack_identity(self.live.cfg)
 
 
 def pack_identity(pc: PackConfig) -> tuple[str, object, str]:
@@ -78,7 +78,7 @@ class Prepared:
     pipeline uses, so it may run in a worker thread while frames keep flowing."""
 
     cfg: GatewayConfig
-    packs: list[tuple[PackConfig, LivePack, PackRuntime | None]]
+    packs: list[tuple[PackConfig, LivePack, Pack | None]]
     learners: dict[str, CellLearner]  # by pack id: packs whose cell count is to be learned
     cache: DbcCache  # the DBCs it was compiled against, for whoever taps the pipeline
 
@@ -107,8 +107,8 @@ class Pipeline:
         """Compile every pack; raise ConfigError listing every problem found."""
         self.cfg = cfg
         self.topics = Topics(cfg.mqtt.topic_prefix, cfg.gateway_id)
-        self.packs: list[PackRuntime] = []
-        # cell-count learners listen only until the count is known (gateway/cellcount.py)
+        self.packs: list[Pack] = []
+        # cell-count learners listen only until the count is known (gateway/normalize/cellcount.py)
         self.learners: list[tuple[CellLearner, int]] = []
         # Per bus, frame key -> what runs: composed (_set_entries) from the packs'
         # handlers, the taps and the cell-count learners. Private: others go through
@@ -116,7 +116,7 @@ class Pipeline:
         self._handler_lists: list[dict[int, list[Handler]]] = []
         self._taps: list[dict[int, list[Handler]]] = []
         self._tables: list[dict[int, Handler]] = []
-        self._by_id: dict[str, PackRuntime] = {}
+        self._by_id: dict[str, Pack] = {}
         self.cache = DbcCache()
         self.bus_names: list[str] = []
         self.bus_lookup: dict[str, int] = {}
@@ -139,15 +139,15 @@ class Pipeline:
 
         problems: list[Problem] = []
         cache = cache or DbcCache()
-        running = {rt.compiled.cfg.id: rt for rt in self.packs}
-        out: list[tuple[PackConfig, LivePack, PackRuntime | None]] = []
+        running = {pack.live.cfg.id: pack for pack in self.packs}
+        out: list[tuple[PackConfig, LivePack, Pack | None]] = []
         learners: dict[str, CellLearner] = {}
         for pc in cfg.packs:
             old = running.get(pc.id)
             if old is not None and old.identity != pack_identity(pc):
                 old = None  # a new profile or bus: a new pack under the same id
             compiled = compile_pack(pc, cache, problems,
-                                    keep=old.compiled if old is not None else None)
+                                    keep=old.live if old is not None else None)
             _check_polling(pc, cache, problems)
             if compiled is None:
                 continue
@@ -168,13 +168,13 @@ class Pipeline:
         counters are kept by bus name. Topics stay those of the start-up config (a
         changed `mqtt:` takes effect at the next start)."""
         cfg = prep.cfg
-        packs: list[PackRuntime] = []
+        packs: list[Pack] = []
         kept: set[int] = set()
         for pc, compiled, old in prep.packs:
             if old is not None:
                 kept.add(id(old))
                 prime_state(compiled)
-                old.compiled = compiled
+                old.live = compiled
                 old.publisher.reconfigure(pc, self.topics)
                 old.faults.reconfigure(ts, pc.rules, pc.profile.faults, pc.stale_after_s)
                 compiled.fault_hook[0] = old.faults.bms_flag
@@ -187,35 +187,35 @@ class Pipeline:
             compiled.fault_hook[0] = engine.bms_flag
             engine.set_dtc_streams(compiled.dtc_streams)
             compiled.dtc_hook[0] = engine.dtc
-            packs.append(PackRuntime(compiled, PackPublisher(pc, compiled.state, self.topics),
+            packs.append(Pack(compiled, PackPublisher(pc, compiled.state, self.topics),
                                      engine, self.topics.pack(pc.id, "events")))
-        for rt in self.packs:
-            if id(rt) in kept:
+        for pack in self.packs:
+            if id(pack) in kept:
                 continue
-            rt.faults.clear_all(ts)
-            self._collect(rt)
-            rt.compiled.state.online = False
-            self.out.append(rt.publisher.availability(False))
-            log.info("pack %s: removed by the reload: offline", rt.compiled.state.pack_id)
+            pack.faults.clear_all(ts)
+            self._collect(pack)
+            pack.live.state.online = False
+            self.out.append(pack.publisher.availability(False))
+            log.info("pack %s: removed by the reload: offline", pack.live.state.pack_id)
         bus_index = {b.name: i for i, b in enumerate(cfg.buses)}
         tables: list[dict[int, list[Handler]]] = [{} for _ in cfg.buses]
-        for rt in packs:
-            table = tables[bus_index.get(rt.compiled.cfg.bus, 0)]
-            for key, h in rt.compiled.handlers.items():
+        for pack in packs:
+            table = tables[bus_index.get(pack.live.cfg.bus, 0)]
+            for key, h in pack.live.handlers.items():
                 table.setdefault(key, []).append(h)
         # a kept pack still learning its cell count goes on with what it has learned
         learning = {id(lr.state): lr for lr, _ in self.learners}
         self.learners = []
-        for rt in packs:
-            learner = prep.learners.get(rt.compiled.cfg.id)
+        for pack in packs:
+            learner = prep.learners.get(pack.live.cfg.id)
             if learner is not None:
-                learner = learning.get(id(rt.compiled.state), learner)
-                self.learners.append((learner, bus_index.get(rt.compiled.cfg.bus, 0)))
+                learner = learning.get(id(pack.live.state), learner)
+                self.learners.append((learner, bus_index.get(pack.live.cfg.bus, 0)))
         counters = dict(zip(self.bus_names, self.counters, strict=True))
         self.cfg = cfg
         self.packs = packs
         self.cache = prep.cache
-        self._by_id = {rt.compiled.cfg.id: rt for rt in packs}
+        self._by_id = {pack.live.cfg.id: pack for pack in packs}
         self._handler_lists = tables
         self._taps = [{} for _ in cfg.buses]  # the tappers tap the new config again
         self._build_tables()
@@ -285,11 +285,11 @@ class Pipeline:
         counted implausible and stored as None; with a configured `cell_count`, voltages
         past it are not cells; a change marks the cells and the state changed (derived
         fields follow cells)."""
-        rt = self._by_id.get(pack_id)
-        if rt is None:
+        pack = self._by_id.get(pack_id)
+        if pack is None:
             msg = f"write_cells: no pack {pack_id!r} in the running config"
             raise KeyError(msg)
-        st, cfg, impl = rt.compiled.state, rt.compiled.cfg, rt.compiled.implausible
+        st, cfg, impl = pack.live.state, pack.live.cfg, pack.live.implausible
         lo, hi = CELL_VALID[kind]
         slot = len(FIELD_INDEX) + (0 if kind == "voltages" else 1)
         limit = cfg.cell_count if kind == "voltages" and cfg.cell_count else MAX_CELLS
@@ -376,12 +376,12 @@ class Pipeline:
     def tick(self, ts: float, *, force: bool = False) -> None:
         # After a silent gap, first run the tick at the moment a pack went stale, so its
         # `offline` is published at that frame time and not together with the `online`.
-        for rt in self.packs:
-            st = rt.compiled.state
+        for pack in self.packs:
+            st = pack.live.state
             if st.online and st.last_seen is not None:
-                deadline = st.last_seen + rt.compiled.cfg.stale_after_s + 1e-6
-            elif st.last_seen is None and rt.watch_from is not None and not rt.silent:
-                deadline = rt.watch_from + rt.compiled.cfg.stale_after_s + 1e-6
+                deadline = st.last_seen + pack.live.cfg.stale_after_s + 1e-6
+            elif st.last_seen is None and pack.watch_from is not None and not pack.silent:
+                deadline = pack.watch_from + pack.live.cfg.stale_after_s + 1e-6
             else:
                 continue
             if self.clock < deadline < ts:
@@ -396,82 +396,82 @@ class Pipeline:
         if self.learners:
             self._learned(ts)
         out = self.out
-        for rt in self.packs:
-            st = rt.compiled.state
-            eng = rt.faults
+        for pack in self.packs:
+            st = pack.live.state
+            eng = pack.faults
             if st.last_seen is None:
                 # Never a frame from this pack. Its silence counts from the first tick
                 # after it was configured: the first frame of any bus in a replay, the
                 # daemon's start (or the reload that added it) live, where the ticker
                 # runs on the wall clock.
-                stale_s = rt.compiled.cfg.stale_after_s
-                if rt.watch_from is None:
-                    rt.watch_from = ts
-                elif not rt.silent and ts - rt.watch_from > stale_s:
-                    rt.silent = True
+                stale_s = pack.live.cfg.stale_after_s
+                if pack.watch_from is None:
+                    pack.watch_from = ts
+                elif not pack.silent and ts - pack.watch_from > stale_s:
+                    pack.silent = True
                     st.online = False
-                    out.append(rt.publisher.availability(False))
-                    eng.comm(rt.watch_from + stale_s, False)
+                    out.append(pack.publisher.availability(False))
+                    eng.comm(pack.watch_from + stale_s, False)
                     log.warning("pack %s: not a single frame in %.1f s: offline", st.pack_id,
                                 stale_s)
             else:
-                stale = ts - st.last_seen > rt.compiled.cfg.stale_after_s
-                rt.silent = False
+                stale = ts - st.last_seen > pack.live.cfg.stale_after_s
+                pack.silent = False
                 if st.online and stale:
                     st.online = False
-                    out.append(rt.publisher.availability(False))
-                    eng.comm(st.last_seen + rt.compiled.cfg.stale_after_s, False)
+                    out.append(pack.publisher.availability(False))
+                    eng.comm(st.last_seen + pack.live.cfg.stale_after_s, False)
                     log.warning("pack %s: no frames for %.1f s: offline", st.pack_id,
-                                rt.compiled.cfg.stale_after_s)
+                                pack.live.cfg.stale_after_s)
                 elif not st.online and not stale:
                     st.online = True
-                    out.append(rt.publisher.availability(True))
+                    out.append(pack.publisher.availability(True))
                     eng.comm(ts, True)
-                    if not rt.last_faults:  # replace a previous run's retained list at once
-                        rt.last_faults = dumps(eng.active())
-                        out.append(Publication(rt.publisher.t_faults, rt.last_faults))
+                    if not pack.last_faults:  # replace a previous run's retained list at once
+                        pack.last_faults = dumps(eng.active())
+                        out.append(Publication(pack.publisher.t_faults, pack.last_faults))
                     log.info("pack %s: frames arriving: online", st.pack_id)
             if st.changed or st.cells_changed:
                 for name, reason in cross_check(st):
-                    rt.compiled.implausible[FIELD_INDEX[name]] += 1
-                    rt.impl_reason = reason
-            rt.publisher.tick(ts, out, force=force)
+                    pack.live.implausible[FIELD_INDEX[name]] += 1
+                    pack.impl_reason = reason
+            pack.publisher.tick(ts, out, force=force)
             if st.online:
                 eng.evaluate(ts, st)
-            pc = rt.compiled.counters
-            if pc.frames != rt.frames_reported:
-                rt.frames_reported = pc.frames
+            pc = pack.live.counters
+            if pc.frames != pack.frames_reported:
+                pack.frames_reported = pc.frames
                 eng.decode_errors(ts, pc.short_frames + pc.bad_checksum + pc.bad_counter,
                                   pc.frames)
-            counts = rt.compiled.implausible
+            counts = pack.live.implausible
             total_impl = sum(counts)
-            if total_impl != rt.impl_reported:
-                rt.impl_reported = total_impl
-                eng.implausible(ts, rt.compiled.implausible_counts(), rt.impl_reason)
-            self._collect(rt)
+            if total_impl != pack.impl_reported:
+                pack.impl_reported = total_impl
+                eng.implausible(ts, pack.live.implausible_counts(), pack.impl_reason)
+            self._collect(pack)
 
-    def _collect(self, rt: PackRuntime) -> None:
-        eng = rt.faults
+    def _collect(self, pack: Pack) -> None:
+        eng = pack.faults
         if not eng.events:
             return
         for ev in eng.events:
-            self.out.append((ev, rt.events_topic))
+            self.out.append((ev, pack.events_topic))
             log.log(logging.WARNING if ev.state == "raised" else logging.INFO,
                     "pack %s: %s %s (%s): %s", ev.pack_id, ev.code, ev.state, ev.severity,
                     ev.message)
         eng.events.clear()
         payload = dumps(eng.active())
-        if payload != rt.last_faults:
-            rt.last_faults = payload
-            self.out.append(Publication(rt.publisher.t_faults, payload))
+        if payload != pack.last_faults:
+            pack.last_faults = payload
+            self.out.append(Publication(pack.publisher.t_faults, payload))
 
     def bus_state(self, bus: int, condition: str, active: bool, detail: str, ts: float) -> None:
         """A bus-level condition (can_bus_lost...) concerns every pack on that bus."""
         name = self.bus_names[bus]
-        for rt in self.packs:
-            if rt.compiled.cfg.bus == name:
-                rt.faults.bus_problem(ts, condition, active, detail)
-                self._collect(rt)
+        for pack in self.packs:
+            if pack.live.cfg.bus == name:
+                pack.faults.bus_problem(ts, condition, active, detail)
+                self._collect(pack)
 
     def finish(self, ts: float | None = None) -> None:
         """End of a replay: publish whatever changed since the last publication."""
@@ -484,9 +484,9 @@ class Pipeline:
 
     def offline(self) -> list[Publication]:
         """The gateway stops: every pack's availability goes offline."""
-        for rt in self.packs:
-            rt.compiled.state.online = False
-        return [rt.publisher.availability(False) for rt in self.packs]
+        for pack in self.packs:
+            pack.live.state.online = False
+        return [pack.publisher.availability(False) for pack in self.packs]
 
     def take(self) -> list[Output]:
         """Hand over what was produced since the last call, in frame-time order."""
@@ -500,4 +500,4 @@ class Pipeline:
                 [x for x in out if not isinstance(x, Publication)])
 
     def short_frames(self) -> int:
-        return sum(rt.compiled.counters.short_frames for rt in self.packs)
+        return sum(pack.live.counters.short_frames for pack in self.packs)

@@ -180,7 +180,7 @@ class Runtime:
             sink.flush()
         out = self.pipeline.take()
         if self.discovery is not None:
-            out.extend(self.discovery.learn(rt.compiled.state for rt in self.pipeline.packs))
+            out.extend(self.discovery.learn(pack.live.state for pack in self.pipeline.packs))
         if not out:
             return
         events = [x for x in out if not isinstance(x, Publication)]
@@ -325,11 +325,11 @@ class Runtime:
             "version": __version__, "gateway_id": self.cfg.gateway_id,
             "uptime_s": round(now - self.started, 1), "frames_per_s": round(self.frames_per_s, 1),
             "buses": buses,
-            "packs": {pack.compiled.state.pack_id: {
-                "online": pack.compiled.state.online,
+            "packs": {pack.live.state.pack_id: {
+                "online": pack.live.state.online,
                 "state_published": pack.publisher.state_count,
                 "cells_published": pack.publisher.cells_count,
-                "implausible": pack.compiled.implausible_counts(),
+                "implausible": pack.live.implausible_counts(),
                 "active_faults": len(pack.faults.active()),
             } for pack in p.packs},
             "outbox_depth": self.outbox.depth(),

@@ -427,7 +427,7 @@ class LiveSource:
     reader thread blocks in `recv` and hands batches to the loop. A receive error is
     never swallowed: the bus is closed, `can_bus_lost` is raised, and the source
     reopens it with backoff (python-can's own Notifier just stops on an error).
-    gateway/socketcan.py's RawSource replaces `_open`, `_watch` and `_on_readable`.
+    gateway/source/socketcan.py's RawSource replaces `_open`, `_watch` and `_on_readable`.
     """
 
     receive_path = "python-can"

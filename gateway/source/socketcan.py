@@ -497,9 +497,9 @@ def make_source(cfg: CanBus, bus: int, on_batch: BatchSink, on_state: StateSink,
 
     def codes() -> dict[int, list[str]]:
         out: dict[int, list[str]] = {}
-        for rt in pipeline().packs:
-            if rt.compiled.cfg.bus == cfg.name:
-                for key, code in rt.compiled.code.items():
+        for pack in pipeline().packs:
+            if pack.live.cfg.bus == cfg.name:
+                for key, code in pack.live.code.items():
                     out.setdefault(key, []).append(code)
         return out
 
