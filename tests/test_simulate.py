@@ -177,6 +177,20 @@ def test_scenario_problems_are_reported(tmp_path: Path) -> None:
         Simulator(cfg.packs[0], scenario=sc)
 
 
+def test_scenario_number_out_of_range_is_not_told_to_drop_quotes() -> None:
+    # a plain number below its minimum needs another number, not "without quotes"
+    problems: list[Any] = []
+    parse_scenario([{"at": -1, "current": 5}, {"at": 1, "silent": {"for": -8}},
+                    {"at": "soon", "current": 5}], "s.yaml", problems)
+    text = [str(p) for p in problems]
+    assert len(text) == 3, text
+    at, silent, quoted = text
+    assert "[0].at: must be a number >= 0.0, got -1" in at, at
+    assert "without quotes" not in at and "at: 0" in at, at
+    assert "without quotes" not in silent and "for: 0" in silent, silent
+    assert "without quotes" in quoted, quoted
+
+
 def test_sample_log_replays_with_the_injected_faults(tmp_path: Path) -> None:
     """config/sample.log is what the documented command writes, and the gateway sees its
     scenario: a cell over voltage, the BMS alarm, the BMS going silent."""

@@ -88,9 +88,11 @@ def _number(r: Reader, obj: dict[str, Any], key: str, name: str, lo: float | Non
             r.bad(key, f"needs `{name}`", f"add {name}: <number>")
         return None
     if not _num(v) or (lo is not None and v < lo):
+        # a number below its minimum needs another number; anything else, a plain number
+        fix = (f"e.g. {name}: {lo:g}" if _num(v) and lo is not None
+               else "write a plain number without quotes")
         r.bad(f"{key}.{name}" if key else name,
-              f"must be a number{f' >= {lo}' if lo is not None else ''}, got {v!r}",
-              "write a plain number without quotes")
+              f"must be a number{f' >= {lo}' if lo is not None else ''}, got {v!r}", fix)
         return None
     return float(v)
 
