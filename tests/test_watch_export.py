@@ -236,6 +236,17 @@ def test_watch_store_and_url() -> None:
     assert parse_mqtt_url("mqtt://127.0.0.1:1884")[:3] == ("127.0.0.1", 1884, False)
 
 
+@pytest.mark.parametrize("url", ["mqtt://[::1", "mqtt://host:port", "mqtt://h:99999"])
+def test_watch_with_an_unparsable_url_is_one_line_not_a_traceback(
+        url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # urlsplit itself refuses "[::1" and "host:port" (ValueError): that too is a bad
+    # --mqtt, exit 1 with the usual line
+    assert main(["watch", "--mqtt", url]) == 1
+    err = capsys.readouterr().err
+    assert f"error: bad MQTT url {url!r}" in err
+    assert "Traceback" not in err
+
+
 # ------------------------------------------------------------------ decode
 
 

@@ -641,11 +641,11 @@ def parse_mqtt_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
 
     from gateway.config import MqttConfig
 
-    parts = urlsplit(url)
-    user = unquote(parts.username) if parts.username else None
-    pw = unquote(parts.password) if parts.password else None
-    bare = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
-    try:
+    try:  # urlsplit itself refuses some, e.g. "mqtt://[::1" (no closing bracket)
+        parts = urlsplit(url)
+        user = unquote(parts.username) if parts.username else None
+        pw = unquote(parts.password) if parts.password else None
+        bare = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
         host, port, tls = MqttConfig(url=bare).host_port
     except ValueError:
         msg = f"bad MQTT url {url!r}: use mqtt://[user:pass@]host[:1883] or mqtts://host[:8883]"
