@@ -517,6 +517,20 @@ def test_parse_rules_clear_at_on_the_wrong_side(rule: str, raise_at: float, clea
     assert side in p.what and "clear_at:" in p.fix
 
 
+@pytest.mark.parametrize(("rule", "key", "value", "unit"), [
+    ("cell_over_voltage", "debounce_s", -1, "in s "),
+    ("decode_error_rate", "window_s", 0, "in s "),
+    ("cell_over_voltage", "raise_at", 9, "in V "),
+    ("low_soc", "raise_at", 150, "in % "),
+])
+def test_parse_rules_out_of_range_fix_names_the_settings_unit(rule: str, key: str,
+                                                              value: float, unit: str) -> None:
+    # debounce_s and window_s are seconds whatever the rule judges (not "in V")
+    (p,) = _problems({rule: {key: value}})
+    assert p.key == f"{KEY}.{rule}.{key}" and "out of range" in p.what
+    assert unit in p.fix, p.fix
+
+
 def test_parse_rules_bad_values_name_the_fix() -> None:
     problems = _problems({
         "low_soc": {"severity": "warn", "debounce_s": -1, "enabled": "yes"},

@@ -86,8 +86,10 @@ def _parse_one(r: Reader, key: str, name: str, d: RuleDef, raw: Any,
                   f"e.g. {k}: {fmt_num(default) if default is not None else 1}")
             return default
         if not lo <= v <= hi:
+            # debounce_s and window_s are seconds, whatever the rule judges
+            unit = "s" if k.endswith("_s") else d.unit or "the rule unit"
             r.bad(f"{key}.{k}", f"{v} is out of range {fmt_num(lo)}..{fmt_num(hi)}",
-                  f"use a value in {d.unit or 'the rule unit'} within that range")
+                  f"use a value in {unit} within that range")
             return default
         return float(v)
 
