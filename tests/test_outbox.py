@@ -196,6 +196,18 @@ def test_loose_mode_is_logged_under_gateway_outbox(tmp_path: Path,
     assert names == {"gateway.outbox"}
 
 
+def test_a_file_that_is_no_outbox_keeps_its_mode(tmp_path: Path) -> None:
+    # `--outbox /etc/passwd` (a slip of the finger): refused as damaged, as before, but
+    # not made 0600 first (that locks every other user out of the file)
+    other = tmp_path / "passwd"
+    other.write_text("root:x:0:0:root:/root:/bin/sh\n")
+    other.chmod(0o644)
+    with pytest.raises(OutboxError, match="damaged"):
+        _open(other)
+    assert stat.S_IMODE(other.stat().st_mode) == 0o644
+    assert other.read_text() == "root:x:0:0:root:/root:/bin/sh\n"
+
+
 def test_overflow_by_count(tmp_path: Path) -> None:
     path = tmp_path / FILENAME
     with _open(path, max_events=5) as box:

@@ -739,7 +739,10 @@ def _prepare_file(path: Path) -> None:
         if not stat.S_ISREG(st.st_mode):
             msg = f"outbox {path} is not a regular file; remove it or choose another path"
             raise OutboxError(msg)
-        if st.st_mode & 0o077:
+        # a file that is not SQLite (a wrong --outbox) is left as it is: SQLite refuses
+        # it as damaged next, and it must not be made 0600 on the way
+        ours = st.st_size == 0 or os.pread(fd, 16, 0) == b"SQLite format 3\x00"
+        if st.st_mode & 0o077 and ours:
             log.warning("outbox %s had mode %o; restricting it to 0600", path,
                         stat.S_IMODE(st.st_mode))
             os.fchmod(fd, 0o600)
