@@ -247,6 +247,22 @@ def test_watch_with_an_unparsable_url_is_one_line_not_a_traceback(
     assert "Traceback" not in err
 
 
+def test_watch_log_reports_a_profile_problem_before_a_missing_log(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # as replay does (and watch did before the Runtime): the config's pipeline is built
+    # first, so a misspelt signal is a config error (exit 3), whatever the log
+    prof = (REPO / "config" / "profiles" / "example-bms.yaml").read_text()
+    prof = prof.replace("signal: PackVoltage}", "signal: PackVoltge}").replace(
+        "dbc: [example-bms.dbc]", f"dbc: [{REPO / 'dbc' / 'example-bms.dbc'}]")
+    (tmp_path / "bad.yaml").write_text(prof)
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("gateway_id: t\ncan: {interface: virtual, channel: x}\n"
+                   f"packs:\n  - {{id: p, profile: {tmp_path / 'bad.yaml'}}}\n")
+    assert main(["watch", "-c", str(cfg), "--log", str(tmp_path / "missing.log")]) == 3
+    err = capsys.readouterr().err
+    assert "no signal 'PackVoltge'" in err and "log file not found" not in err
+
+
 # ------------------------------------------------------------------ decode
 
 

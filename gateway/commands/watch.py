@@ -585,8 +585,13 @@ async def watch_log(cfg: GatewayConfig, log_path: str | Path, *, speed: float | 
 
     store = WatchStore(cfg.mqtt.topic_prefix)
     stats = SourceStats()
-    batches = read_log(log_path, stats)
+    # the pipeline first, as replay: a profile problem (exit 3) outranks the log's (exit 1)
     rt = _runtime(cfg, store)
+    try:
+        batches = read_log(log_path, stats)
+    except BaseException:
+        rt.close()
+        raise
     pipeline = rt.pipeline
     note = ""
     name = Path(log_path).name
