@@ -67,6 +67,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     pipeline = Pipeline(cfg)
     if problems := interface_problems(cfg):
         raise ConfigError(problems)
+    if cfg.prometheus is not None:  # `run` refuses to start without prometheus-client
+        from gateway.runtime.metrics import require
+
+        require(cfg.path)
     if args.show_code is not None:
         return _show_code(pipeline, args.show_code)
     print(f"{cfg.path}: OK")

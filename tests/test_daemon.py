@@ -515,13 +515,16 @@ def test_status_and_prometheus_report_the_same_counters(
     assert status["buses"][channel]["received"] == 11
 
 
-def test_prometheus_without_the_package_is_a_clear_config_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["run", "check-config"])
+def test_prometheus_without_the_package_is_a_clear_config_error(tmp_path: Path,
+                                                                command: str) -> None:
+    """check-config is the contract: what `run` refuses, it refuses too."""
     cfg = write_cfg(tmp_path / "gw.yaml", gid="noprom", url=None,
                     extra="prometheus: 127.0.0.1:9\n")
     # a child where `import prometheus_client` fails, as on an install without the extra
     code = ("import sys; sys.modules['prometheus_client'] = None\n"
             "from gateway.cli import main; sys.exit(main(sys.argv[1:]))")
-    r = subprocess.run([sys.executable, "-c", code, "run", "-c", str(cfg)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-c", code, command, "-c", str(cfg)], cwd=REPO,
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 3, r.stderr
     assert "prometheus-client" in r.stderr and "bms-gateway[prometheus]" in r.stderr
