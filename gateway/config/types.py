@@ -155,11 +155,14 @@ class PollRequest:
     reply: str | None = None  # message name of the reply, for staleness
 
 
+CellKind = Literal["voltages", "temps"]  # cells a value (not a flag) is read into
+
+
 @dataclass(frozen=True, slots=True)
 class CellBlock:
     """Cells packed back to back in a reassembled payload."""
 
-    kind: Literal["voltages", "temps"]
+    kind: CellKind
     offset: int  # byte offset of the first cell in the payload
     count: int
     width: int  # bytes per cell

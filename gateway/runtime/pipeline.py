@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
-from gateway.config import MAX_CELLS, GatewayConfig, PackConfig, Problem
+from gateway.config import MAX_CELLS, CellKind, GatewayConfig, PackConfig, Problem
 from gateway.decode.dbc import DbcError, where_failed
 from gateway.faults.engine import FaultEngine
 from gateway.faults.plausibility import cross_check
@@ -275,7 +274,7 @@ class Pipeline:
         ids the pipeline reads on that bus."""
         return self._tables[bus]
 
-    def write_cells(self, pack_id: str, kind: Literal["voltages", "temps"], first: int,
+    def write_cells(self, pack_id: str, kind: CellKind, first: int,
                     values: Sequence[float | None], ts: float) -> None:
         """Write cells `first`, `first + 1`, ... (0-based) of a pack, read at frame time
         `ts` by something other than the pack's compiled handlers (an ISO-TP answer).

@@ -34,6 +34,7 @@ from typing import Any, Literal, Protocol
 
 from gateway.config import (
     CellBlock,
+    CellKind,
     GatewayConfig,
     IsoTpRequest,
     PackConfig,
@@ -48,7 +49,6 @@ log = logging.getLogger("gateway.poll")
 
 SendFn = Callable[[int, int, bytes, bool], bool]  # (bus index, arbitration id, data, extended)
 Handler = Callable[[float, bytes], None]
-CellKind = Literal["voltages", "temps"]  # as config.CellBlock.kind
 
 
 def request_frame(pc: PackConfig, req: PollRequest, cache: DbcCache,
