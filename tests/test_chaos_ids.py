@@ -222,9 +222,12 @@ def test_replay_with_an_unusable_outbox_says_so_in_one_line(tmp_path: Path,
     if not Path(outbox).exists():
         pytest.skip(f"{outbox} does not exist here")
     cfg = write(tmp_path)
+    mode = Path(outbox).stat().st_mode
     r = subprocess.run([sys.executable, "-m", "gateway", "replay", "-c", str(cfg), "--mqtt",
                         "-", "--outbox", outbox, str(SAMPLE_LOG)], capture_output=True,
                        text=True, timeout=60, cwd=REPO, check=False)
+    # refused as it is: a /proc file says 0 bytes, and root may chmod it
+    assert Path(outbox).stat().st_mode == mode
     assert r.returncode == cli.EXIT_CONFIG, r.stderr
     errors = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: --outbox:"), r.stderr

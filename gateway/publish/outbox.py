@@ -740,8 +740,9 @@ def _prepare_file(path: Path) -> None:
             msg = f"outbox {path} is not a regular file; remove it or choose another path"
             raise OutboxError(msg)
         # a file that is not SQLite (a wrong --outbox) is left as it is: SQLite refuses
-        # it as damaged next, and it must not be made 0600 on the way
-        ours = st.st_size == 0 or os.pread(fd, 16, 0) == b"SQLite format 3\x00"
+        # it as damaged next, and it must not be made 0600 on the way. Read, not
+        # st_size: /proc and /sys files say 0 bytes and are not empty.
+        ours = os.pread(fd, 16, 0) in (b"", b"SQLite format 3\x00")
         if st.st_mode & 0o077 and ours:
             log.warning("outbox %s had mode %o; restricting it to 0600", path,
                         stat.S_IMODE(st.st_mode))
