@@ -11,7 +11,14 @@ import pytest
 from gateway.config import ConfigError, load_config
 from gateway.runtime.pipeline import Pipeline
 from gateway.source.logs import LiveSource
-from gateway.source.socketcan import BcmSource, RawSource, can_filters, content_mask, make_source
+from gateway.source.socketcan import (
+    BcmSource,
+    RawSource,
+    bcm_frames,
+    bcm_rx_setup,
+    can_filters,
+    make_source,
+)
 
 
 def cfg(tmp_path: Path, can: str) -> Path:
@@ -64,6 +71,11 @@ def test_the_kernel_compares_only_the_bits_the_profile_reads(tmp_path: Path) -> 
     """example-bms PackStatus (0x400): bytes 0-6 are read, byte 7 (AliveCounter) is not,
     so a frame differing only in its counter never wakes the gateway."""
     p = Pipeline(load_config(cfg(tmp_path, "{interface: socketcan, receive: bcm}")))
-    code = p.packs[0].live.code
-    assert content_mask(code[0x400]) == 0xFFFFFFFFFFFFFF00
-    assert content_mask("def handler(ts, data):\n    x = data[3]\n") is None  # unknown reads
+    frames = bcm_frames(p.packs[0].live.reads[0x400])
+    assert frames == (0xFFFFFFFFFFFFFF00,)
+    head = bcm_rx_setup(0x400, frames, 2.0, 0.0)
+    assert head.endswith(struct.pack("=IB3x8s", 0x400, 8, bytes([255] * 7 + [0])))
+    # a multiplexed message: the multiplexer's mask, then one frame per value
+    muxed = bcm_frames(p.packs[0].live.reads[0x408])
+    assert muxed is not None and len(bcm_rx_setup(0x408, muxed, 2.0, 0.0)) == \
+        len(head) + 16 * (len(muxed) - 1)

@@ -28,6 +28,7 @@ import pytest
 from gateway.config import load_config
 from gateway.runtime.daemon import Daemon
 from gateway.runtime.replay import replay
+from gateway.source.socketcan import bcm_mask
 from tests.conftest import REPO, shared, started
 from tests.test_socketcan import CHANNEL
 
@@ -116,7 +117,6 @@ async def play_and_compare(tmp_path: Path, log: Path, profile: str, path: str,
         ident, payload = frame.split("#")
         sent.append((int(ident, 16) | (socket.CAN_EFF_FLAG if len(ident) == 8 else 0),
                      bytes.fromhex(payload)))
-    last = dict(sent)
     cfg = write_cfg(tmp_path, f"""\
         gateway_id: g
         can: {{interface: socketcan, channel: {CHANNEL}, receive: {path}}}
@@ -139,17 +139,20 @@ async def play_and_compare(tmp_path: Path, log: Path, profile: str, path: str,
             # changed nothing read)
             sock = d.runtime.sources[0].bus
 
+            def word(data: bytes) -> int:
+                return int.from_bytes(data.ljust(8, b"\0"), "big")
+
+            # the last frame of each id, and of each multiplexer value of a muxed id
+            want = {(key, word(data) & sock.mux.get(key, 0)): data
+                    for key, data in sent if key in sock.masks}
+
             def delivered() -> bool:
-                for key, mask in sock.masks.items():
-                    want_data = last.get(key)
-                    if want_data is None:
+                for (key, mux), data in want.items():
+                    mask = bcm_mask(sock.masks[key], data)
+                    if mask is None:  # a multiplexer value nothing reads: dropped
                         continue
-                    got = sock.last.get(key)
-                    if got is None:
-                        return False
-                    m = (1 << 64) - 1 if mask is None else mask
-                    if (int.from_bytes(got.ljust(8, b"\0"), "big")
-                            ^ int.from_bytes(want_data.ljust(8, b"\0"), "big")) & m:
+                    got = sock.last.get((key, mux))
+                    if got is None or (word(got) ^ word(data)) & mask:
                         return False
                 return True
 

@@ -10,12 +10,14 @@ tests hold every recipe equal to `cantools` `decode_message` on random payloads.
 
 from __future__ import annotations
 
+import dataclasses
 import linecache
 import logging
 import re
 import struct
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -287,6 +289,52 @@ def merge_paths(a: tuple[MuxStep, ...], b: tuple[MuxStep, ...]) -> tuple[MuxStep
     return tuple(out)
 
 
+def frame_bits(bits: int, big_endian: bool, length: int) -> int | None:
+    """Bits of the integer a handler reads (`le`, or `be` aligned to the DBC's `length`)
+    as the same bits of `int.from_bytes(frame[:8], "big")`; None past the 8th byte."""
+    if big_endian:
+        return bits << 8 * (8 - length) if length <= 8 else None
+    return None if bits >> 64 else int.from_bytes(bits.to_bytes(8, "little"), "big")
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBits:
+    """The frame bits a generated handler reads, as bits of `int.from_bytes(frame[:8],
+    "big")`: `always` whatever the multiplexer says (the multiplexer's own bits among
+    them); with a multiplexer `mux` (the message's outermost), `by_value` gives the bits
+    read besides `always` when its raw value is v. A frame whose bits under these masks
+    equal an earlier frame's does what that frame did. Kernel filtering (receive: bcm)
+    is built from it."""
+
+    always: int
+    mux: BitField | None = None
+    length: int = 8  # the DBC length, which places the multiplexer's bits
+    by_value: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    def mux_bits(self, value: int | None = None) -> int:
+        """The multiplexer's bits (its mask), or `value` placed in them."""
+        if self.mux is None:
+            return 0
+        raw = self.mux.mask if value is None else value & self.mux.mask
+        return frame_bits(raw << self.mux.shift, self.mux.big_endian, self.length) or 0
+
+    def flat(self) -> int:
+        """Every bit read, whatever the multiplexer says."""
+        out = self.always
+        for bits in self.by_value.values():
+            out |= bits
+        return out
+
+    def union(self, other: ReadBits) -> ReadBits:
+        """What two handlers of one frame read together (two packs, one id)."""
+        if self.mux is None or other.mux != self.mux or self.length != other.length:
+            return ReadBits(self.flat() | other.flat())
+        by = dict(self.by_value)
+        for v, bits in other.by_value.items():
+            by[v] = by.get(v, 0) | bits
+        return ReadBits(self.always | other.always, self.mux, self.length, by)
+
+
 Emit = Callable[["Source", int], None]
 
 
@@ -317,6 +365,10 @@ class Source:
         self._key = ""
         self._n = 0
         self._mux_vars = {name: f"m{i}" for i, name in enumerate(layout.muxers)}
+        # the frame bits each read covers, by the multiplexer values it runs under
+        self._bits: dict[tuple[MuxStep, ...], int] = {}
+        self._at: tuple[MuxStep, ...] = ()
+        self.unmasked = False  # read otherwise (bytes, beyond 8): every bit may count
 
     def tag(self, key: str) -> None:
         """Tag the lines emitted from now on with this profile key ("" for none)."""
@@ -341,7 +393,42 @@ class Source:
             bf = replace(bf, float_fmt=None, scale=1, offset=0)
         self.min_bytes = max(self.min_bytes, bf.min_bytes)
         self.uses.add("be" if bf.big_endian else "le")
+        bits = frame_bits(bf.mask << bf.shift, bf.big_endian, self.layout.msg.length)
+        if bits is None:
+            self.unmasked = True
+        else:
+            self._bits[self._at] = self._bits.get(self._at, 0) | bits
         return bf.expr("le", "be")
+
+    @contextmanager
+    def under(self, step: MuxStep) -> Iterator[None]:
+        """The code emitted inside runs only when `step` holds (its multiplexer has one
+        of its values): what it reads is recorded as read for those values only."""
+        outer = self._at
+        self._at = (*outer, step)
+        try:
+            yield
+        finally:
+            self._at = outer
+
+    def read_bits(self) -> ReadBits | None:
+        """The bits the code emitted so far reads (None: it reads the frame otherwise)."""
+        if self.unmasked:
+            return None
+        always = self._bits.get((), 0)
+        tops = {path[0].muxer for path in self._bits if path}
+        if len(tops) != 1:  # not multiplexed (or, never seen, two outermost muxers)
+            out = 0
+            for bits in self._bits.values():
+                out |= bits
+            return ReadBits(out)
+        muxer = tops.pop()
+        by_value: dict[int, int] = {}
+        for path, bits in self._bits.items():
+            for v in path[0].values if path else ():
+                by_value[v] = by_value.get(v, 0) | bits
+        return ReadBits(always, self.layout.muxers[muxer][0], self.layout.msg.length,
+                        by_value)
 
     def mux_var(self, muxer: str) -> str:
         return self._mux_vars[muxer]
@@ -387,7 +474,8 @@ class Source:
             self.emit(indent, f"if {cond}:")
             self._key = ""
             before = len(self.lines)
-            self.items(group, indent + 1, checked=checked, depth=depth + 1)
+            with self.under(step):
+                self.items(group, indent + 1, checked=checked, depth=depth + 1)
             if len(self.lines) == before:
                 self.emit(indent + 1, "pass")
 

@@ -226,12 +226,14 @@ def compile_cells(c: Compiler, kind: str, src: CellSource) -> None:
                 g.emit(ind, f"if {cond}:")
                 start = f"{mux_var} * {a}" if a != 1 else mux_var
                 g.emit(ind + 1, f"b0 = {start} + {b}" if b else f"b0 = {start}")
-                code.write(g, ind + 1, rel, "b0")
+                with g.under(MuxStep(mux_name, frozenset(mids))):
+                    code.write(g, ind + 1, rel, "b0")
                 return
             first = True
             for mid, plan in sorted(plans.items(), key=lambda kv: kv[0] or 0):
                 g.emit(ind, f"{'if' if first else 'elif'} {mux_var} == {mid}:")
-                code.write(g, ind + 1, plan, f"{src.start(mid, per_group)}")
+                with g.under(MuxStep(mux_name, frozenset(() if mid is None else (mid,)))):
+                    code.write(g, ind + 1, plan, f"{src.start(mid, per_group)}")
                 first = False
 
         c.add(msg, src.key, path, gen_mux, (mux_name,))

@@ -162,6 +162,7 @@ def emit_checks(g: Source, key: int, length: int, chk: FrameCheck, cs: SignalRea
             for e in extra:
                 want = f"({want} {op} {e})"
             want = f"{want} & 0xFF"
+        g.unmasked = True  # the checksum covers every byte
         g.emit(1, f"if {got} != {want}:")
         g.emit(2, "CNT.bad_checksum += 1")
         g.emit(2, "return")

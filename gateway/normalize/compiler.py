@@ -40,6 +40,7 @@ from gateway.decode.dbc import (
     Item,
     MessageLayout,
     MuxStep,
+    ReadBits,
     SignalRead,
     Source,
     compile_source,
@@ -103,6 +104,8 @@ class LivePack:
     sources: dict[int, str]  # frame key -> message name, for `decode` and logs
     fault_hook: list[FaultHook | None]  # set by the fault stage; list so handlers see it
     code: dict[int, str] = field(default_factory=dict)  # frame key -> generated source
+    # frame key -> the bits its handler reads (None: any bit may count); receive: bcm
+    reads: dict[int, ReadBits | None] = field(default_factory=dict)
     # format 2 `dtcs`: the streams with their DBC value tables, and the fault stage's hook
     dtc_streams: list[tuple[DtcStream, dict[int, str]]] = field(default_factory=list)
     dtc_hook: list[DtcHook | None] = field(default_factory=lambda: [None])
@@ -136,6 +139,7 @@ class Compiler:
         self.checks: dict[str, tuple[FrameCheck, SignalRead | None, SignalRead | None]] = {}
         self.counters = PackCounters()
         self.code: dict[int, str] = {}  # frame key -> generated source
+        self.reads: dict[int, ReadBits | None] = {}
         self.constants: dict[int, Value] = {}
         self.extra_consts: dict[str, Value] = {}
         self.dtc_streams: list[tuple[DtcStream, dict[int, str]]] = []
@@ -627,6 +631,7 @@ class Compiler:
             handlers[key] = ns["handler"]
             sources[key] = name
             self.code[key] = src
+            self.reads[key] = body.read_bits()
         return handlers, sources
 
 
@@ -716,8 +721,8 @@ def compile_pack(cfg: PackConfig, cache: DbcCache, problems: list[Problem], *,
             fault_state = [False] * len(prof.faults)
     handlers, sources = c.build(state, impl, fault_state, hook)
     compiled = LivePack(cfg, state, handlers, c.counters, impl, sources, hook, c.code,
-                            c.dtc_streams, c.dtc_hook, fault_state, c.constants,
-                            c.extra_consts)
+                        c.reads, c.dtc_streams, c.dtc_hook, fault_state, c.constants,
+                        c.extra_consts)
     if keep is None:
         prime_state(compiled)
     return compiled

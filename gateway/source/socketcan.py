@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import re
 import socket
 import struct
 import time
@@ -35,6 +34,7 @@ from collections.abc import Callable, Collection
 from typing import Any
 
 from gateway.config import CanBus
+from gateway.decode.dbc import ReadBits
 from gateway.source.logs import BATCH, COALESCE_S, BatchSink, Frame, LiveSource, StateSink
 
 SO_TIMESTAMPNS = 35  # <asm-generic/socket.h>; not exported by Python's socket module
@@ -283,37 +283,45 @@ class RawSource(LiveSource):
 
 # ------------------------------------------------------------------ kernel filtering (CAN_BCM)
 
-_READ = re.compile(r"\((?:\((le|be) >> (\d+)\)|(le|be)) & (0x[0-9a-f]+)\)")
-_BE_LEN = re.compile(r"if n != (\d+):")
+BCM_MAX_FRAMES = 256  # the kernel's MAX_NFRAMES per RX_SETUP, the mux mask included
 _ALL = (1 << 64) - 1
 
 
-def content_mask(code: str) -> int | None:
-    """The frame bits one generated handler reads (as `int.from_bytes(frame8, 'big')`),
-    found in its source: every read is `((le|be >> shift) & mask)`. None when the source
-    reads the frame any other way (the kernel then delivers every frame of the id)."""
-    reads = _READ.findall(code)
-    if not reads:
+def bcm_frames(reads: ReadBits | None) -> tuple[int, ...] | None:
+    """An RX_SETUP's frame data (as 8-byte big-endian integers) for the bits a handler
+    reads: `(mask,)`, or for a multiplexed message `(mux mask, value|mask, ...)`, one
+    content mask per multiplexer value, so a frame wakes us only when the bits read for
+    its own value change. None: every frame (RX_FILTER_ID)."""
+    if reads is None:
         return None
-    be_len = _BE_LEN.search(code)
-    out = 0
-    for var_shifted, shift, var_plain, mask in reads:
-        var = var_shifted or var_plain
-        bits = int(mask, 16) << int(shift or 0)
-        if var == "le":
-            if bits >> 64:
-                return None
-            out |= int.from_bytes(bits.to_bytes(8, "little"), "big")
-        else:
-            if be_len is None:
-                return None
-            length = int(be_len.group(1))
-            if length > 8 or bits >> (8 * length):
-                return None
-            out |= bits << (8 * (8 - length))
-    if "data[" in code:  # the frame read another way: no mask
-        return None
-    return out
+    flat = reads.flat()
+    if reads.mux is None or not reads.by_value:
+        return (flat,)
+    mux = reads.mux_bits()
+    by_value = dict(reads.by_value)
+    if reads.always & ~mux:
+        # bits read whatever the value: a value no branch names must wake us too, so
+        # every value needs its frame (the kernel drops a frame no value matches)
+        if reads.mux.mask >= BCM_MAX_FRAMES - 1:
+            return (flat,)
+        by_value = {v: by_value.get(v, 0) for v in range(reads.mux.mask + 1)}
+    if len(by_value) >= BCM_MAX_FRAMES:
+        return (flat,)
+    return (mux, *(reads.mux_bits(v) | ((reads.always | bits) & ~mux)
+                   for v, bits in sorted(by_value.items())))
+
+
+def bcm_mask(frames: tuple[int, ...] | None, data: bytes) -> int | None:
+    """The bits the kernel compares for this frame under `frames` (an RX_SETUP's, from
+    `bcm_frames`): the first value whose multiplexer bits match, as bcm.c picks it;
+    None when none matches (the frame is dropped). No frames: every bit."""
+    if frames is None:
+        return _ALL
+    if len(frames) == 1:
+        return frames[0]
+    word = int.from_bytes(data[:8].ljust(8, b"\0"), "big")
+    mux = frames[0]
+    return next((f | mux for f in frames[1:] if f & mux == word & mux), None)
 
 
 _BCM_HEAD = struct.Struct("@IIIllllII")  # struct bcm_msg_head (64-bit longs, padding)
@@ -326,39 +334,51 @@ def _timeval(seconds: float) -> tuple[int, int]:
     return whole, round((seconds - whole) * 1e6)
 
 
-def bcm_rx_setup(key: int, mask: int | None, timeout_s: float, throttle_s: float) -> bytes:
-    """One RX_SETUP: a notification when the masked bits (or, with no mask, anything)
+def bcm_rx_setup(key: int, frames: tuple[int, ...] | None, timeout_s: float,
+                 throttle_s: float) -> bytes:
+    """One RX_SETUP: a notification when the masked bits (`bcm_frames`; None: anything)
     change, RX_TIMEOUT when the id is silent for `timeout_s`, at most one notification
     per `throttle_s` (0: no throttle)."""
     flags = _BCM_RX_FLAGS
-    if mask is None:
+    if frames is None:
         flags |= socket.CAN_BCM_RX_FILTER_ID
     head = _BCM_HEAD.pack(socket.CAN_BCM_RX_SETUP, flags, 0, *_timeval(timeout_s),
-                          *_timeval(throttle_s), key, 0 if mask is None else 1)
-    if mask is None:
-        return head
-    return head + _FRAME.pack(key, 8, mask.to_bytes(8, "big"))
+                          *_timeval(throttle_s), key, len(frames or ()))
+    return head + b"".join(_FRAME.pack(key, 8, f.to_bytes(8, "big")) for f in frames or ())
 
 
 class BcmSocket:
     """A CAN_BCM socket with one RX_SETUP per id the pipeline reads."""
 
-    def __init__(self, cfg: CanBus, masks: dict[int, int | None], timeout_s: float) -> None:
+    def __init__(self, cfg: CanBus, masks: dict[int, tuple[int, ...] | None],
+                 timeout_s: float) -> None:
         s = socket.socket(socket.AF_CAN, socket.SOCK_DGRAM, socket.CAN_BCM)
         try:
             s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
             s.connect((cfg.channel,))
-            for key, mask in masks.items():
-                s.send(bcm_rx_setup(key, mask, timeout_s, cfg.bcm_throttle_s))
             s.setblocking(False)
+            self.sock = s
+            self.timeout_s = timeout_s
+            self.throttle_s = cfg.bcm_throttle_s
+            self.masks: dict[int, tuple[int, ...] | None] = {}
+            # multiplexed ids: the multiplexer's bits, which tell the frames of an id apart
+            self.mux: dict[int, int] = {}
+            for key, frames in masks.items():
+                self.watch(key, frames)
         except BaseException:
             s.close()
             raise
-        self.sock = s
-        self.masks = masks
         self.buf = bytearray(_BCM_HEAD.size + _FRAME.size)
-        self.last: dict[int, bytes] = {}  # id -> last frame the kernel delivered
+        # (id, multiplexer bits) -> the last frame the kernel delivered
+        self.last: dict[tuple[int, int], bytes] = {}
         self.silent: set[int] = set()  # ids in RX_TIMEOUT (no frame for timeout_s)
+
+    def watch(self, key: int, frames: tuple[int, ...] | None) -> None:
+        """Subscribe to one id (`bcm_frames`). Raises OSError from the kernel."""
+        self.sock.send(bcm_rx_setup(key, frames, self.timeout_s, self.throttle_s))
+        self.masks[key] = frames
+        if frames is not None and len(frames) > 1:
+            self.mux[key] = frames[0]
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -399,7 +419,8 @@ class BcmSocket:
                     sec, ns = _TIMESPEC.unpack_from(value)
                     ts = sec + ns * 1e-9
             self.silent.discard(can_id)
-            self.last[can_id] = data
+            mux = self.mux.get(can_id, 0)
+            self.last[can_id, mux and int.from_bytes(data.ljust(8, b"\0"), "big") & mux] = data
             out.append((ts or time.time(), can_id, data, name))
         return count
 
@@ -413,25 +434,28 @@ class BcmSource(RawSource):
 
     def __init__(self, cfg: CanBus, on_batch: BatchSink, on_state: StateSink,
                  keys: Callable[[], Collection[int]] | None = None,
-                 codes: Callable[[], dict[int, list[str]]] | None = None,
+                 reads: Callable[[], dict[int, list[ReadBits | None]]] | None = None,
                  stale_s: float = 5.0) -> None:
         super().__init__(cfg, on_batch, on_state, keys)
-        self.codes = codes
+        self.reads = reads
         self.stale_s = stale_s
         self.refeed_s = max(0.1, min(1.0, stale_s / 4))
         self._refeed: asyncio.TimerHandle | None = None
 
-    def _masks(self) -> dict[int, int | None]:
+    def _masks(self) -> dict[int, tuple[int, ...] | None]:
         keys = self.keys() if self.keys is not None else ()
         self._nkeys = len(keys)
-        codes = self.codes() if self.codes is not None else {}
-        out: dict[int, int | None] = {}
+        reads = self.reads() if self.reads is not None else {}
+        out: dict[int, tuple[int, ...] | None] = {}
         for key in keys:
-            mask: int | None = 0
-            for code in codes.get(key) or [""]:
-                m = content_mask(code) if code else None
-                mask = None if m is None or mask is None else mask | m
-            out[key] = mask
+            # an id no handler reads (a poller's replies): every frame
+            got: ReadBits | None = None
+            for i, r in enumerate(reads.get(key) or [None]):
+                if r is None:
+                    got = None
+                    break
+                got = r if i == 0 or got is None else got.union(r)
+            out[key] = bcm_frames(got)
         return out
 
     def _open(self) -> Any:
@@ -462,9 +486,7 @@ class BcmSource(RawSource):
             masks = self._masks()
             for key in masks.keys() - sock.masks.keys():
                 with contextlib.suppress(OSError):
-                    sock.sock.send(bcm_rx_setup(key, masks[key], self.refeed_s * 2,
-                                                self.cfg.bcm_throttle_s))
-            sock.masks = masks
+                    sock.watch(key, masks[key])
         super()._on_readable()
 
     def _on_refeed(self) -> None:
@@ -473,7 +495,7 @@ class BcmSource(RawSource):
             return
         now = time.time()
         name = self.cfg.name
-        batch = [(now, key, data, name) for key, data in sock.last.items()
+        batch = [(now, key, data, name) for (key, _), data in sock.last.items()
                  if key not in sock.silent]
         if batch:
             self.on_batch(batch)
@@ -495,14 +517,14 @@ def make_source(cfg: CanBus, bus: int, on_batch: BatchSink, on_state: StateSink,
     if cfg.receive == "raw":
         return RawSource(cfg, on_batch, on_state, keys)
 
-    def codes() -> dict[int, list[str]]:
-        out: dict[int, list[str]] = {}
+    def reads() -> dict[int, list[ReadBits | None]]:
+        out: dict[int, list[ReadBits | None]] = {}
         for pack in pipeline().packs:
             if pack.live.cfg.bus == cfg.name:
-                for key, code in pack.live.code.items():
-                    out.setdefault(key, []).append(code)
+                for key, bits in pack.live.reads.items():
+                    out.setdefault(key, []).append(bits)
         return out
 
     packs = [p for p in pipeline().cfg.packs if p.bus == cfg.name]
     stale = min((p.stale_after_s for p in packs), default=5.0)
-    return BcmSource(cfg, on_batch, on_state, keys, codes, stale)
+    return BcmSource(cfg, on_batch, on_state, keys, reads, stale)
