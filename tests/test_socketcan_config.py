@@ -50,6 +50,7 @@ def test_socketcan_reads_the_socket_directly_unless_told_otherwise(tmp_path: Pat
     ("{interface: virtual, channel: x, receive: raw}", "needs interface: socketcan"),
     ("{interface: socketcan, receive: fast}", "unknown receive path 'fast'"),
     ("{interface: socketcan, kernel_filter: 1}", "must be true or false"),
+    ("{interface: socketcan, fd: true, receive: bcm}", "classic CAN frames only"),
 ])
 def test_a_wrong_receive_setting_names_the_key_and_the_fix(
         tmp_path: Path, can: str, says: str) -> None:

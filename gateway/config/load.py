@@ -121,8 +121,15 @@ def _can_buses(r: Reader, obj: Any) -> list[CanBus]:
             r.bad(f"{k}.receive", f"{receive!r} needs interface: socketcan (got {interface})",
                   "remove `receive` (python-can reads every other interface)")
             receive = "python-can"
+        fd = r.bool_(spec, k, "fd", False)
+        if fd and receive == "bcm":
+            # RX_SETUP without CAN_FD_FRAME subscribes to classic frames: FD ones would
+            # never arrive, and nothing would say so
+            r.bad(f"{k}.receive", "'bcm' reads classic CAN frames only, and this bus has "
+                  "fd: true", "use receive: raw (the default) on a CAN FD bus")
+            receive = "raw"
         buses.append(CanBus(name, interface, channel, r.int_(spec, k, "bitrate", None, lo=1000),
-                            r.bool_(spec, k, "fd", False),
+                            fd,
                             r.int_(spec, k, "data_bitrate", None, lo=1000), dict(opts),
                             receive,  # type: ignore[arg-type]
                             r.bool_(spec, k, "kernel_filter", True),
