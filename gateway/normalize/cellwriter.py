@@ -1,17 +1,26 @@
-"""The generated code that writes one `cells:` source (voltages, temperatures or balancing
-flags of one message) into the pack state, from the layout of normalize/cells.py: checked
-against the DBC first, so a layout that can never write a cell is a config problem."""
+"""The generated code that writes cells into the pack state.
+
+One set of rules (`CellRules`: the valid range, the cells written, where implausible
+values are counted, growing the lists, the change marks) and one emitter of them
+(`CellRules.store`) serve both writers of cells:
+- a `cells:` source (voltages, temperatures or balancing flags of one message), laid out
+  by normalize/cells.py and checked against the DBC first, so a layout that can never
+  write a cell is a config problem: its code goes into the message's frame handler;
+- cells read by something other than a frame handler (an ISO-TP answer, through
+  `Pipeline.write_cells`): `polled_writer` generates a small function for them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from cantools.database.can import Message, Signal
 
-from gateway.config import MAX_CELLS, CellSource, Problem, ValueSpec
-from gateway.decode.dbc import MuxStep, SignalRead, Source, bitfield
-from gateway.model import FIELD_INDEX
+from gateway.config import MAX_CELLS, CellKind, CellSource, PackConfig, Problem, ValueSpec
+from gateway.decode.dbc import MuxStep, SignalRead, Source, bitfield, compile_source
+from gateway.model import FIELD_INDEX, PackState
 from gateway.normalize.cells import (
     BitSlots,
     cell_slots,
@@ -30,6 +39,101 @@ CELL_VALID = {"voltages": (0.0, 6.0), "temps": (-60.0, 150.0)}
 _ARRAY = {"voltages": "CV", "temps": "CT", "balancing": "CB"}
 _ENSURE = {"voltages": "st.ensure_cells", "temps": "st.ensure_temps",
            "balancing": "st.ensure_balancing"}
+_CHANGED = "st.cells_changed = st.changed = True"  # derived fields follow cells
+
+# (frame time, first cell (0-based), values): None is a value the source does not carry
+PolledWriter = Callable[[float, int, Sequence[float | None]], None]
+
+
+def cell_names(state: PackState) -> dict[str, Any]:
+    """What the names in generated cell code stand for (both writers bind these)."""
+    return {"st": state, "CV": state.cell_v, "CT": state.cell_t, "CB": state.balancing}
+
+
+class Emitter(Protocol):
+    def emit(self, indent: int, line: str) -> None: ...
+
+
+class _Lines:
+    """An `Emitter` for code that reads no frame (Source needs a message layout)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def emit(self, indent: int, line: str) -> None:
+        self.lines.append("    " * indent + line)
+
+
+@dataclass(frozen=True, slots=True)
+class CellRules:
+    """What every write of a cell of one kind obeys, wherever its value comes from."""
+
+    kind: str
+    limit: int  # cells past it are not written
+    presized: bool  # compile_pack sized the state's list to the cell count
+    valid: tuple[float, float]
+    impl_slot: int
+
+    def store(self, g: Emitter, ind: int, idx: str | None, value: str,
+              nulls: Sequence[str] = ()) -> None:
+        """Emit the write of value `value` into cell `idx` (None: `i` is already set).
+        Where a test in `nulls` holds, the value is not available: the cell is null, not
+        counted; a value outside the valid range is counted implausible and null."""
+        arr, ensure, limit = _ARRAY[self.kind], _ENSURE[self.kind], self.limit
+        if idx is not None:
+            g.emit(ind, f"i = {idx}")
+        g.emit(ind, f"if 0 <= i < {limit}:")
+        g.emit(ind + 1, f"v = {value}")
+        kw = "if"
+        for test in nulls:
+            g.emit(ind + 1, f"{kw} {test}:")
+            g.emit(ind + 2, "v = None")
+            kw = "elif"
+        if self.kind != "balancing":
+            lo, hi = self.valid
+            g.emit(ind + 1, f"{kw} not ({literal(lo)} <= v <= {literal(hi)}):")
+            g.emit(ind + 2, f"IMPL[{self.impl_slot}] += 1")
+            g.emit(ind + 2, "v = None")
+        if not self.presized:
+            g.emit(ind + 1, f"if i >= len({arr}):")
+            g.emit(ind + 2, f"{ensure}(i + 1)")
+        g.emit(ind + 1, f"if {arr}[i] != v:")
+        g.emit(ind + 2, f"{arr}[i] = v")
+        g.emit(ind + 2, _CHANGED)
+        # a known cell count makes slots past it just unused; an index outside
+        # 1..MAX_CELLS (an `index:` signal with a garbage value) is counted
+        g.emit(ind, "else:" if limit == MAX_CELLS else
+               f"elif i < 0 or i >= {MAX_CELLS}:")
+        g.emit(ind + 1, f"IMPL[{self.impl_slot}] += 1")
+
+
+def cell_rules(cfg: PackConfig, kind: str, valid: tuple[float, float] | None = None,
+               ) -> CellRules:
+    """The rules for cells of `kind` in this pack (`valid`: a source's own range)."""
+    # Frames often carry more slots than the pack has cells (the last group of a
+    # sweep): with a known cell count, slots past it are ignored, not counted.
+    limit = cfg.cell_count if kind != "temps" and cfg.cell_count else MAX_CELLS
+    return CellRules(kind, limit, limit != MAX_CELLS,
+                     valid or CELL_VALID.get(kind, (float("-inf"), float("inf"))),
+                     len(FIELD_INDEX) + (0 if kind == "voltages" else 1))
+
+
+def polled_writer(cfg: PackConfig, kind: CellKind, state: PackState,
+                  impl: list[int]) -> PolledWriter:
+    """The function writing cells `first`, `first + 1`, ... of `kind` read by something
+    other than a frame handler: by the pack's `CellRules`, through the emitter of the
+    frame handlers' cell code, so a rule changed there changes both."""
+    g = _Lines()
+    g.emit(0, f"def write(ts, first, values):  # pack {cfg.id}: {kind} not from a frame")
+    g.emit(1, "for i, x in enumerate(values, first):")
+    cell_rules(cfg, kind).store(g, 2, None, "x", ("x is None",))
+    g.emit(1, "st.last_seen = ts")
+    g.emit(1, "st.last_ts = ts")
+    src = "\n".join(g.lines) + "\n"
+    ns: dict[str, Any] = {**cell_names(state), "IMPL": impl}
+    compile_source(src, f"<pack {cfg.id} profile {cfg.profile.name} {kind} writer>", ns)
+    write: PolledWriter = ns["write"]
+    return write
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,20 +141,16 @@ class _CellCode:
     """How a source's generated code writes one cell."""
 
     src: CellSource
-    kind: str
     per_group: int
-    limit: int  # cells past it are not written
-    presized: bool  # compile_pack sized the state's list to the cell count
     scale: float
     offset: float
-    valid: tuple[float, float]
-    impl_slot: int
+    rules: CellRules
 
     def write(self, g: Source, ind: int, plan: BitSlots, base: str | None) -> None:
         """Write the cells of `plan`, slot offsets from `base` (None: the fixed start)."""
-        src, kind, limit = self.src, self.kind, self.limit
+        src, rules = self.src, self.rules
+        kind, limit = rules.kind, rules.limit
         arr, ensure = _ARRAY[kind], _ENSURE[kind]
-        changed = "st.cells_changed = st.changed = True"  # derived fields follow cells
         for slot, bf, inv in plan:
             if base is None:
                 idx = f"{src.start(None, self.per_group) + slot}"
@@ -68,46 +168,24 @@ class _CellCode:
                 g.emit(ind + 2, "b = bool((bits >> j) & 1)")
                 g.emit(ind + 2, f"if {arr}[i0 + j] is not b:")
                 g.emit(ind + 3, f"{arr}[i0 + j] = b")
-                g.emit(ind + 3, changed)
+                g.emit(ind + 3, _CHANGED)
                 continue
-            g.emit(ind, f"i = {idx}")
-            g.emit(ind, f"if 0 <= i < {limit}:")
             if kind == "balancing":
-                g.emit(ind + 1, f"v = bool({g.read(bf)})")
+                e = f"bool({g.read(bf)})"
             else:
                 e = g.read(bf)
                 if self.scale != 1:
                     e = f"({e} * {self.scale!r})"
                 if self.offset:
                     e = f"({e} + {self.offset!r})"
-                g.emit(ind + 1, f"v = {e}")
-            kw = "if"
+            nulls = []
             if src.sentinel and kind != "balancing":  # "not available": no count
                 sent = g.const(frozenset(src.sentinel), "sentinel")
-                g.emit(ind + 1, f"if {g.read(bf, raw=True)} in {sent}:")
-                g.emit(ind + 2, "v = None")
-                kw = "elif"
+                nulls.append(f"{g.read(bf, raw=True)} in {sent}")
             if inv is not None:  # the BMS itself says the value is invalid: no count
                 raw_inv = g.read(replace(inv, signed=False), raw=True)
-                g.emit(ind + 1, f"{kw} {raw_inv} == {src.invalid_value}:")
-                g.emit(ind + 2, "v = None")
-                kw = "elif"
-            if kind != "balancing":
-                lo, hi = self.valid
-                g.emit(ind + 1, f"{kw} not ({literal(lo)} <= v <= {literal(hi)}):")
-                g.emit(ind + 2, f"IMPL[{self.impl_slot}] += 1")
-                g.emit(ind + 2, "v = None")
-            if not self.presized:
-                g.emit(ind + 1, f"if i >= len({arr}):")
-                g.emit(ind + 2, f"{ensure}(i + 1)")
-            g.emit(ind + 1, f"if {arr}[i] != v:")
-            g.emit(ind + 2, f"{arr}[i] = v")
-            g.emit(ind + 2, changed)
-            # a known cell count makes slots past it just unused; an index outside
-            # 1..MAX_CELLS (an `index:` signal with a garbage value) is counted
-            g.emit(ind, "else:" if limit == MAX_CELLS else
-                   f"elif i < 0 or i >= {MAX_CELLS}:")
-            g.emit(ind + 1, f"IMPL[{self.impl_slot}] += 1")
+                nulls.append(f"{raw_inv} == {src.invalid_value}")
+            rules.store(g, ind, idx, e, nulls)
 
 
 def _select(c: Compiler, msg: Message, spec: tuple[str, ...] | str,
@@ -203,12 +281,7 @@ def compile_cells(c: Compiler, kind: str, src: CellSource) -> None:
         c.problems.append(Problem(c.file, f"{src.key}.{problem[0]}", *problem[1:]))
         return
     f, o = ValueSpec(key=src.key, unit=src.unit).factor_offset()
-    # Frames often carry more slots than the pack has cells (the last group of a
-    # sweep): with a known cell count, slots past it are ignored, not counted.
-    limit = c.cfg.cell_count if kind != "temps" and c.cfg.cell_count else MAX_CELLS
-    code = _CellCode(src, kind, per_group, limit, limit != MAX_CELLS, src.scale * f, o,
-                     src.valid or CELL_VALID.get(kind, (float("-inf"), float("inf"))),
-                     len(FIELD_INDEX) + (0 if kind == "voltages" else 1))
+    code = _CellCode(src, per_group, src.scale * f, o, cell_rules(c.cfg, kind, src.valid))
 
     if muxer is not None:
         uniform = uniform_mux(plans, src, per_group)

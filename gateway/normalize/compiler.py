@@ -28,6 +28,7 @@ from cantools.database.can import Message, Signal
 from gateway.config import (
     MAX_CELLS,
     BmsFault,
+    CellKind,
     DtcStream,
     FrameCheck,
     PackConfig,
@@ -50,7 +51,7 @@ from gateway.decode.dbc import (
     unpack_float,
 )
 from gateway.model import BMS_STATES, FIELD_BY_NAME, FIELD_INDEX, PackState, Value
-from gateway.normalize.cellwriter import compile_cells
+from gateway.normalize.cellwriter import PolledWriter, cell_names, compile_cells, polled_writer
 from gateway.normalize.checks import (
     CHECK_FUNCTIONS,
     GateSpec,
@@ -114,6 +115,19 @@ class LivePack:
     fault_state: list[bool] = field(default_factory=list)  # last BMS flag seen, per fault
     constants: dict[int, Value] = field(default_factory=dict)
     extra_consts: dict[str, Value] = field(default_factory=dict)
+
+    # cells written by something other than a frame handler (`cell_writer`), by kind
+    cell_writers: dict[str, PolledWriter] = field(default_factory=dict)
+
+    def cell_writer(self, kind: CellKind) -> PolledWriter:
+        """The writer of cells of `kind` read by something other than the frame handlers
+        (an ISO-TP answer): generated on first use by the rules of the handlers' cell
+        code (normalize/cellwriter.py), bound to this state."""
+        w = self.cell_writers.get(kind)
+        if w is None:
+            w = self.cell_writers[kind] = polled_writer(self.cfg, kind, self.state,
+                                                        self.implausible)
+        return w
 
     def implausible_counts(self) -> dict[str, int]:
         names = [*FIELD_INDEX, "cell_voltage", "cell_temp", "extra"]
@@ -620,10 +634,9 @@ class Compiler:
                              f"be >> (n - {L}) * 8")
             src = "\n".join(lines + body.lines) + "\n"
             ns: dict[str, Any] = {
-                "_fb": int.from_bytes, "_unpack": unpack_float, "_INF": math.inf, "st": state, "V": state.values,
-                "CV": state.cell_v, "CT": state.cell_t, "CB": state.balancing,
-                "X": state.extras, "IMPL": impl, "CNT": self.counters, "FS": fault_state,
-                "FH": fault_hook, "DH": self.dtc_hook, "G": gate_flags, **CHECK_FUNCTIONS,
+                "_fb": int.from_bytes, "_unpack": unpack_float, "_INF": math.inf,
+                **cell_names(state), "V": state.values, "X": state.extras, "IMPL": impl,
+                "CNT": self.counters, "FS": fault_state, "FH": fault_hook, "DH": self.dtc_hook, "G": gate_flags, **CHECK_FUNCTIONS,
                 **body.consts,
             }
             compile_source(src, f"<pack {self.cfg.id} profile {self.cfg.profile.name} "

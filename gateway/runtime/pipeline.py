@@ -12,13 +12,12 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gateway.config import MAX_CELLS, CellKind, GatewayConfig, PackConfig, Problem
+from gateway.config import CellKind, GatewayConfig, PackConfig, Problem
 from gateway.decode.dbc import DbcError, where_failed
 from gateway.faults.engine import FaultEngine
 from gateway.faults.plausibility import cross_check
 from gateway.model import FIELD_INDEX, FaultEvent, Output, Publication
 from gateway.normalize.cellcount import CellLearner, cell_learner
-from gateway.normalize.cellwriter import CELL_VALID
 from gateway.normalize.compiler import DbcCache, LivePack, compile_pack, prime_state
 from gateway.publish.publisher import PackPublisher, Topics, dumps
 from gateway.source.logs import Frame
@@ -277,44 +276,18 @@ class Pipeline:
     def write_cells(self, pack_id: str, kind: CellKind, first: int,
                     values: Sequence[float | None], ts: float) -> None:
         """Write cells `first`, `first + 1`, ... (0-based) of a pack, read at frame time
-        `ts` by something other than the pack's compiled handlers (an ISO-TP answer).
+        `ts` by something other than the pack's compiled handlers (an ISO-TP answer);
+        None is a value the source does not carry (the cell is null, not counted).
 
-        The same rules as the handlers the profile compiles to (the generated cell
-        writer of normalize/cellwriter.py): a value outside the kind's valid range is
-        counted implausible and stored as None; with a configured `cell_count`, voltages
-        past it are not cells; a change marks the cells and the state changed (derived
-        fields follow cells)."""
+        The writer is generated from the rules and the emitter of the handlers' own cell
+        code (normalize/cellwriter.py): a value outside the kind's valid range is counted
+        implausible and stored as None; with a configured `cell_count`, voltages past it
+        are not cells; a change marks the cells and the state changed."""
         pack = self._by_id.get(pack_id)
         if pack is None:
             msg = f"write_cells: no pack {pack_id!r} in the running config"
             raise KeyError(msg)
-        st, cfg, impl = pack.live.state, pack.live.cfg, pack.live.implausible
-        lo, hi = CELL_VALID[kind]
-        slot = len(FIELD_INDEX) + (0 if kind == "voltages" else 1)
-        limit = cfg.cell_count if kind == "voltages" and cfg.cell_count else MAX_CELLS
-        arr = st.cell_v if kind == "voltages" else st.cell_t
-        changed = False
-        for i, raw in enumerate(values, first):
-            if i >= limit:
-                if i >= MAX_CELLS:  # counted as the compiled handlers count it
-                    impl[slot] += 1
-                continue
-            v = raw
-            if v is not None and not lo <= v <= hi:
-                impl[slot] += 1
-                v = None
-            if i >= len(arr):
-                if kind == "voltages":
-                    st.ensure_cells(i + 1)
-                else:
-                    st.ensure_temps(i + 1)
-            if arr[i] != v:
-                arr[i] = v
-                changed = True
-        if changed:
-            st.cells_changed = st.changed = True
-        st.last_seen = ts
-        st.last_ts = ts
+        pack.live.cell_writer(kind)(ts, first, values)
 
     # ----------------------------------------------------------- hot path
 
