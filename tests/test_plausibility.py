@@ -63,7 +63,8 @@ def test_orion_capture_never_publishes_a_wrong_pack_voltage(tmp_path: Path) -> N
     assert "implausible_values" in {f["code"] for f in p.packs[0].faults.active()}
 
 
-def _can_bms(tmp: Path, temp_max: float, temp_min_k: float, volts: float) -> Pipeline:
+def _can_bms(tmp: Path, temp_min_k: float, temp_max_k: float, volts: float) -> Pipeline:
+    """A CAN-BMS pack whose 0x373 gives these cell temperature extremes (kelvin)."""
     db = load_db(REPO / "dbc" / "can-bms.dbc")
     frames: list[Frame] = []
     for i in range(40):  # 20 s of a BMS sending every half second
@@ -71,10 +72,10 @@ def _can_bms(tmp: Path, temp_max: float, temp_min_k: float, volts: float) -> Pip
         frames += [
             encode_all(db, "VoltageCurrentTemperature",
                        {"BatteryVoltage": volts, "BatteryCurrent": -3.0,
-                        "BatteryTemperature": temp_max}, t),
+                        "BatteryTemperature": 25.0}, t),
             encode_all(db, "CellExtremes", {"MinCellVoltage": 3300, "MaxCellVoltage": 3320,
                                             "MinCellTemperature": temp_min_k,
-                                            "MaxCellTemperature": temp_min_k + 2}, t + 0.01),
+                                            "MaxCellTemperature": temp_max_k}, t + 0.01),
             encode_all(db, "ChargeDischargeLimits",
                        {"ChargeVoltageLimit": 56.0, "DischargeVoltageLimit": 44.0,
                         "ChargeCurrentLimit": 50, "DischargeCurrentLimit": 50}, t + 0.02),
@@ -86,16 +87,17 @@ def _can_bms(tmp: Path, temp_max: float, temp_min_k: float, volts: float) -> Pip
 
 
 def test_consistent_values_pass(tmp_path: Path) -> None:
-    p = _can_bms(tmp_path, 25.0, 293, 52.8)
+    p = _can_bms(tmp_path, 293, 298, 52.8)
     last = states(p)[-1]
-    assert last["temp_min_c"] == pytest.approx(293 - 273.15) and last["temp_max_c"] == 25.0
+    assert last["temp_min_c"] == pytest.approx(293 - 273.15)
+    assert last["temp_max_c"] == pytest.approx(298 - 273.15)
     assert last["voltage_v"] == pytest.approx(52.8)
     assert p.packs[0].live.implausible_counts() == {}
     assert not p.packs[0].faults.active()
 
 
 def test_temp_min_above_temp_max_is_dropped_counted_and_raised(tmp_path: Path) -> None:
-    p = _can_bms(tmp_path, 20.0, 303, 52.8)
+    p = _can_bms(tmp_path, 303, 293, 52.8)  # a BMS sending its extremes swapped
     events: list[Any] = []
     sts = states(p, events)
     assert all(s["temp_min_c"] is None and s["temp_max_c"] is None for s in sts)
@@ -104,14 +106,14 @@ def test_temp_min_above_temp_max_is_dropped_counted_and_raised(tmp_path: Path) -
     assert counts["temp_min_c"] >= 10 and counts["temp_max_c"] >= 10
     active = {f["code"]: f for f in p.packs[0].faults.active()}
     assert "implausible_values" in active
-    assert "temp_min_c 29.85 degC is above temp_max_c 20 degC" in p.packs[0].impl_reason
+    assert "temp_min_c 29.85 degC is above temp_max_c 19.85 degC" in p.packs[0].impl_reason
     raised = [e for e in events if e.code == "implausible_values" and e.state == "raised"]
     assert len(raised) == 1 and "is above temp_max_c" in raised[0].message
 
 
 def test_pack_voltage_far_below_its_own_limits_is_dropped(tmp_path: Path) -> None:
     # a tenth of the real voltage: the layout's scale is wrong
-    p = _can_bms(tmp_path, 25.0, 293, 5.28)
+    p = _can_bms(tmp_path, 293, 298, 5.28)
     sts = states(p)
     assert all(s["voltage_v"] is None for s in sts)
     assert sts[-1]["charge_voltage_limit_v"] == pytest.approx(56.0)

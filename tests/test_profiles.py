@@ -457,3 +457,25 @@ def test_can_bms_encoded(tmp_path: Path) -> None:
     assert st.get("soc_pct") == 81
     if "ModuleCounts" in names:
         assert st.extras["modules_ok"] == 4
+    # without 0x373 both limits are the one battery temperature 0x356 carries
+    assert st.get("temp_min_c") == st.get("temp_max_c") == pytest.approx(24.1)
+
+
+def test_can_bms_temperatures_come_from_one_message(tmp_path: Path) -> None:
+    """0x373 (Victron) gives the cell extremes: while it is fresh both limits are its,
+    not a maximum from 0x356's battery temperature beside a minimum from 0x373 (which
+    crossed: min 25.85 above max 24.1); when it stops, both fall back to 0x356."""
+    db = load_db(REPO / "dbc" / "can-bms.dbc")
+    vct = {"BatteryVoltage": 53.1, "BatteryCurrent": 0.0, "BatteryTemperature": 24.1}
+    ext = {"MinCellVoltage": 3300, "MaxCellVoltage": 3310, "MinCellTemperature": 299,
+           "MaxCellTemperature": 303}
+    frames = [encode_all(db, "VoltageCurrentTemperature", vct, 1.0),
+              encode_all(db, "CellExtremes", ext, 1.1),
+              encode_all(db, "VoltageCurrentTemperature", vct, 2.0)]
+    p = pipeline_for(tmp_path, "{id: house, profile: can-bms}")
+    st = run(p, frames)
+    assert st.get("temp_min_c") == pytest.approx(25.85)
+    assert st.get("temp_max_c") == pytest.approx(29.85)
+    # 0x373 silent for longer than the pack's stale_after_s (10 s): 0x356 again
+    st = run(p, [encode_all(db, "VoltageCurrentTemperature", vct, 20.0)])
+    assert st.get("temp_min_c") == st.get("temp_max_c") == pytest.approx(24.1)

@@ -189,8 +189,10 @@ class PlanBuilder:
 
     # -- fields
     def field(self, name: str, spec: ValueSpec) -> None:
-        if spec.sources:  # the simulated BMS sends the preferred source
-            spec = spec.sources[0]
+        if spec.sources:  # the simulated BMS sends every source, each with the value
+            for sub in spec.sources:
+                self.field(name, sub)
+            return
         if spec.message is None:
             return  # a constant in the profile: nothing on the bus
         plan = self.plan(spec.key, spec.message)
