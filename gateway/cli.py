@@ -185,7 +185,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> int:
         d = Daemon(cfg)
         if _stopped_early():
-            d.runtime.close()
             return EXIT_OK
         return await d.serve()
 

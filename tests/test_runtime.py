@@ -76,3 +76,41 @@ def test_an_error_in_the_body_comes_out_as_itself(tmp_path: Path) -> None:
 
     with pytest.raises(LogError, match="broke off"):
         asyncio.run(scenario())
+
+
+def test_building_a_runtime_acquires_nothing(tmp_path: Path) -> None:
+    """The outbox is opened and the sink built by `async with`, not by the constructor:
+    a caller that fails between the two (replay's missing log) has nothing to close."""
+    cfg = load_config(write(tmp_path, extra=f"state_dir: {tmp_path / 'state'}"),
+                      mqtt_url="mqtt://127.0.0.1:1")
+    path = tmp_path / "outbox.sqlite"
+    rt = Runtime(cfg, Pipeline(cfg), outbox_path=path)
+    assert not path.exists()
+    with pytest.raises(RuntimeError, match="before `async with"):
+        rt.sink  # noqa: B018
+    rt.close()  # nothing opened: nothing to do
+
+    async def scenario() -> tuple[bool, str]:
+        async with rt:
+            opened = path.exists()
+            return opened, type(rt.sink).__name__
+
+    assert asyncio.run(scenario()) == (True, "MqttSink")
+
+
+def test_a_bad_outbox_is_refused_on_entering(tmp_path: Path) -> None:
+    """A directory as the outbox: the constructor accepts it, `async with` raises the
+    OutboxError (exit 3) as itself, and no task was started."""
+    from gateway.publish.outbox import OutboxError
+
+    cfg = load_config(write(tmp_path, extra=f"state_dir: {tmp_path / 'state'}"),
+                      mqtt_url="-")
+    rt = Runtime(cfg, Pipeline(cfg), sink=StdoutSink(io.StringIO()), outbox_path=tmp_path)
+
+    async def scenario() -> None:
+        async with rt:
+            raise AssertionError("entered with a directory as the outbox")
+
+    with pytest.raises(OutboxError):
+        asyncio.run(scenario())
+    assert rt.tasks == []

@@ -587,11 +587,6 @@ async def watch_log(cfg: GatewayConfig, log_path: str | Path, *, speed: float | 
     stats = SourceStats()
     # the pipeline first, as replay: a profile problem (exit 3) outranks the log's (exit 1)
     rt = _runtime(cfg, store)
-    try:
-        batches = read_log(log_path, stats)
-    except BaseException:
-        rt.close()
-        raise
     pipeline = rt.pipeline
     note = ""
     name = Path(log_path).name
@@ -602,17 +597,18 @@ async def watch_log(cfg: GatewayConfig, log_path: str | Path, *, speed: float | 
         return store.view(now, f"log {name} x{speed:g}" if speed else f"log {name}", note,
                           ok_mv=ok_mv, warn_mv=warn_mv)
 
-    with _Screen(view) as screen:
-        def draw() -> None:
-            nonlocal last_draw
-            screen.draw()
-            last_draw = time.monotonic()
+    async with rt:
+        batches = read_log(log_path, stats)  # a LogError before the screen is taken
+        with _Screen(view) as screen:
+            def draw() -> None:
+                nonlocal last_draw
+                screen.draw()
+                last_draw = time.monotonic()
 
-        def now_and_then() -> None:
-            if time.monotonic() - last_draw >= REFRESH_S:
-                draw()
+            def now_and_then() -> None:
+                if time.monotonic() - last_draw >= REFRESH_S:
+                    draw()
 
-        async with rt:
             await rt.play(batches, Pacer(speed), on_pause=draw, on_batch=now_and_then)
             note = f"end of log ({stats.frames} frames)"
             screen.draw()

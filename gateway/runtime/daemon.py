@@ -267,10 +267,10 @@ class Daemon:
         if early is not None:  # came while the CLI was still importing and loading
             (self._on_int if early == signal.SIGINT else self._on_term)()
         rt = self.runtime
-        sink = rt.sink
-        self._start_metrics()
         try:
-            async with rt:
+            async with rt:  # opens the outbox (OutboxError: exit 3) and builds the sink
+                sink = rt.sink
+                self._start_metrics()
                 self._running = True
                 rt.start(sink.name, self._supervise(sink.name, sink.run, lambda: sink.stopping))
                 rt.start_sources(self._supervised_source)

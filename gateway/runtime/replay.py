@@ -27,19 +27,15 @@ async def replay(cfg: GatewayConfig, log_path: str | Path, *, speed: float | Non
     rt = Runtime(cfg, pipeline, stdout=stdout, outbox_path=outbox_path or ":memory:",
                  guest=True)
     stats = rt.log_stats = SourceStats()
-    try:
-        # raises LogError before anything is published
-        batches = read_log(log_path, stats, line_format=line_format, start=start)
-    except BaseException:
-        rt.close()
-        raise
 
     def final() -> list[Publication]:
         # a replay is a guest: it leaves its gateway offline (its last will says the same
         # if it dies), and its last status is taken after everything was delivered
         return [Publication(rt.t_avail, b"offline"), rt.status()]
 
-    async with rt:
+    async with rt:  # the outbox first: a bad --outbox (exit 3) outranks the log's error
+        # raises LogError before anything is published (the sink is not started yet)
+        batches = read_log(log_path, stats, line_format=line_format, start=start)
         rt.start(rt.sink.name, rt.sink_until_it_dies())
         try:
             await rt.play(batches, Pacer(speed))

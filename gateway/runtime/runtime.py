@@ -78,14 +78,18 @@ class Runtime:
     def __init__(self, cfg: GatewayConfig, pipeline: Pipeline, *, sink: Sink | None = None,
                  stdout: TextIO | None = None, outbox_path: Path | str | None = None,
                  guest: bool = False) -> None:
+        # Building acquires nothing: the outbox is opened and the sink built by
+        # `async with`, so a caller that fails before it has nothing to close.
         self.cfg = cfg
         self.pipeline = pipeline
         self.started = time.monotonic()
-        stdout_mode = cfg.mqtt.url is None
-        if outbox_path is None:
-            outbox_path = ":memory:" if stdout_mode else cfg.state_dir / "outbox.sqlite"
-        self.outbox = Outbox.open(outbox_path, max_events=cfg.outbox.max_events,
-                                  max_age_s=cfg.outbox.max_age_s, gateway_id=cfg.gateway_id)
+        self._given_sink = sink
+        self._stdout = stdout
+        self._outbox_path = outbox_path
+        self._guest = guest
+        self._outbox: Outbox | None = None
+        self._closed = False
+        self._sink: Sink | None = None
         self.t_status = pipeline.topics.gateway("status")
         self.t_avail = pipeline.topics.gateway("availability")
         self.sources: list[LiveSource] = []
@@ -104,18 +108,44 @@ class Runtime:
         # can write them); the dict is the sink's own: handlers added later are honoured
         self.discovery: Discovery | None = None
         self.subscriptions: dict[str, Callable[[bytes], list[Publication]]] = {}
-        if sink is not None:
-            self.sink = sink
-        elif stdout_mode:
-            self.sink = StdoutSink(stdout)
-        else:
+        if sink is None and cfg.mqtt.url is not None:  # plain objects: nothing acquired
             self.discovery = Discovery(cfg, pipeline.topics)
             self.subscriptions.update(self.discovery.subscriptions())
+
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            msg = "Runtime.outbox before `async with runtime`"
+            raise RuntimeError(msg)
+        return self._outbox
+
+    @property
+    def sink(self) -> Sink:
+        if self._sink is None:
+            msg = "Runtime.sink before `async with runtime`"
+            raise RuntimeError(msg)
+        return self._sink
+
+    def _open(self) -> None:
+        """The outbox, then the sink: stdout without `mqtt.url`, else MQTT."""
+        cfg = self.cfg
+        stdout_mode = cfg.mqtt.url is None
+        path = self._outbox_path
+        if path is None:
+            path = ":memory:" if stdout_mode else cfg.state_dir / "outbox.sqlite"
+        outbox = self._outbox = Outbox.open(path, max_events=cfg.outbox.max_events,
+                                            max_age_s=cfg.outbox.max_age_s,
+                                            gateway_id=cfg.gateway_id)
+        if self._given_sink is not None:
+            self._sink = self._given_sink
+        elif stdout_mode:
+            self._sink = StdoutSink(self._stdout)
+        else:
             client_id = cfg.mqtt.client_id or f"bms-gateway-{cfg.gateway_id}"
-            if guest:  # never take over the live daemon's MQTT session
+            if self._guest:  # never take over the live daemon's MQTT session
                 client_id = f"{client_id}-replay-{os.getpid()}"
-            self.sink = MqttSink(cfg.mqtt, client_id, self.t_avail, self.outbox,
-                                 self._on_connect, self.subscriptions, ordered=guest)
+            self._sink = MqttSink(cfg.mqtt, client_id, self.t_avail, outbox,
+                                  self._on_connect, self.subscriptions, ordered=self._guest)
 
     def _on_connect(self) -> list[Publication]:
         pubs = [Publication(self.t_avail, b"online")]
@@ -125,8 +155,16 @@ class Runtime:
 
     # -- the TaskGroup
     async def __aenter__(self) -> Self:
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
+        """Open the outbox, build the sink, enter the TaskGroup: a failure closes what
+        was opened before it and comes out as itself (OutboxError: exit 3)."""
+        try:
+            self._open()
+            self._tg = asyncio.TaskGroup()
+            await self._tg.__aenter__()
+        except BaseException:
+            self._tg = None
+            self.close()
+            raise
         return self
 
     def start(self, name: str, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
@@ -161,7 +199,10 @@ class Runtime:
             self.close()
 
     def close(self) -> None:
-        self.outbox.close()
+        """Close the outbox, if it was opened (as often as it is called)."""
+        if self._outbox is not None and not self._closed:
+            self._closed = True
+            self._outbox.close()
 
     async def sink_until_it_dies(self) -> None:
         """The sink's task for a run that does not restart it (a replay): a sink that
