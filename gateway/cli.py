@@ -142,11 +142,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raise
         msg = f"--outbox: {e}"
         raise OutboxError(msg) from e
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt:  # only where replay could not install its handlers
+        print("replay interrupted by SIGINT", file=sys.stderr)
+        return 128 + signal.SIGINT
     st = rt.log_stats
     c = rt.pipeline.counters
-    if st is not None:
+    if rt.interrupted:
+        # one line, whatever the log level: how far it got (the outbox is closed)
+        print(rt.interruption, file=sys.stderr)
+    elif st is not None:
         log.info("replayed %d frames (%d decoded, %d unknown id, %d malformed lines, %d too short)",
                  st.frames, sum(x.decoded for x in c), sum(x.unknown for x in c), st.bad_lines,
                  rt.pipeline.short_frames())
@@ -156,8 +160,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         where = (f"they stay in {args.outbox}: replay with the same --outbox to deliver them"
                  if args.outbox else "give --outbox FILE to keep them for another try")
         log.error("%d events were not delivered to the broker; %s", rt.undelivered, where)
-        return EXIT_RUNTIME
-    return EXIT_OK
+    if rt.interrupted:
+        return 128 + rt.interrupted  # as if the signal had ended it: 130, 143, 129
+    return EXIT_RUNTIME if rt.undelivered else EXIT_OK
 
 
 def _stopped_early() -> bool:

@@ -96,6 +96,8 @@ class Runtime:
         self.log_stats: SourceStats | None = None
         self.undelivered = 0  # events still in the outbox when a replay gave up
         self.sink_error = ""  # why a replay's sink died, if it did
+        self.interrupted = 0  # the signal that stopped a replay, and how far it had got
+        self.interruption = ""
         self.last_error = ""
         self.task_deaths = 0
         self.last_progress = time.monotonic()  # the pipeline last ran (the watchdog's test)
