@@ -105,6 +105,76 @@ def test_expressions_that_work_for_some_inputs_are_accepted(
         assert code == cli.EXIT_OK, (expr, out)
 
 
+
+# ------------------------------------------------------------------ global `rules:`
+
+TWO_PACKS = "{id: a, profile: example-bms}, {id: b, profile: example-bms%s}"
+
+
+def rule_problems(tmp: Path, rules: str, pack_b: str = "",
+                  packs: str = TWO_PACKS) -> list[tuple[str, str]]:
+    """(key, the line as printed) of each problem of a two-pack config."""
+    cfg = write(tmp, pack=packs % pack_b if "%s" in packs else packs,
+                extra=f"rules: {rules}" if rules else "")
+    with pytest.raises(ConfigError) as e:
+        load_config(cfg)
+    for p in e.value.problems:
+        assert p.file == str(cfg) and p.fix, p
+    return [(p.key, str(p)) for p in e.value.problems]
+
+
+@pytest.mark.parametrize(("rules", "key", "text"), [
+    ("{low_soc: {raise_at: 150}}", "rules.low_soc.raise_at", "out of range"),
+    ("{cell_overvoltage: {raise_at: 3.6}}", "rules.cell_overvoltage", "did you mean"),
+    ("{low_soc: {rasie_at: 20}}", "rules.low_soc.rasie_at", "'raise_at'"),
+    ("{low_soc: {severity: warn}}", "rules.low_soc.severity", "'warning'"),
+    ("{low_soc: {enabled: yes please}}", "rules.low_soc.enabled", "true"),
+    ("{low_soc: {raise_at: 20, clear_at: 10}}", "rules.low_soc.clear_at", "below"),
+    ("{over_temp_charge: 'off'}", "rules.over_temp_charge", "true/false"),
+])
+def test_a_bad_global_rule_is_reported_once_where_it_was_written(
+        tmp_path: Path, rules: str, key: str, text: str) -> None:
+    """It was reported once per pack, as packs[i].rules.X: a key not in the file."""
+    assert [k for k, _ in rule_problems(tmp_path, rules)] == [key]
+    line = rule_problems(tmp_path, rules)[0][1]
+    assert f"{tmp_path / 'gw.yaml'}: {key}: " in line and text in line and "Fix:" in line
+
+
+@pytest.mark.parametrize(("rules", "pack_b", "key"), [
+    # the pack's own value is wrong
+    ("", ", rules: {low_soc: {raise_at: 150}}", "packs[1].rules.low_soc.raise_at"),
+    ("{low_soc: {raise_at: 20}}", ", rules: {low_soc: {debounce_s: -1}}",
+     "packs[1].rules.low_soc.debounce_s"),
+    ("", ", rules: {low_sco: false}", "packs[1].rules.low_sco"),
+    # the pack's clear_at against the global raise_at: the pack's combination is wrong
+    ("{low_soc: {raise_at: 20}}", ", rules: {low_soc: {clear_at: 10}}",
+     "packs[1].rules.low_soc.clear_at"),
+    ("{low_soc: {clear_at: 10}}", ", rules: {low_soc: {raise_at: 20}}",
+     "packs[1].rules.low_soc.clear_at"),
+    # the pack replaces the whole rule
+    ("{low_soc: {raise_at: 20}}", ", rules: {low_soc: 'off'}", "packs[1].rules.low_soc"),
+])
+def test_a_bad_pack_rule_is_reported_under_the_pack(
+        tmp_path: Path, rules: str, pack_b: str, key: str) -> None:
+    assert [k for k, _ in rule_problems(tmp_path, rules, pack_b)] == [key]
+
+
+def test_global_and_pack_rule_problems_together(tmp_path: Path) -> None:
+    keys = [k for k, _ in rule_problems(
+        tmp_path, "{low_soc: {raise_at: 150}, cell_imbalance: {severity: loud}}",
+        ", rules: {low_soc: {raise_at: 120}, cell_imbalance: {debounce_s: -1}}")]
+    # pack b's raise_at overrides the global one: only its own is wrong for it
+    assert sorted(keys) == ["packs[1].rules.cell_imbalance.debounce_s",
+                            "packs[1].rules.low_soc.raise_at",
+                            "rules.cell_imbalance.severity", "rules.low_soc.raise_at"]
+
+
+def test_global_rules_are_checked_when_no_pack_loads(tmp_path: Path) -> None:
+    keys = [k for k, _ in rule_problems(tmp_path, "{low_soc: {raise_at: 150}}",
+                                        packs="{id: a, profile: no-such-profile}")]
+    assert keys == ["packs[0].profile", "rules.low_soc.raise_at"]
+
+
 # ------------------------------------------------------------------ the property
 
 def num(lo: float, hi: float) -> st.SearchStrategy[str]:

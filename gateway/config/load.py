@@ -355,18 +355,17 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
             r.bad(f"{k}.bus", f"no bus named {bus!r}",
                   nearest(bus, {b.name for b in buses}) or "name one of the `can:` entries")
         stale = r.num(spec, k, "stale_after_s", profile.stale_after_s or 10.0, lo=0.1)
-        rules = dict(global_rules)
-        for name, ov in r.mapping(spec.get("rules"), f"{k}.rules").items():
-            base_rule = rules.get(name)  # a pack's keys refine the global rule, key by key
-            rules[name] = ({**base_rule, **ov} if isinstance(base_rule, dict)
-                           and isinstance(ov, dict) else ov)
         chemistry = parse_chemistry(r, spec, f"{k}.chemistry") or profile.chemistry or "lfp"
         packs.append(PackConfig(
             id=pid, profile=profile, bus=bus, id_offset=r.int_(spec, k, "id_offset", 0) or 0,
             transmit=r.bool_(spec, k, "transmit", False), stale_after_s=stale or 10.0,
             cell_count=r.int_(spec, k, "cell_count", profile.cell_count, lo=1, hi=MAX_CELLS),
             publish=_publish_policy(r, f"{k}.publish", spec.get("publish"), publish),
-            rules=parse_rules(rules, r.file, f"{k}.rules", problems, chemistry),
+            # a pack's keys refine the global rules, key by key; a bad global value is
+            # reported under `rules.`, where it was written (once: see the end)
+            rules=parse_rules(global_rules, r.file, "rules", problems, chemistry,
+                              refine=r.mapping(spec.get("rules"), f"{k}.rules"),
+                              refine_key=f"{k}.rules"),
             chemistry=chemistry,
             dbc_lenient=r.bool_(spec, k, "dbc_lenient", False),
         ))
@@ -394,8 +393,11 @@ def load_config(path: str | Path, *, mqtt_url: str | None = None) -> GatewayConf
                           r.num(ob, "outbox", "max_age_s", 30 * 86400, lo=60) or 30 * 86400)
     shutdown = r.num(top, "", "shutdown_timeout_s", 10.0, lo=0.1, hi=3600) or 10.0
     log_format = _log_format(r, top.get("log_format"))
+    if global_rules and not packs:  # checked with no pack to apply them to
+        parse_rules(global_rules, r.file, "rules", problems)
     if problems:
-        raise ConfigError(problems)
+        # a global rule's problem is found once per pack that inherits it: say it once
+        raise ConfigError(list(dict.fromkeys(problems)))
     return GatewayConfig(
         path=p, gateway_id=gid, state_dir=state_dir, log_level=level, buses=tuple(buses),
         packs=tuple(packs), mqtt=mqtt,

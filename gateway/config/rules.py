@@ -6,7 +6,9 @@ gateway/faults/rules.py; this module only reads and checks what the YAML says.""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 from gateway.config.problems import Problem, Reader, nearest
@@ -26,37 +28,60 @@ def _gap(d: RuleDef, raise_at: float) -> float:
 
 
 def parse_rules(overrides: Any, file: str, key: str, problems: list[Problem],
-                chemistry: str = "lfp") -> dict[str, RuleSpec]:
-    """Defaults for every rule merged with the YAML overrides under `key`.
+                chemistry: str = "lfp", *, refine: Any = None,
+                refine_key: str = "") -> dict[str, RuleSpec]:
+    """Defaults for every rule merged with the YAML overrides under `key`, then with
+    `refine` (a pack's own `rules:`, under `refine_key`), which refines them key by key.
 
-    Problems are appended (never raised); a rule with a bad value keeps that value's
-    default so the rest of the config can still be checked.
+    Problems are appended (never raised), each under the key the user wrote: a setting
+    from `overrides` under `key`, one the pack set (or a rule it replaced) under
+    `refine_key`. A rule with a bad value keeps that value's default so the rest of the
+    config can still be checked.
     """
     r = Reader(file, problems)
-    if overrides is not None and not isinstance(overrides, dict):
-        r.bad(key or "rules", "must be a mapping of rule name to settings",
-              "e.g. rules: {low_soc: {raise_at: 20}}")
-    raw_all: dict[Any, Any] = overrides if isinstance(overrides, dict) else {}
+    for block, at in ((overrides, key), (refine, refine_key)):
+        if block is not None and not isinstance(block, dict):
+            r.bad(at or "rules", "must be a mapping of rule name to settings",
+                  "e.g. rules: {low_soc: {raise_at: 20}}")
+    raw_all: dict[Any, Any] = dict(overrides) if isinstance(overrides, dict) else {}
+    # rule name -> the settings the pack wrote (None: the whole rule is the pack's)
+    own: dict[Any, frozenset[Any] | None] = {}
+    for name, ov in (refine if isinstance(refine, dict) else {}).items():
+        base = raw_all.get(name)
+        if isinstance(base, dict) and isinstance(ov, dict):
+            raw_all[name], own[name] = {**base, **ov}, frozenset(ov)
+        else:
+            raw_all[name], own[name] = ov, None
+
+    def where(name: Any, *settings: str) -> str:
+        """The rule's key in the block that wrote it, or any of `settings` of it."""
+        block = key
+        if name in own:
+            mine = own[name]
+            block = refine_key if mine is None or not mine.isdisjoint(settings) else key
+        return f"{block}.{name}" if block else str(name)
+
     for name in raw_all:
         if name not in RULES:
-            r.bad(f"{key}.{name}" if key else str(name), "unknown rule",
+            r.bad(where(name), "unknown rule",
                   nearest(str(name), list(RULES)) or f"rules are: {', '.join(RULES)}")
     out = default_rules(chemistry)
     for name, d in RULES.items():
         if name in raw_all:
-            out[name] = _parse_one(r, f"{key}.{name}" if key else name, name, d,
+            out[name] = _parse_one(r, functools.partial(where, name), name, d,
                                    raw_all[name], out[name])
     return out
 
 
-def _parse_one(r: Reader, key: str, name: str, d: RuleDef, raw: Any,
+def _parse_one(r: Reader, at: Callable[..., str], name: str, d: RuleDef, raw: Any,
                dflt: RuleSpec) -> RuleSpec:
+    """`at(*settings)`: the rule's key where those settings were written."""
     if raw is None:
         return dflt
     if isinstance(raw, bool):
         return dataclasses.replace(dflt, enabled=raw)
     if not isinstance(raw, dict):
-        r.bad(key, f"must be a mapping or true/false, got {raw!r}",
+        r.bad(at(), f"must be a mapping or true/false, got {raw!r}",
               f"e.g. {name}: {{enabled: false}}")
         return dflt
     allowed = RULE_KEYS[d.kind]
@@ -64,13 +89,15 @@ def _parse_one(r: Reader, key: str, name: str, d: RuleDef, raw: Any,
     thresholds = RULE_KEYS["rate"] - allowed if d.kind == "event" else frozenset()
     for k in raw:
         if k in thresholds:
-            r.bad(f"{key}.{k}", f"{name} has no thresholds",
+            r.bad(f"{at(k)}.{k}", f"{name} has no thresholds",
                   f"allowed keys: {', '.join(sorted(allowed))}")
-    r.known({k: v for k, v in raw.items() if k not in thresholds}, key, allowed)
-    enabled = r.bool_(raw, key, "enabled", dflt.enabled)
+        elif k not in allowed:
+            r.bad(f"{at(k)}.{k}", "unknown key",
+                  nearest(str(k), allowed) or f"allowed keys: {', '.join(sorted(allowed))}")
+    enabled = r.bool_(raw, at("enabled"), "enabled", dflt.enabled)
     severity: Any = raw.get("severity", dflt.severity)
     if severity not in SEVERITIES:
-        r.bad(f"{key}.severity", f"unknown severity {severity!r}",
+        r.bad(f"{at('severity')}.severity", f"unknown severity {severity!r}",
               nearest(str(severity), list(SEVERITIES)) or f"one of {', '.join(SEVERITIES)}")
         severity = dflt.severity
 
@@ -82,13 +109,13 @@ def _parse_one(r: Reader, key: str, name: str, d: RuleDef, raw: Any,
         if v is None and nullable:
             return None
         if not _number(v):
-            r.bad(f"{key}.{k}", f"must be a number{' or null' if nullable else ''}, got {v!r}",
+            r.bad(f"{at(k)}.{k}", f"must be a number{' or null' if nullable else ''}, got {v!r}",
                   f"e.g. {k}: {fmt_num(default) if default is not None else 1}")
             return default
         if not lo <= v <= hi:
             # debounce_s and window_s are seconds, whatever the rule judges
             unit = "s" if k.endswith("_s") else d.unit or "the rule unit"
-            r.bad(f"{key}.{k}", f"{v} is out of range {fmt_num(lo)}..{fmt_num(hi)}",
+            r.bad(f"{at(k)}.{k}", f"{v} is out of range {fmt_num(lo)}..{fmt_num(hi)}",
                   f"use a value in {unit} within that range")
             return default
         return float(v)
@@ -108,7 +135,7 @@ def _parse_one(r: Reader, key: str, name: str, d: RuleDef, raw: Any,
         clear_at = max(lo, raise_at - g) if upper else min(hi, raise_at + g)
     if raise_at is None:
         if raw.get("clear_at") is not None:
-            r.bad(f"{key}.clear_at", "has no effect while raise_at is null",
+            r.bad(f"{at('raise_at', 'clear_at')}.clear_at", "has no effect while raise_at is null",
                   f"set {name}.raise_at too, or remove clear_at")
         clear_at = None
     elif clear_at is None:
@@ -117,7 +144,7 @@ def _parse_one(r: Reader, key: str, name: str, d: RuleDef, raw: Any,
         side, other = ("above", "below") if upper else ("below", "above")
         g = _gap(d, raise_at) or 1.0
         example = raise_at - g if upper else raise_at + g
-        r.bad(f"{key}.clear_at",
+        r.bad(f"{at('raise_at', 'clear_at')}.clear_at",
               f"{fmt_num(clear_at)} is {side} raise_at {fmt_num(raise_at)}, but {name} is "
               f"{'an upper' if upper else 'a lower'} limit: it must clear {other} where it "
               "raises", f"set clear_at {other} {fmt_num(raise_at)}, e.g. clear_at: {fmt_num(example)}")
