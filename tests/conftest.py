@@ -10,7 +10,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,3 +191,30 @@ async def started(d: Any, timeout: float = 10.0) -> None:
     while not (d.runtime.sources and all(s.opened.is_set() for s in d.runtime.sources)):
         assert time.monotonic() < deadline, "the daemon's buses did not open"
         await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def serving(cfg: Any, channel: str | None = None) -> AsyncIterator[tuple[Any, Any]]:
+    """A Daemon serving until the block ends, its buses open: `cfg` is a config file, or
+    a Daemon the test built (and adjusted) itself. Yields (daemon, tx): tx is a python-can
+    virtual bus on `channel` to send frames with, None without one. On leaving, tx is
+    shut, the daemon is stopped as SIGTERM stops it, and it must exit 0 within 15 s."""
+    import asyncio
+
+    import can
+
+    from gateway.config import load_config
+    from gateway.runtime.daemon import Daemon
+
+    d = cfg if isinstance(cfg, Daemon) else Daemon(load_config(cfg))
+    task = asyncio.create_task(d.serve())
+    tx = can.Bus(interface="virtual", channel=channel) if channel is not None else None
+    try:
+        await started(d)
+        yield d, tx
+    finally:
+        if tx is not None:
+            tx.shutdown()
+        d._on_term()
+        code = await asyncio.wait_for(task, 15)
+    assert code == 0

@@ -32,7 +32,7 @@ from gateway.runtime import daemon as daemon_mod
 from gateway.runtime import runtime as runtime_mod
 from gateway.runtime.daemon import Daemon
 from gateway.runtime.replay import replay
-from tests.conftest import REPO, Broker, Subscriber, started
+from tests.conftest import REPO, Broker, Subscriber, serving, started
 from tests.test_daemon import DB, pack_frame, write_cfg
 from tests.test_events_e2e import write_config as events_config
 from tests.test_events_e2e import write_log
@@ -111,11 +111,7 @@ def test_hostile_registry_leaves_gateway_publishing(tmp_path: Path, broker: Brok
         sub.client.publish(t, p, qos=1, retain=True).wait_for_publish(5)
 
     async def scenario() -> None:
-        d = Daemon(load_config(cfg))
-        task = asyncio.create_task(d.serve())
-        tx = can.Bus(interface="virtual", channel=channel)
-        try:
-            await started(d)
+        async with serving(cfg, channel) as (d, tx):
             assert await until(sub, lambda ms: any(t == registry and p for t, p, _ in ms))
             await toggle_alarm(tx, 2)
             assert await until(sub, lambda ms: len(events(sub)) >= 4)
@@ -130,10 +126,6 @@ def test_hostile_registry_leaves_gateway_publishing(tmp_path: Path, broker: Brok
             assert await until(sub, lambda ms: len(statuses(sub, gid)) >= seen + 3)
             assert d.runtime.sink.connected.is_set()
             assert "mqtt" in d.alive
-        finally:
-            tx.shutdown()
-            d._on_term()
-            assert await asyncio.wait_for(task, 15) == 0
 
     with caplog.at_level(logging.WARNING, logger="gateway"):
         asyncio.run(scenario())
@@ -185,9 +177,7 @@ def test_handler_error_is_counted_in_status_and_the_sink_lives(
     async def scenario() -> None:
         d = Daemon(load_config(cfg))
         d.runtime.subscriptions["bms/test/in"] = fragile  # the same dict the sink subscribes
-        task = asyncio.create_task(d.serve())
-        try:
-            await started(d)
+        async with serving(d):
             assert isinstance(d.runtime.sink, MqttSink)
             await asyncio.wait_for(d.runtime.sink.connected.wait(), 10)
             for bad in (b"{}", b"junk", b"[1]"):
@@ -197,9 +187,6 @@ def test_handler_error_is_counted_in_status_and_the_sink_lives(
             n = len(statuses(sub, gid))
             assert await until(sub, lambda ms: len(statuses(sub, gid)) >= n + 2)
             assert d.runtime.status_body()["task_deaths"] == 0
-        finally:
-            d._on_term()
-            assert await asyncio.wait_for(task, 15) == 0
 
     asyncio.run(scenario())
     last = statuses(sub, gid)[-1]
@@ -233,11 +220,7 @@ def test_refused_events_stay_until_the_broker_allows_them(
     refused_status: dict[str, Any] = {}
 
     async def scenario() -> None:
-        d = Daemon(load_config(cfg))
-        task = asyncio.create_task(d.serve())
-        tx = can.Bus(interface="virtual", channel=channel)
-        try:
-            await started(d)
+        async with serving(cfg, channel) as (d, tx):
             await toggle_alarm(tx, pairs)
             # refused, kept, and retried with backoff (three tries at least)
             assert await until(sub, lambda ms: any(
@@ -254,10 +237,6 @@ def test_refused_events_stay_until_the_broker_allows_them(
             assert await until(sub, lambda ms: len(events(sub)) >= 2 * pairs, 30)
             assert await until(sub, lambda ms: any(
                 s["outbox_depth"] == 0 and not s["faults"] for s in statuses(sub, gid)))
-        finally:
-            tx.shutdown()
-            d._on_term()
-            assert await asyncio.wait_for(task, 15) == 0
 
     try:
         asyncio.run(scenario())

@@ -36,7 +36,7 @@ from gateway.model import FaultEvent, Publication
 from gateway.publish.mqtt import MqttSink
 from gateway.publish.outbox import Outbox
 from gateway.runtime.daemon import Daemon
-from tests.conftest import REPO, Broker, free_port, started
+from tests.conftest import REPO, Broker, free_port, serving, started
 
 DB = cantools.database.load_file(str(REPO / "dbc" / "example-bms.dbc"))
 PACK_STATUS = DB.get_message_by_name("PackStatus")
@@ -333,11 +333,7 @@ def test_bus_pulled_and_back_resumes_with_can_bus_lost_raise_and_clear(
         return await asyncio.to_thread(sub.wait_for, pred, timeout)
 
     async def scenario() -> None:
-        d = Daemon(load_config(cfg))
-        task = asyncio.create_task(d.serve())
-        tx = can.Bus(interface="virtual", channel=channel)
-        try:
-            await started(d)
+        async with serving(cfg, channel) as (d, tx):
             for i in range(5):
                 tx.send(pack_frame(51.0, i))
                 await asyncio.sleep(0.05)
@@ -361,10 +357,6 @@ def test_bus_pulled_and_back_resumes_with_can_bus_lost_raise_and_clear(
             body = d.runtime.status_body()
             assert body["buses"][channel]["state"] == "up"
             assert "CanOperationError" in body["last_error"]
-        finally:
-            tx.shutdown()
-            d._on_term()
-            assert await asyncio.wait_for(task, 15) == 0
 
     asyncio.run(scenario())
     raised = next(e for e in events_of(sub, "bms/p1/events") if e["state"] == "raised")
@@ -472,11 +464,7 @@ def test_status_and_prometheus_report_the_same_counters(
         raise AssertionError(f"{name} not in metrics:\n{text}")
 
     async def scenario() -> None:
-        d = Daemon(load_config(cfg))
-        task = asyncio.create_task(d.serve())
-        tx = can.Bus(interface="virtual", channel=channel)
-        try:
-            await started(d)
+        async with serving(cfg, channel) as (d, tx):
             tx.send(can.Message(arbitration_id=0x7EE, data=b"\x01", is_extended_id=False))
             for i in range(10):
                 tx.send(pack_frame(52.0, i))
@@ -498,10 +486,6 @@ def test_status_and_prometheus_report_the_same_counters(
             assert sample(text, "bms_gateway_outbox_depth") == 0
             assert sample(text, "bms_gateway_uptime_seconds") > 0
             assert f'version="{body["version"]}"' in text and 'gateway_id="obs"' in text
-        finally:
-            tx.shutdown()
-            d._on_term()
-            assert await asyncio.wait_for(task, 15) == 0
         with pytest.raises(OSError):  # stopped with the daemon
             scrape()
 

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import can
 import pytest
 
 from gateway.config import load_config
 from gateway.runtime.daemon import Daemon
-from tests.conftest import Broker, free_port
-from tests.test_daemon import pack_frame, started
+from tests.conftest import Broker, free_port, serving
+from tests.test_daemon import pack_frame
 
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or (
     "/usr/bin/mosquitto_passwd" if Path("/usr/bin/mosquitto_passwd").exists() else None)
@@ -262,11 +261,7 @@ def test_good_credentials_connect_and_publish_state(
     sub = TlsSubscriber(tls_broker, ["bms/#"])
 
     async def scenario() -> None:
-        d = Daemon(load_config(cfg))
-        task = asyncio.create_task(d.serve())
-        tx = can.Bus(interface="virtual", channel=channel)
-        try:
-            await started(d)
+        async with serving(cfg, channel) as (d, tx):
             for i in range(5):
                 tx.send(pack_frame(50.5, i))
                 await asyncio.sleep(0.05)
@@ -276,10 +271,6 @@ def test_good_credentials_connect_and_publish_state(
             assert ok, f"no state over TLS; last error: {d.runtime.status_body()['last_error']}"
             assert (f"bms/gateway/{gid}/availability", b"online") in sub.messages
             assert d.runtime.sink.status().reconnects == 0
-        finally:
-            tx.shutdown()
-            d._on_term()
-            assert await asyncio.wait_for(task, 15) == 0
 
     try:
         asyncio.run(scenario())
