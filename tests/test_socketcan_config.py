@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError, load_config
+from gateway.decode.dbc import BitField, ReadBits
 from gateway.runtime.pipeline import Pipeline
 from gateway.source.logs import LiveSource
 from gateway.source.socketcan import (
     BcmSource,
     RawSource,
     bcm_frames,
+    bcm_mask,
     bcm_rx_setup,
     can_filters,
     make_source,
@@ -80,3 +82,76 @@ def test_the_kernel_compares_only_the_bits_the_profile_reads(tmp_path: Path) -> 
     muxed = bcm_frames(p.packs[0].live.reads[0x408])
     assert muxed is not None and len(bcm_rx_setup(0x408, muxed, 2.0, 0.0)) == \
         len(head) + 16 * (len(muxed) - 1)
+
+
+def test_bcm_refeeds_within_every_window_and_a_reload_that_shortens_one_reopens(
+        tmp_path: Path) -> None:
+    """receive: bcm feeds the last frames again between changes so that what expects a
+    frame within some time sees one: the pack's stale_after_s, but also a `sources:`
+    entry's `fresh_s` (a shorter one made the preferred source stale between refeeds,
+    and its fallback took over) and a DTC stream's clear_after_s. The kernel's
+    RX_TIMEOUT is set when the socket opens, so a reload that needs another interval
+    opens a new source."""
+    repo = Path(__file__).resolve().parents[1]
+    text = (repo / "config" / "profiles" / "can-bms.yaml").read_text()
+    text = text.replace("dbc: [can-bms.dbc]", f"dbc: [{repo / 'dbc' / 'can-bms.dbc'}]")
+    fresh = text.replace("  temp_min_c:\n    sources:", "  temp_min_c:\n    fresh_s: 1\n    sources:")
+    assert fresh != text
+    (tmp_path / "fresh.yaml").write_text(fresh)
+
+    def pipeline(profile: str, stale: float) -> Pipeline:
+        p = tmp_path / "gw.yaml"
+        p.write_text(textwrap.dedent(f"""\
+            state_dir: {tmp_path / 'state'}
+            can: {{interface: socketcan, receive: bcm}}
+            packs: [{{id: p, profile: {profile}, stale_after_s: {stale}}}]
+            """))
+        return Pipeline(load_config(p))
+
+    running = [pipeline(str(tmp_path / "fresh.yaml"), 10)]
+    src = make_source(running[0].cfg.buses[0], 0, lambda b: None, lambda c, a, d: None,
+                      lambda: running[0])
+    assert isinstance(src, BcmSource)
+    assert src.refeed_s <= 0.25  # fresh_s 1, not stale_after_s 10
+    running[0] = pipeline("can-bms", 10)
+    assert not src.refilter()  # now every 1 s
+    src = make_source(running[0].cfg.buses[0], 0, lambda b: None, lambda c, a, d: None,
+                      lambda: running[0])
+    assert src.refeed_s == 1.0 and src.refilter()
+    running[0] = pipeline("can-bms", 0.8)  # SIGHUP with stale_after_s: 0.8
+    assert not src.refilter()
+
+
+def test_an_8_bit_multiplexer_gets_a_mask_for_each_of_its_256_values() -> None:
+    """bcm.c takes MAX_NFRAMES (256) content masks after the multiplexer's mask."""
+    mux = BitField("Sel", big_endian=False, shift=0, mask=0xFF, signed=False, float_fmt=None,
+                   scale=1, offset=0, min_bytes=1, length=8)
+    reads = ReadBits(0xFF << 56, mux, 8, dict.fromkeys(range(256), 255 << 48))
+    frames = bcm_frames(reads)
+    assert frames is not None and len(frames) == 257
+    assert bcm_mask(frames, bytes([200, 1])) == 0xFFFF << 48
+    more = ReadBits(0xFF << 56, mux, 8, dict.fromkeys(range(257), 255 << 48))
+    assert bcm_frames(more) == (0xFFFF << 48,)  # past the kernel's limit: one mask
+
+
+def test_a_pollers_replies_are_delivered_frame_by_frame(tmp_path: Path) -> None:
+    """Daly: each request is matched to its reply (`poll: ... reply:`), and a reply the
+    same as the last one is an answer too: the kernel must deliver it, where the pack's
+    own handler would only need changes."""
+    from gateway.source.poll import Poller
+
+    p = tmp_path / "gw.yaml"
+    p.write_text(textwrap.dedent(f"""\
+        state_dir: {tmp_path / 'state'}
+        can: {{interface: socketcan, receive: bcm}}
+        packs: [{{id: p, profile: daly, transmit: true}}]
+        """))
+    pipeline = Pipeline(load_config(p))
+    src = make_source(pipeline.cfg.buses[0], 0, lambda b: None, lambda c, a, d: None,
+                      lambda: pipeline)
+    assert isinstance(src, BcmSource)
+    reply = 0x98904001  # Reply_0x90_PackStatus of board 1, 29-bit
+    assert src._masks()[reply] is not None  # no poller yet: the handler's bits
+    poller = Poller(pipeline, lambda bus, can_id, data, ext: True)
+    assert any(job.reply == reply for job in poller.jobs)
+    assert src._masks()[reply] is None

@@ -303,8 +303,9 @@ class ReadBits:
     "big")`: `always` whatever the multiplexer says (the multiplexer's own bits among
     them); with a multiplexer `mux` (the message's outermost), `by_value` gives the bits
     read besides `always` when its raw value is v. A frame whose bits under these masks
-    equal an earlier frame's does what that frame did. Kernel filtering (receive: bcm)
-    is built from it."""
+    equal the last frame's of its value does what that frame did (`read_bits` gives no
+    multiplexer where frames of two values write one place). Kernel filtering
+    (receive: bcm) is built from it."""
 
     always: int
     mux: BitField | None = None
@@ -368,6 +369,10 @@ class Source:
         # the frame bits each read covers, by the multiplexer values it runs under
         self._bits: dict[tuple[MuxStep, ...], int] = {}
         self._at: tuple[MuxStep, ...] = ()
+        self._by_top = False  # the code under the outermost step writes by its value
+        # a read whose value frames of several outermost multiplexer values write to the
+        # same place (a signal outside the multiplexer, or under several of its values)
+        self._shared = False
         self.unmasked = False  # read otherwise (bytes, beyond 8): every bit may count
 
     def tag(self, key: str) -> None:
@@ -386,9 +391,10 @@ class Source:
             text = f"{text.ljust(56)}  # {self._key}"
         self.lines.append(text)
 
-    def read(self, bf: BitField, *, raw: bool = False) -> str:
+    def read(self, bf: BitField, *, raw: bool = False, selects: bool = False) -> str:
         """Expression for a field's value (with `raw`: its integer, sign-extended if
-        signed, unscaled); the frame must then hold the field's bytes."""
+        signed, unscaled); the frame must then hold the field's bytes. `selects`: a
+        multiplexer's value, which chooses what runs and is stored nowhere."""
         if raw:
             bf = replace(bf, float_fmt=None, scale=1, offset=0)
         self.min_bytes = max(self.min_bytes, bf.min_bytes)
@@ -398,18 +404,25 @@ class Source:
             self.unmasked = True
         else:
             self._bits[self._at] = self._bits.get(self._at, 0) | bits
+        if not selects and (not self._at or (len(self._at[0].values) > 1
+                                             and not self._by_top)):
+            self._shared = True
         return bf.expr("le", "be")
 
     @contextmanager
-    def under(self, step: MuxStep) -> Iterator[None]:
+    def under(self, step: MuxStep, *, by_value: bool = False) -> Iterator[None]:
         """The code emitted inside runs only when `step` holds (its multiplexer has one
-        of its values): what it reads is recorded as read for those values only."""
-        outer = self._at
+        of its values): what it reads is recorded as read for those values only.
+        `by_value`: that code writes to a place chosen by the multiplexer's value (cells
+        of a group), so frames of different values never write the same place."""
+        outer, top = self._at, self._by_top
         self._at = (*outer, step)
+        if not outer:
+            self._by_top = by_value
         try:
             yield
         finally:
-            self._at = outer
+            self._at, self._by_top = outer, top
 
     def read_bits(self) -> ReadBits | None:
         """The bits the code emitted so far reads (None: it reads the frame otherwise)."""
@@ -418,6 +431,15 @@ class Source:
         always = self._bits.get((), 0)
         tops = {path[0].muxer for path in self._bits if path}
         if len(tops) != 1:  # not multiplexed (or, never seen, two outermost muxers)
+            out = 0
+            for bits in self._bits.values():
+                out |= bits
+            return ReadBits(out)
+        if self._shared:
+            # The kernel compares a frame with the last frame of its own multiplexer
+            # value. A value two groups write (a signal outside the multiplexer, or under
+            # several of its values) is then stale whenever a frame repeats its group's
+            # last one but not the value another group wrote since: one mask for all.
             out = 0
             for bits in self._bits.values():
                 out |= bits
@@ -444,7 +466,7 @@ class Source:
                                 *(m for it in here for m in it.muxers)])
         for name in needed:
             field, _ = self.layout.muxers[name]
-            expr = self.read(field)
+            expr = self.read(field, selects=True)
             if checked:
                 expr = f"{expr} if n >= {field.min_bytes} else None"
             self._key = f"multiplexer {name}"

@@ -299,7 +299,7 @@ def compile_cells(c: Compiler, kind: str, src: CellSource) -> None:
                 g.emit(ind, f"if {cond}:")
                 start = f"{mux_var} * {a}" if a != 1 else mux_var
                 g.emit(ind + 1, f"b0 = {start} + {b}" if b else f"b0 = {start}")
-                with g.under(MuxStep(mux_name, frozenset(mids))):
+                with g.under(MuxStep(mux_name, frozenset(mids)), by_value=True):
                     code.write(g, ind + 1, rel, "b0")
                 return
             first = True

@@ -171,6 +171,9 @@ def emit_checks(g: Source, key: int, length: int, chk: FrameCheck, cs: SignalRea
         mod = 1 << ctr.field.length
         step = chk.max_step or max(1, mod // 2)
         slot = g.const([None], "counter")
+        # a repeated counter counts (a stuck sender), and a frame fed twice is not one
+        # fed once: receive: bcm delivers every frame and feeds none again
+        g.unmasked = True
         g.emit(1, f"c = {g.read(ctr.field, raw=True)}")
         g.emit(1, f"p = {slot}[0]")
         g.emit(1, f"{slot}[0] = c")

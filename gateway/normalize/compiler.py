@@ -107,6 +107,9 @@ class LivePack:
     code: dict[int, str] = field(default_factory=dict)  # frame key -> generated source
     # frame key -> the bits its handler reads (None: any bit may count); receive: bcm
     reads: dict[int, ReadBits | None] = field(default_factory=dict)
+    # the times within which a frame must be seen again (stale_after_s, `fresh_s`s,
+    # DTC streams' clear_after_s): receive: bcm feeds its last frames again well within
+    windows: tuple[float, ...] = ()
     # format 2 `dtcs`: the streams with their DBC value tables, and the fault stage's hook
     dtc_streams: list[tuple[DtcStream, dict[int, str]]] = field(default_factory=list)
     dtc_hook: list[DtcHook | None] = field(default_factory=lambda: [None])
@@ -154,6 +157,7 @@ class Compiler:
         self.counters = PackCounters()
         self.code: dict[int, str] = {}  # frame key -> generated source
         self.reads: dict[int, ReadBits | None] = {}
+        self.windows: list[float] = [cfg.stale_after_s]  # see LivePack.windows
         self.constants: dict[int, Value] = {}
         self.extra_consts: dict[str, Value] = {}
         self.dtc_streams: list[tuple[DtcStream, dict[int, str]]] = []
@@ -208,6 +212,7 @@ class Compiler:
     def with_sources(self, spec: ValueSpec, compile_one: Callable[[ValueSpec], None]) -> None:
         """`sources: [...]`: each source writes only while no source before it is fresh."""
         window = spec.fresh_s or self.cfg.stale_after_s
+        self.windows.append(window)
         seen = [-math.inf] * len(spec.sources)  # frame time each source was last present
 
         for i, sub in enumerate(spec.sources):
@@ -351,6 +356,7 @@ class Compiler:
             return
         expr = linear(got[0], spec)
         window = spec.fresh_s or self.cfg.stale_after_s
+        self.windows.append(window)
         values: list[float | None] = [None] * len(reads)
         seen = [-math.inf] * len(reads)
         for k, (msg, rd) in enumerate(reads):
@@ -592,6 +598,7 @@ class Compiler:
         sig = next(s for s in msg.signals if s.name == rd.name)
         texts = {int(k): str(v) for k, v in (sig.choices or {}).items()}
         self.dtc_streams.append((d, texts))
+        self.windows.append(d.clear_after_s)
         none = frozenset(d.none)
 
         def gen(g: Source, ind: int) -> None:
@@ -734,8 +741,8 @@ def compile_pack(cfg: PackConfig, cache: DbcCache, problems: list[Problem], *,
             fault_state = [False] * len(prof.faults)
     handlers, sources = c.build(state, impl, fault_state, hook)
     compiled = LivePack(cfg, state, handlers, c.counters, impl, sources, hook, c.code,
-                        c.reads, c.dtc_streams, c.dtc_hook, fault_state, c.constants,
-                        c.extra_consts)
+                        c.reads, tuple(c.windows), c.dtc_streams, c.dtc_hook, fault_state,
+                        c.constants, c.extra_consts)
     if keep is None:
         prime_state(compiled)
     return compiled

@@ -249,8 +249,10 @@ class Daemon:
         self.cfg = new
         rt.cfg = new
         if self._running:
-            rt.start_sources(self._supervised_source)
+            # the poller taps the new config first: its replies are part of what a
+            # receive: bcm source compares to decide whether it must reopen
             self._start_poller()
+            rt.start_sources(self._supervised_source)
         rt.ship()
         if rt.discovery is not None:
             rt.publish(rt.discovery.reconfigure(new))

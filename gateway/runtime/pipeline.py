@@ -9,7 +9,7 @@ publishing policy, fault rules and staleness run on a frame-time tick.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gateway.config import CellKind, GatewayConfig, PackConfig, Problem
@@ -267,6 +267,11 @@ class Pipeline:
         taps the new one (the daemon starts a new poller)."""
         self._taps[bus].setdefault(key, []).append(fn)
         self._set_entries({(bus, key)})
+
+    def tapped(self, bus: int) -> Collection[int]:
+        """The frame keys of bus number `bus` something taps (`tap`): every frame of
+        them counts, not only frames whose bits a pack reads changed (receive: bcm)."""
+        return self._taps[bus].keys()
 
     def routes(self, bus: int) -> Mapping[int, Handler]:
         """What runs for each frame key of bus number `bus` (read-only): its keys are the

@@ -283,8 +283,15 @@ class RawSource(LiveSource):
 
 # ------------------------------------------------------------------ kernel filtering (CAN_BCM)
 
-BCM_MAX_FRAMES = 256  # the kernel's MAX_NFRAMES per RX_SETUP, the mux mask included
+BCM_MAX_VALUES = 256  # bcm.c's MAX_NFRAMES: an RX_SETUP takes the mux mask and this many
 _ALL = (1 << 64) - 1
+
+
+def refeed_interval(window_s: float) -> float:
+    """How often receive: bcm feeds the last frames again, for `window_s`, the shortest
+    time within which a pack must see a frame again (`stale_after_s`, a source's
+    `fresh_s`, a DTC stream's `clear_after_s`)."""
+    return max(0.1, min(1.0, window_s / 4))
 
 
 def bcm_frames(reads: ReadBits | None) -> tuple[int, ...] | None:
@@ -295,20 +302,14 @@ def bcm_frames(reads: ReadBits | None) -> tuple[int, ...] | None:
     if reads is None:
         return None
     flat = reads.flat()
-    if reads.mux is None or not reads.by_value:
-        return (flat,)
     mux = reads.mux_bits()
-    by_value = dict(reads.by_value)
-    if reads.always & ~mux:
-        # bits read whatever the value: a value no branch names must wake us too, so
-        # every value needs its frame (the kernel drops a frame no value matches)
-        if reads.mux.mask >= BCM_MAX_FRAMES - 1:
-            return (flat,)
-        by_value = {v: by_value.get(v, 0) for v in range(reads.mux.mask + 1)}
-    if len(by_value) >= BCM_MAX_FRAMES:
+    # Bits read whatever the value would be compared with the last frame of the same
+    # value only, not with the last frame: one mask for every frame then.
+    if reads.mux is None or not reads.by_value or reads.always & ~mux \
+            or len(reads.by_value) > BCM_MAX_VALUES:
         return (flat,)
-    return (mux, *(reads.mux_bits(v) | ((reads.always | bits) & ~mux)
-                   for v, bits in sorted(by_value.items())))
+    return (mux, *(reads.mux_bits(v) | (bits & ~mux)
+                   for v, bits in sorted(reads.by_value.items())))
 
 
 def bcm_mask(frames: tuple[int, ...] | None, data: bytes) -> int | None:
@@ -428,18 +429,18 @@ class BcmSocket:
 class BcmSource(RawSource):
     """receive: bcm. The kernel delivers a frame only when bits a profile reads change and
     reports silent ids; between changes the last frame of each live id is fed again every
-    `REFEED_S`, so the pipeline's staleness (`stale_after_s`) sees the BMS alive."""
+    `refeed_s`, so the pipeline's staleness (`stale_after_s`) sees the BMS alive."""
 
     receive_path = "bcm"
 
     def __init__(self, cfg: CanBus, on_batch: BatchSink, on_state: StateSink,
                  keys: Callable[[], Collection[int]] | None = None,
                  reads: Callable[[], dict[int, list[ReadBits | None]]] | None = None,
-                 stale_s: float = 5.0) -> None:
+                 window: Callable[[], float] = lambda: 5.0) -> None:
         super().__init__(cfg, on_batch, on_state, keys)
         self.reads = reads
-        self.stale_s = stale_s
-        self.refeed_s = max(0.1, min(1.0, stale_s / 4))
+        self.window = window  # see refeed_interval
+        self.refeed_s = refeed_interval(window())
         self._refeed: asyncio.TimerHandle | None = None
 
     def _masks(self) -> dict[int, tuple[int, ...] | None]:
@@ -462,8 +463,11 @@ class BcmSource(RawSource):
         return BcmSocket(self.cfg, self._masks(), self.refeed_s * 2)
 
     def refilter(self) -> bool:
-        """After a reload: still subscribed to what the pipeline reads? If not, the daemon
-        opens a new source (BCM subscriptions are set up when the socket opens)."""
+        """After a reload: still subscribed to what the pipeline reads, and refeeding
+        often enough for its packs? If not, the daemon opens a new source (BCM
+        subscriptions and their RX_TIMEOUT are set up when the socket opens)."""
+        if refeed_interval(self.window()) != self.refeed_s:
+            return False
         sock = self.bus
         return sock is None or bool(self._masks() == sock.masks)
 
@@ -495,8 +499,11 @@ class BcmSource(RawSource):
             return
         now = time.time()
         name = self.cfg.name
+        # an id without a mask (a checksum, a rolling counter, a poller's replies) is
+        # delivered frame by frame, and a frame of it fed twice is not the same as once
+        masks, silent = sock.masks, sock.silent
         batch = [(now, key, data, name) for (key, _), data in sock.last.items()
-                 if key not in sock.silent]
+                 if key not in silent and masks.get(key) is not None]
         if batch:
             self.on_batch(batch)
         self._refeed = self._loop.call_later(self.refeed_s, self._on_refeed)
@@ -519,12 +526,19 @@ def make_source(cfg: CanBus, bus: int, on_batch: BatchSink, on_state: StateSink,
 
     def reads() -> dict[int, list[ReadBits | None]]:
         out: dict[int, list[ReadBits | None]] = {}
-        for pack in pipeline().packs:
+        p = pipeline()
+        for pack in p.packs:
             if pack.live.cfg.bus == cfg.name:
                 for key, bits in pack.live.reads.items():
                     out.setdefault(key, []).append(bits)
+        if cfg.name in p.bus_names:
+            # a poller's replies: each one answers a request, changed or not
+            for key in p.tapped(p.bus_names.index(cfg.name)):
+                out.setdefault(key, []).append(None)
         return out
 
-    packs = [p for p in pipeline().cfg.packs if p.bus == cfg.name]
-    stale = min((p.stale_after_s for p in packs), default=5.0)
-    return BcmSource(cfg, on_batch, on_state, keys, reads, stale)
+    def window() -> float:
+        return min((w for pack in pipeline().packs if pack.live.cfg.bus == cfg.name
+                    for w in pack.live.windows), default=5.0)
+
+    return BcmSource(cfg, on_batch, on_state, keys, reads, window)
