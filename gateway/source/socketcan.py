@@ -89,6 +89,9 @@ class RawSocket:
             raise
         self.buf = bytearray(_FD_FRAME.size if cfg.fd else _FRAME.size)
         self.dropped = 0  # the kernel's SO_RXQ_OVFL count for this socket
+        # bytes of receive buffer one queued frame takes (its skb's truesize): learned
+        # from SO_MEMINFO around a read, so a drain knows how many frames are queued
+        self.truesize = 0
 
     def set_filter(self, keys: Collection[int] | None) -> None:
         """Only these keys, or everything (None, or more ids than the kernel allows)."""
@@ -141,25 +144,34 @@ class RawSocket:
             _count_special(can_id, stats)
         else:
             append((t_first, can_id, data if length == 8 else data[:length], name))
-        # A quiet bus wakes us for one frame: ask whether more is queued rather than read
-        # until the kernel says EAGAIN, whose BlockingIOError costs ~8,000 instructions
-        # (strerror and its locale decoding), more than the frame's whole pipeline.
-        if not _U32.unpack(sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4))[0]:
-            return 1
+        # Read what is queued, never until the kernel says EAGAIN: its BlockingIOError
+        # costs ~8,000 instructions (strerror and its locale decoding), more than a
+        # frame's whole pipeline. SO_MEMINFO says how many bytes are queued; divided by
+        # a frame's truesize, how many frames (asked again after them: more may have come).
+        meminfo = sock.getsockopt
+        queued = _U32.unpack(meminfo(socket.SOL_SOCKET, SO_MEMINFO, 4))[0]
         recv_into = sock.recv_into
+        left = BATCH - 1
         try:
-            for _ in range(BATCH - 1):
-                recv_into(buf)
-                count += 1
-                can_id, length, data = unpack(buf)
-                if can_id & _SPECIAL:
-                    _count_special(can_id, stats)
-                    continue
-                # The kernel time of the drain's first frame: the rest arrived after it,
-                # within one coalescing interval (a few ms; frame time ticks at 0.1 s).
-                # A recvmsg for each would cost more than everything else per frame.
-                append((t_first, can_id, data if length == 8 else data[:length], name))
-        except BlockingIOError:
+            while queued and left:
+                size = self.truesize
+                k = min(left, queued // size or 1) if size else 1
+                left -= k
+                for _ in range(k):
+                    recv_into(buf)
+                    count += 1
+                    can_id, length, data = unpack(buf)
+                    if can_id & _SPECIAL:
+                        _count_special(can_id, stats)
+                        continue
+                    # The kernel time of the drain's first frame: the rest arrived after
+                    # it, within one coalescing interval (a few ms; frame time ticks at
+                    # 0.1 s). A recvmsg for each would cost more than all else per frame.
+                    append((t_first, can_id, data if length == 8 else data[:length], name))
+                was, queued = queued, _U32.unpack(meminfo(socket.SOL_SOCKET, SO_MEMINFO, 4))[0]
+                if k == 1 and was > queued and (not size or was - queued < size):
+                    self.truesize = was - queued  # one frame's, nothing having come since
+        except BlockingIOError:  # more guessed than queued (frames of mixed sizes)
             pass
         return count
 
