@@ -128,8 +128,25 @@ def warmup(mode: str) -> int:
     return {"burst": 64, "rate": 64, "single": 16}.get(mode, 0)
 
 
+CLOSE_ID = 0x400  # the sample's PackStatus: not multiplexed, read by example-bms
+
+
+def closing_frame(workload: str) -> tuple[int, bytes]:
+    """The frame that ends a run whose receiver is not told every frame (receive: bcm
+    on a workload): the sample's first PackStatus with every byte inverted, which moves
+    bits the profile reads, so the kernel passes it on."""
+    for raw in sample_frames(64, workload):
+        can_id, length, data = FRAME.unpack(raw)
+        if can_id == CLOSE_ID:
+            return can_id, bytes(b ^ 0xFF for b in data[:length])
+    msg = f"no {CLOSE_ID:#x} frame in the {workload} workload"
+    raise ValueError(msg)
+
+
 def send(mode: str, n: int, workload: str = "sample") -> None:
-    """The warm-up frames, then (once the receiver closes our stdin) the measured ones."""
+    """The warm-up frames, then (once the receiver closes our stdin) the measured ones.
+    `workload` ending in `+close`: then the closing frame (`closing_frame`)."""
+    workload, close = workload.removesuffix("+close"), workload.endswith("+close")
     s = socket.socket(socket.AF_CAN, socket.SOCK_RAW, socket.CAN_RAW)
     s.bind((CHANNEL,))
     if mode == "steady":
@@ -148,6 +165,7 @@ def send(mode: str, n: int, workload: str = "sample") -> None:
     frames = sample_frames(w + n, workload)
     for k, f in enumerate(frames):
         if k == w:
+            print("warm", flush=True)  # the receiver may be told when this is through
             sys.stdin.read()
         s.send(f)
         # pauses: the traced receiver is ~1,000x slower than on a real machine
@@ -155,6 +173,10 @@ def send(mode: str, n: int, workload: str = "sample") -> None:
             time.sleep(SINGLE_PAUSE)
         elif mode == "rate" and k % RATE_GROUP == RATE_GROUP - 1:
             time.sleep(RATE_PAUSE)
+    if close:
+        time.sleep(RATE_PAUSE)
+        can_id, data = closing_frame(workload)
+        s.send(FRAME.pack(can_id, len(data), data.ljust(8, b"\0")))
 
 
 # ------------------------------------------------------------------ receivers (traced)
@@ -185,8 +207,14 @@ class Sender:
         self.warmup = warmup(mode)
         _callgrind(_CG_START_INSTRUMENTATION)
         self.proc = subprocess.Popen(_py("--send", mode, str(n), workload), cwd=REPO,
-                                     stdin=subprocess.PIPE)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self.started = False
+
+    def warmed(self) -> None:
+        """Block until the sender has sent its warm-up frames."""
+        assert self.proc.stdout is not None
+        if self.warmup:
+            self.proc.stdout.readline()
 
     def go(self) -> None:
         assert self.proc.stdin is not None
@@ -309,6 +337,12 @@ def recv_gateway(mode: str, n: int, receive: str, workload: str = "sample") -> i
     sender: Sender | None = None
     batches = 0
     counters = d.pipeline.counters[0]
+    # receive: bcm on a workload: the kernel passes on only frames whose read bits
+    # changed, so neither the warm-up nor the end can be counted in frames: the sender
+    # says when its warm-up is through, and a closing frame ends the run
+    closing = mode != "steady" and receive == "bcm"
+    close = closing_frame(workload) if closing else None
+    at_go = [0]  # the source's frames when counting started
 
     def counting_feed(frames: list[Any], bus: int = 0) -> None:
         nonlocal batches
@@ -316,12 +350,15 @@ def recv_gateway(mode: str, n: int, receive: str, workload: str = "sample") -> i
         if sender is None:
             return
         if not sender.started:
-            if counters.received >= sender.warmup:
+            if not closing and counters.received >= sender.warmup:
                 sender.go()
             return
         batches += 1
         if mode == "steady":
             if frames[-1][2][0] == 9:  # the closing frame (bcm: or its refeed)
+                done.set()
+        elif close is not None:
+            if any(f[1] == close[0] and f[2] == close[1] for f in frames):
                 done.set()
         elif counters.received >= sender.warmup + n:
             done.set()
@@ -334,8 +371,13 @@ def recv_gateway(mode: str, n: int, receive: str, workload: str = "sample") -> i
         while not (d.runtime.sources and all(s.opened.is_set() for s in d.runtime.sources)):
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.3)
-        sender = Sender(mode, n, workload)
-        if not sender.warmup:
+        sender = Sender(mode, n, workload + ("+close" if closing else ""))
+        if closing:
+            sender.warmed()  # blocking: the warm-up frames wait in the socket meanwhile
+            await asyncio.sleep(2.0)  # ... and are taken now, still not counted
+            at_go[0] = d.runtime.sources[0].stats.frames
+            sender.go()
+        elif not sender.warmup:
             sender.go()
         await done.wait()
         end()
@@ -345,6 +387,8 @@ def recv_gateway(mode: str, n: int, receive: str, workload: str = "sample") -> i
         # the source's own count: bcm feeds refeeds too, which are not bus frames
         _report(wakeups=batches, delivered=d.runtime.sources[0].stats.frames,
                 loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
+        if closing:  # the warm-up's notifications came before the counters were zeroed
+            _report(delivered=d.runtime.sources[0].stats.frames - at_go[0])
         return n
 
     return run_loop(run())  # uvloop when installed, as `bms-gateway run` does
@@ -364,6 +408,8 @@ CASES: dict[str, tuple[str, Any]] = {
     "gw-raw-single": ("single", lambda m, n: recv_gateway(m, n, "raw")),
     "gw-bcm-steady": ("steady", lambda m, n: recv_gateway(m, n, "bcm")),
     "gw-raw-steady": ("steady", lambda m, n: recv_gateway(m, n, "raw")),
+    # the sample's multiplexed cell frames through the kernel's per-value content masks
+    "gw-bcm-rate": ("rate", lambda m, n: recv_gateway(m, n, "bcm")),
     # the issue's workload: CAN-BMS traffic (fewer values a frame than the sample's cells)
     "gw-python-can-canbms-rate": ("rate", lambda m, n: recv_gateway(m, n, "python-can",
                                                                     "canbms")),
@@ -371,27 +417,49 @@ CASES: dict[str, tuple[str, Any]] = {
     "gw-raw-canbms-rate": ("rate", lambda m, n: recv_gateway(m, n, "raw", "canbms")),
     "gw-raw-canbms-single": ("single", lambda m, n: recv_gateway(m, n, "raw", "canbms")),
 }
-# the issue's workload (CAN-BMS traffic): on the sample's cell frames the pipeline alone
-# costs ~12,000 a frame, more than a third of python-can's loop (bench/RESULTS.md)
-CHECK_CASES = ["python-can-burst", "gw-raw-canbms-burst"]
-CHECK_FRAMES = 400
-# CI's guard, below the issue's 3x target on purpose: on 400 frames the ratio measured
-# 2.95x-3.18x from run to run (python-can's loop 37,600-43,400 a frame), so a 3x line
-# fails at random; 2.5x still fails on any regression toward python-can's cost (the
-# gateway on python-can is 0.78x). The 3x target is judged on the full run in RESULTS.md.
-CHECK_MIN_RATIO = 2.5
+# The table of bench/RESULTS.md, every row from one run (the default): (case, what it
+# measures, workload).
+TABLE = [
+    ("python-can-burst", "python-can `bus.recv()` loop (socketcan)", ""),
+    ("python-can-single", "python-can `bus.recv()` loop (socketcan)", ""),
+    ("raw-floor-burst", "raw AF_CAN `recv_into` + `struct.unpack_from` + the tuple (floor)",
+     ""),
+    ("raw-recvmsg-burst", "raw AF_CAN `recvmsg` with `SO_TIMESTAMPNS`, one per frame", ""),
+    ("gw-python-can-burst", "bms-gateway, `receive: python-can`, all in", "sample"),
+    ("gw-python-can-single", "bms-gateway, `receive: python-can`, all in", "sample"),
+    ("gw-raw-canbms-burst", "bms-gateway, `receive: raw`, all in", "CAN-BMS"),
+    ("gw-raw-canbms-rate", "bms-gateway, `receive: raw`, all in", "CAN-BMS"),
+    ("gw-raw-burst", "bms-gateway, `receive: raw`, all in", "sample"),
+    ("gw-raw-single", "bms-gateway, `receive: raw`, all in", "sample"),
+    ("gw-bcm-steady", "bms-gateway, `receive: bcm`, per frame on the bus", "CAN-BMS, steady"),
+    ("gw-bcm-rate", "bms-gateway, `receive: bcm`, per frame on the bus", "sample (muxed)"),
+]
+# CI: the issue's target as it is written, "at most 15,000 a frame at 8,000 frames/s, at
+# least 3x below python-can's receive alone": the gateway paced at 8,000 frames/s (~16 a
+# wake-up, its per-wake-up costs shared by 16 frames, not by 400 as in a burst) on the
+# issue's workload, against python-can's loop at its cheapest (a burst: its cost a frame
+# is the same one frame a wake-up). Frames a case: python-can's cost a frame is flat
+# from 400 to 1,000 frames (within 0.3 %); the gateway's 512 span about 1.3 frame-time
+# ticks (the full run's 1,024 about 2.6), so one tick more or less moves it by ~1 %.
+CHECK_CASES = {"python-can-burst": 400, "gw-raw-canbms-rate": 512}
+# The guard: the ratio above (env CHECK_MIN_RATIO to move it). The interpreter counts:
+# Debian's python3.11 (CI, Raspberry Pi OS) runs python-can's loop in ~37,700, a
+# pyenv-built 3.11.7 without PGO in ~43,400, the gateway less apart (bench/RESULTS.md).
+CHECK_MIN_RATIO = float(os.environ.get("CHECK_MIN_RATIO", "3.0"))
+CHECK_MAX_PER_FRAME = 15_000
 SIZES = {"burst": BURST, "rate": RATE, "single": SINGLE, "steady": STEADY}
 
 
-def measure(cases: list[str], outdir: Path, channel: str = CHANNEL,
-            frames: int | None = None) -> list[dict[str, Any]]:
-    """The cases one after the other in one traced child (one interpreter start, which
-    under emulation and valgrind takes longer than measuring): one callgrind dump each."""
-    out = outdir / f"cg.{cases[0]}"
+def measure(cases: list[tuple[str, int]], outdir: Path,
+            channel: str = CHANNEL) -> list[dict[str, Any]]:
+    """The cases (name, frames) one after the other in one traced child (one interpreter
+    start, which under emulation and valgrind takes longer than measuring): one callgrind
+    dump each."""
+    out = outdir / f"cg.{cases[0][0]}"
     cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
            f"--callgrind-out-file={out}",
            "--zero-before=getppid", "--dump-before=getpgrp", "--dump-instr=no",
-           *_py("--child", ",".join(cases), *(["--frames", str(frames)] if frames else []))]
+           *_py("--child", ",".join(f"{c}:{n}" for c, n in cases))]
     t0 = time.monotonic()
     env = {**os.environ, "TEST_SOCKETCAN_CHANNEL": channel}
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800,
@@ -401,7 +469,7 @@ def measure(cases: list[str], outdir: Path, channel: str = CHANNEL,
     reports = [json.loads(ln.split(": ", 1)[1]) for ln in r.stdout.splitlines()
                if ln.startswith("bench.live child: ")]
     results = []
-    for k, (case, extra) in enumerate(zip(cases, reports, strict=True), 1):
+    for k, ((case, n), extra) in enumerate(zip(cases, reports, strict=True), 1):
         part = Path(f"{out}.{k}")
         total = None
         if part.exists():
@@ -410,14 +478,43 @@ def measure(cases: list[str], outdir: Path, channel: str = CHANNEL,
         if total is None:
             raise RuntimeError(f"{case}: no callgrind dump at getpgrp ({part})")
         mode = CASES[case][0]
-        n = frames or SIZES[mode]
         if "wakeups" in extra:
             extra["frames_per_wakeup"] = round(n / max(1, extra["wakeups"]), 1)
+        if "delivered" in extra:
+            extra["delivered_per_frame"] = round(extra["delivered"] / n, 3)
         results.append({"case": case, "mode": mode, "frames": n, "instructions": total,
                         "per_frame": round(total / n),
                         "seconds": round(time.monotonic() - t0, 1), "file": str(part),
                         **extra})
     return results
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    """The markdown table of RESULTS.md: one row per receive path and workload, one column
+    per mode, and the ratio against python-can's loop in a burst."""
+    per = {r["case"]: r for r in results}
+    base = per.get("python-can-burst", {}).get("per_frame")
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for case, what, workload in TABLE:
+        r = per.get(case)
+        if r is None:
+            continue
+        cell = f"{r['per_frame']:,}"
+        if case.startswith("gw-bcm"):
+            cell += f" ({r['delivered_per_frame']} notifications a bus frame)"
+        elif "frames_per_wakeup" in r:
+            cell += f" ({r['frames_per_wakeup']} a wake-up)"
+        if base:
+            cell += f", {base / r['per_frame']:.2f}x"
+        col = {"steady": "rate"}.get(r["mode"], r["mode"])
+        rows.setdefault((what, workload), {})[col] = cell
+    lines = ["| receive path, instructions per frame (x: python-can loop's burst / this) "
+             "| workload | burst | rate, 8,000 frames/s | single |",
+             "|---|---|---|---|---|"]
+    for (what, workload), cols in rows.items():
+        lines.append(f"| {what} | {workload} | {cols.get('burst', '')} | "
+                     f"{cols.get('rate', '')} | {cols.get('single', '')} |")
+    return "\n".join(lines)
 
 
 def _own_channels(n: int) -> list[str] | None:
@@ -438,20 +535,23 @@ def _own_channels(n: int) -> list[str] | None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.live", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default=",".join(CASES))
+    ap.add_argument("--cases", default=",".join(c for c, _w, _l in TABLE),
+                    help="comma-separated (default: every row of RESULTS.md's table); "
+                         f"known: {', '.join(CASES)}")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                     help="cases measured at once, each on its own vcan interface "
                          "(default: one per CPU; 1 where no vcan can be created)")
     ap.add_argument("--json", type=Path, help="write the results here too")
     ap.add_argument("--check", action="store_true",
-                    help="measure only python-can-burst and gw-raw-canbms-burst, 400 frames, "
-                         "in one traced child, and exit 1 unless the gateway's raw path all "
-                         "in costs at most a third of python-can's receive loop alone (CI)")
+                    help="CI: measure only python-can-burst (400 frames) and "
+                         "gw-raw-canbms-rate (512) in one traced child, and exit 1 unless "
+                         "python-can's loop costs at least CHECK_MIN_RATIO (3) times the "
+                         "gateway's raw path all in")
     ap.add_argument("--annotate", type=int, metavar="N", default=0,
                     help="also print each case's N costliest functions, inclusive "
                          "(callgrind_annotate), to find where the instructions go")
     ap.add_argument("--frames", type=int, help="frames a case (default: per mode, "
-                    "burst 1,000; --check: 400)")
+                    "burst 1,000, rate 1,024, single 100, steady 2,000)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--send", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -459,10 +559,11 @@ def main(argv: list[str] | None = None) -> int:
         send(a.send[0], int(a.send[1]), a.send[2])
         return 0
     if a.child:
-        for case in a.child.split(","):
+        for spec in a.child.split(","):
+            case, n = spec.split(":")
             mode, fn = CASES[case]
             _REPORT.clear()
-            fn(mode, a.frames or SIZES[mode])
+            fn(mode, int(n))
             print("bench.live child: " + json.dumps(_REPORT), flush=True)
         return 0
     if shutil.which("valgrind") is None:
@@ -484,22 +585,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.live: unknown cases {unknown}; known: {', '.join(CASES)}",
               file=sys.stderr)
         return 2
-    # --check: the two cases it compares, short, in one traced child (CI: about a minute)
-    groups = [CHECK_CASES] if a.check else [[c] for c in cases]
-    frames = a.frames or (CHECK_FRAMES if a.check else None)
-    if any("canbms" in c for g in groups for c in g):
+    # --check: the two cases it compares, in one traced child (CI: under two minutes)
+    groups = ([[(c, a.frames or n) for c, n in CHECK_CASES.items()]] if a.check
+              else [[(c, a.frames or SIZES[CASES[c][0]])] for c in cases])
+    if any("canbms" in c for g in groups for c, _n in g):
         _canbms_log()  # once, before the cases that share it
     channels = _own_channels(len(groups)) if a.jobs > 1 and len(groups) > 1 else None
     jobs = a.jobs if channels else 1
 
-    def one(i: int, group: list[str]) -> list[dict[str, Any]]:
-        rs = measure(group, outdir, channels[i] if channels else CHANNEL, frames)
+    def one(i: int, group: list[tuple[str, int]]) -> list[dict[str, Any]]:
+        rs = measure(group, outdir, channels[i] if channels else CHANNEL)
         for r in rs:
             case = r["case"]
-            wake = (f"  {r['frames_per_wakeup']:>6} frames/wake-up"
-                    if "frames_per_wakeup" in r else "")
+            extra = ""
+            if "delivered_per_frame" in r and case.startswith("gw-bcm"):
+                extra = f"  {r['delivered_per_frame']:>6} notifications/bus frame"
+            elif "frames_per_wakeup" in r:
+                extra = f"  {r['frames_per_wakeup']:>6} frames/wake-up"
             print(f"{case:26} {r['mode']:7} {r['frames']:6} frames  {r['per_frame']:>8,} "
-                  f"instructions/frame{wake}  ({r['seconds']} s)", flush=True)
+                  f"instructions/frame{extra}  ({r['seconds']} s)", flush=True)
             if a.annotate:
                 ann = subprocess.run(["callgrind_annotate", "--inclusive=yes",
                                       "--threshold=100", r["file"]],
@@ -510,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
                       + "\n".join(lines[start:start + 1 + a.annotate]), flush=True)
         return rs
 
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     try:
         with ThreadPoolExecutor(jobs) as pool:
             results = [r for rs in pool.map(one, range(len(groups)), groups) for r in rs]
@@ -522,10 +627,17 @@ def main(argv: list[str] | None = None) -> int:
         per = {r["case"]: r["per_frame"] for r in results}
         pc, gw = (per[c] for c in CHECK_CASES)
         ratio = pc / gw
-        print(f"python-can receive loop / gateway raw path, all in: {ratio:.2f}x "
-              f"(need >= {CHECK_MIN_RATIO}; target 3)")
-        if ratio < CHECK_MIN_RATIO:
-            return 1
+        print(f"python-can receive loop (burst) / gateway raw path all in at 8,000 frames/s "
+              f"(CAN-BMS): {pc:,} / {gw:,} = {ratio:.2f}x (need >= {CHECK_MIN_RATIO}); "
+              f"target <= {CHECK_MAX_PER_FRAME:,} a frame: "
+              f"{'met' if gw <= CHECK_MAX_PER_FRAME else 'NOT met'}")
+        return 0 if ratio >= CHECK_MIN_RATIO else 1
+    if len(results) > 1:
+        commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                                capture_output=True, text=True, check=False).stdout.strip()
+        print(f"\n{started}, commit {commit or '?'}, {sys.implementation.cache_tag} "
+              f"({sys.executable}, {sys.version.split()[0]}), cases {a.jobs} at a time\n")
+        print(table(results))
     return 0
 
 
