@@ -163,8 +163,7 @@ class Compiler:
         self.extra_consts: dict[str, Value] = {}
         self.dtc_streams: list[tuple[DtcStream, dict[int, str]]] = []
         self.dtc_hook: list[DtcHook | None] = [None]
-        # BMS flag items (by id) that read only these fields, ungated and unmultiplexed:
-        # what they do depends on those bits alone (see `_emit_items`)
+        # ungated, unmultiplexed BMS flags (item id -> the fields they read): `_emit_items`
         self.flag_reads: dict[int, tuple[BitField, ...]] = {}
 
     # -- lookups with helpful errors
@@ -593,8 +592,8 @@ class Compiler:
 
         self.add(msg, key, path, gen)
         if not path and not self.gates:
-            item = self.msgs[msg.name][-1]
-            self.flag_reads[id(item)] = (rd.field, *(() if cell_rd is None else (cell_rd.field,)))
+            self.flag_reads[id(self.msgs[msg.name][-1])] = (
+                rd.field, *(() if cell_rd is None else (cell_rd.field,)))
 
     def dtc(self, index: int, d: DtcStream) -> None:
         """`dtcs`: a signal carrying one trouble code per frame."""
@@ -663,9 +662,7 @@ class Compiler:
 
 
     def _emit_items(self, body: Source, items: list[Item]) -> None:
-        """`body.items(items, 1)`, but a run of BMS flags (`flag_reads`) runs only when
-        the bits they read changed: a flag acts only on a change (`FS`), and a BMS repeats
-        its flag words nearly always (~500 instructions saved a flag; tests/test_flag_guard.py)."""
+        """`body.items(items, 1)`; a run of `flag_reads` flags runs only if their bits changed."""
         idx = [i for i, it in enumerate(items) if id(it) in self.flag_reads]
         reads = [bf for i in idx for bf in self.flag_reads[id(items[i])]]
         if (len(idx) < 2 or idx != list(range(idx[0], idx[-1] + 1))
@@ -674,22 +671,19 @@ class Compiler:
             body.items(items, 1)
             return
         first, end = idx[0], idx[-1] + 1
-        if first:
-            body.items(items[:first], 1)
+        body.items(items[:first], 1)
         mask = 0
         for bf in reads:
             mask |= bf.mask << bf.shift
         last = body.const([-1], "flags")  # the bits at the last frame (-1: none yet)
-        var = "be" if reads[0].big_endian else "le"
         body.tag("faults: the bits the flags read")
-        body.emit(1, f"fb = {var} & {mask:#x}")
+        body.emit(1, f"fb = {'be' if reads[0].big_endian else 'le'} & {mask:#x}")
         body.emit(1, f"if fb != {last}[0]:")
         body.items(items[first:end], 2)
         body.tag("faults: the bits the flags read")
         body.emit(2, f"{last}[0] = fb")  # after them: a hook that raised leaves it unset
         body.tag("")
-        if end < len(items):
-            body.items(items[end:], 1)
+        body.items(items[end:], 1)
 
 
 def _flag_test(raw: str, bit: int | None, values: tuple[int, ...] | None) -> str:
