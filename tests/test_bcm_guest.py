@@ -190,3 +190,31 @@ def test_the_kernel_takes_a_multiplexer_mask_and_256_values() -> None:
     finally:
         tx.close()
         sock.shutdown()
+
+
+@pytest.mark.parametrize("path", ["raw", "bcm"])
+async def test_a_throttle_thins_no_index_cells_and_no_iso_tp_answer(
+        tmp_path: Path, path: str) -> None:
+    """bcm_throttle_s keeps the last frame of an id per interval, which stands for the
+    ones before it only where each frame carries all its id writes: Daly's cell answer
+    (five frames numbered in byte 0) and a Leaf ISO-TP answer (29 frames) are parts,
+    and must arrive whole."""
+    throttle = ", bcm_throttle_s: 0.5" if path == "bcm" else ""
+    cfg = write_cfg(tmp_path, f"""\
+        can: {{interface: socketcan, channel: {CHANNEL}, receive: {path}{throttle}}}
+        packs: [{{id: d, profile: daly}}, {{id: l, profile: nissan-leaf}}]
+        """)
+    tx = sender()
+    try:
+        async with daemon(cfg) as (d, _):
+            for n in range(5):
+                cells = b"".join((3300 + 3 * n + i).to_bytes(2, "big") for i in range(3))
+                send(tx, 0x18954001 | socket.CAN_EFF_FLAG, bytes([n + 1]) + cells + b"\0")
+            for f in isotp_answer():
+                send(tx, 0x7BB, f)
+            await asyncio.sleep(1.5)
+            daly, leaf = (p.live.state for p in d.pipeline.packs)
+            assert daly.cell_v == pytest.approx([(3300 + i) / 1000 for i in range(15)])
+            assert leaf.cell_v == pytest.approx([(3700 + i) / 1000 for i in range(96)])
+    finally:
+        tx.close()

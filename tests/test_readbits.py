@@ -258,3 +258,23 @@ def test_a_checked_rolling_counter_leaves_every_frame_to_the_handler(tmp_path: P
     a, _, _ = _packs(tmp_path, profile)
     assert a.reads[0x300] is None and bcm_frames(a.reads[0x300]) is None
     assert a.reads[0x301] is not None
+
+
+def test_whole_says_whether_the_last_frame_of_a_group_stands_for_the_ones_before(
+        tmp_path: Path) -> None:
+    """bcm_throttle_s keeps the last frame of each group per interval: fine where every
+    frame of a group writes all the group writes, data lost where a signal of the frame
+    chooses the place (`index:` cells, an inner multiplexer's groups)."""
+    profiles = REPO / "config" / "profiles"
+    example, _, _ = _packs(tmp_path, profiles / "example-bms.yaml")
+    assert example.reads[0x400] is not None and example.reads[0x400].whole
+    assert example.reads[0x408] is not None and example.reads[0x408].whole  # per value
+    daly, _, _ = _packs(tmp_path, profiles / "daly.yaml")
+    cells = daly.reads[0x98954001]  # Reply_0x95_CellVoltages: index FrameNumber
+    assert cells is not None and not cells.whole
+    assert not cells.union(example.reads[0x400]).whole
+    (tmp_path / "nested.dbc").write_text(NESTED_DBC.replace("Page 2-3", "Page 2-2"))
+    (tmp_path / "nested.yaml").write_text(NESTED_PROFILE)
+    nested, _, _ = _packs(tmp_path, tmp_path / "nested.yaml")
+    page = nested.reads[0x500]  # the modules of page 1 share one group
+    assert page is not None and page.mux is not None and not page.whole

@@ -304,13 +304,16 @@ class ReadBits:
     them); with a multiplexer `mux` (the message's outermost), `by_value` gives the bits
     read besides `always` when its raw value is v. A frame whose bits under these masks
     equal the last frame's of its value does what that frame did (`read_bits` gives no
-    multiplexer where frames of two values write one place). Kernel filtering
+    multiplexer where frames of two values write one place). `whole`: every frame (of
+    its value) writes all that frames of it write, so the last of several stands for
+    them (none selects places by an `index:` or an inner multiplexer). Kernel filtering
     (receive: bcm) is built from it."""
 
     always: int
     mux: BitField | None = None
     length: int = 8  # the DBC length, which places the multiplexer's bits
     by_value: dict[int, int] = dataclasses.field(default_factory=dict)
+    whole: bool = True
 
     def mux_bits(self, value: int | None = None) -> int:
         """The multiplexer's bits (its mask), or `value` placed in them."""
@@ -328,12 +331,13 @@ class ReadBits:
 
     def union(self, other: ReadBits) -> ReadBits:
         """What two handlers of one frame read together (two packs, one id)."""
+        whole = self.whole and other.whole
         if self.mux is None or other.mux != self.mux or self.length != other.length:
-            return ReadBits(self.flat() | other.flat())
+            return ReadBits(self.flat() | other.flat(), whole=whole)
         by = dict(self.by_value)
         for v, bits in other.by_value.items():
             by[v] = by.get(v, 0) | bits
-        return ReadBits(self.always | other.always, self.mux, self.length, by)
+        return ReadBits(self.always | other.always, self.mux, self.length, by, whole)
 
 
 Emit = Callable[["Source", int], None]
@@ -373,6 +377,8 @@ class Source:
         # a read whose value frames of several outermost multiplexer values write to the
         # same place (a signal outside the multiplexer, or under several of its values)
         self._shared = False
+        self._selected: set[str] = set()  # the multiplexers read to choose what runs
+        self.indexed = False  # a signal of the frame chooses where values go (`index:`)
         self.unmasked = False  # read otherwise (bytes, beyond 8): every bit may count
 
     def tag(self, key: str) -> None:
@@ -404,8 +410,9 @@ class Source:
             self.unmasked = True
         else:
             self._bits[self._at] = self._bits.get(self._at, 0) | bits
-        if not selects and (not self._at or (len(self._at[0].values) > 1
-                                             and not self._by_top)):
+        if selects:
+            self._selected.add(bf.name)
+        elif not self._at or (len(self._at[0].values) > 1 and not self._by_top):
             self._shared = True
         return bf.expr("le", "be")
 
@@ -434,7 +441,7 @@ class Source:
             out = 0
             for bits in self._bits.values():
                 out |= bits
-            return ReadBits(out)
+            return ReadBits(out, whole=not self._selected and not self.indexed)
         if self._shared:
             # The kernel compares a frame with the last frame of its own multiplexer
             # value. A value two groups write (a signal outside the multiplexer, or under
@@ -443,14 +450,15 @@ class Source:
             out = 0
             for bits in self._bits.values():
                 out |= bits
-            return ReadBits(out)
+            return ReadBits(out, whole=False)
         muxer = tops.pop()
         by_value: dict[int, int] = {}
         for path, bits in self._bits.items():
             for v in path[0].values if path else ():
                 by_value[v] = by_value.get(v, 0) | bits
-        return ReadBits(always, self.layout.muxers[muxer][0], self.layout.msg.length,
-                        by_value)
+        top = self.layout.muxers[muxer][0]
+        return ReadBits(always, top, self.layout.msg.length, by_value,
+                        self._selected <= {top.name} and not self.indexed)
 
     def mux_var(self, muxer: str) -> str:
         return self._mux_vars[muxer]

@@ -364,7 +364,7 @@ class BcmSocket:
     """A CAN_BCM socket with one RX_SETUP per id the pipeline reads."""
 
     def __init__(self, cfg: CanBus, masks: dict[int, tuple[int, ...] | None],
-                 timeout_s: float) -> None:
+                 timeout_s: float, throttled: Collection[int] = ()) -> None:
         s = socket.socket(socket.AF_CAN, socket.SOCK_DGRAM, socket.CAN_BCM)
         try:
             s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
@@ -374,10 +374,11 @@ class BcmSocket:
             self.timeout_s = timeout_s
             self.throttle_s = cfg.bcm_throttle_s
             self.masks: dict[int, tuple[int, ...] | None] = {}
+            self.throttled: set[int] = set()  # the ids bcm_throttle_s applies to
             # multiplexed ids: the multiplexer's bits, which tell the frames of an id apart
             self.mux: dict[int, int] = {}
             for key, frames in masks.items():
-                self.watch(key, frames)
+                self.watch(key, frames, key in throttled)
         except BaseException:
             s.close()
             raise
@@ -386,10 +387,14 @@ class BcmSocket:
         self.last: dict[tuple[int, int], bytes] = {}
         self.silent: set[int] = set()  # ids in RX_TIMEOUT (no frame for timeout_s)
 
-    def watch(self, key: int, frames: tuple[int, ...] | None) -> None:
-        """Subscribe to one id (`bcm_frames`). Raises OSError from the kernel."""
-        self.sock.send(bcm_rx_setup(key, frames, self.timeout_s, self.throttle_s))
+    def watch(self, key: int, frames: tuple[int, ...] | None, throttled: bool = False) -> None:
+        """Subscribe to one id (`bcm_frames`); `throttled`: at most one notification (of
+        each multiplexer value) per bcm_throttle_s. Raises OSError from the kernel."""
+        self.sock.send(bcm_rx_setup(key, frames, self.timeout_s,
+                                    self.throttle_s if throttled else 0.0))
         self.masks[key] = frames
+        if throttled:
+            self.throttled.add(key)
         if frames is not None and len(frames) > 1:
             self.mux[key] = frames[0]
 
@@ -454,11 +459,16 @@ class BcmSource(RawSource):
         self.window = window  # see refeed_interval
         self.refeed_s = refeed_interval(window())
         self._refeed: asyncio.TimerHandle | None = None
+        self._throttled: set[int] = set()
 
     def _masks(self) -> dict[int, tuple[int, ...] | None]:
+        """`bcm_frames` per id read; `_throttled` the ids a throttle may thin: those whose
+        last frame (of each multiplexer value) in an interval stands for the ones before
+        it. Not an ISO-TP answer, a checked counter, `index:` cells or inner groups."""
         keys = self.keys() if self.keys is not None else ()
         self._nkeys = len(keys)
         reads = self.reads() if self.reads is not None else {}
+        self._throttled = set()
         out: dict[int, tuple[int, ...] | None] = {}
         for key in keys:
             # an id no handler reads (a poller's replies): every frame
@@ -469,10 +479,13 @@ class BcmSource(RawSource):
                     break
                 got = r if i == 0 or got is None else got.union(r)
             out[key] = bcm_frames(got)
+            if got is not None and got.whole:
+                self._throttled.add(key)
         return out
 
     def _open(self) -> Any:
-        return BcmSocket(self.cfg, self._masks(), self.refeed_s * 2)
+        masks = self._masks()
+        return BcmSocket(self.cfg, masks, self.refeed_s * 2, self._throttled)
 
     def refilter(self) -> bool:
         """After a reload: still subscribed to what the pipeline reads, and refeeding
@@ -481,7 +494,8 @@ class BcmSource(RawSource):
         if refeed_interval(self.window()) != self.refeed_s:
             return False
         sock = self.bus
-        return sock is None or bool(self._masks() == sock.masks)
+        return sock is None or bool(self._masks() == sock.masks
+                                    and self._throttled == sock.throttled)
 
     def _watch(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         super()._watch(loop, fd)
@@ -502,7 +516,7 @@ class BcmSource(RawSource):
             masks = self._masks()
             for key in masks.keys() - sock.masks.keys():
                 with contextlib.suppress(OSError):
-                    sock.watch(key, masks[key])
+                    sock.watch(key, masks[key], key in self._throttled)
         super()._on_readable()
 
     def _on_refeed(self) -> None:
