@@ -278,3 +278,18 @@ def test_whole_says_whether_the_last_frame_of_a_group_stands_for_the_ones_before
     nested, _, _ = _packs(tmp_path, tmp_path / "nested.yaml")
     page = nested.reads[0x500]  # the modules of page 1 share one group
     assert page is not None and page.mux is not None and not page.whole
+
+
+def test_a_dtc_stream_is_not_whole(tmp_path: Path) -> None:
+    """A DTC stream reports one active code per frame, in turn: the last frame of a
+    throttle interval stands for none of the other codes, which would expire."""
+    (tmp_path / "dtc.dbc").write_text(
+        'VERSION ""\nBS_:\nBU_: B\nBO_ 1800 Dtc: 8 B\n'
+        ' SG_ Code : 0|16@1+ (1,0) [0|65535] "" Vector__XXX\n'
+        ' SG_ V : 16|16@1+ (0.1,0) [0|600] "V" Vector__XXX\n')
+    profile = tmp_path / "dtc.yaml"
+    profile.write_text("name: dtc\ndbc: [dtc.dbc]\nfields:\n  voltage_v: {message: Dtc, signal: V}\n"
+                       "dtcs:\n  - {message: Dtc, signal: Code, clear_after_s: 2}\n")
+    a, _, _ = _packs(tmp_path, profile)
+    assert a.reads[1800] is not None and not a.reads[1800].whole
+    assert 2 in a.windows  # fed again well within clear_after_s

@@ -378,7 +378,7 @@ class Source:
         # same place (a signal outside the multiplexer, or under several of its values)
         self._shared = False
         self._selected: set[str] = set()  # the multiplexers read to choose what runs
-        self.indexed = False  # a signal of the frame chooses where values go (`index:`)
+        self.indexed = False  # a signal of the frame chooses where values go (`indexes`)
         self.unmasked = False  # read otherwise (bytes, beyond 8): every bit may count
 
     def tag(self, key: str) -> None:
@@ -397,10 +397,13 @@ class Source:
             text = f"{text.ljust(56)}  # {self._key}"
         self.lines.append(text)
 
-    def read(self, bf: BitField, *, raw: bool = False, selects: bool = False) -> str:
+    def read(self, bf: BitField, *, raw: bool = False, selects: bool = False,
+             indexes: bool = False) -> str:
         """Expression for a field's value (with `raw`: its integer, sign-extended if
         signed, unscaled); the frame must then hold the field's bytes. `selects`: a
-        multiplexer's value, which chooses what runs and is stored nowhere."""
+        multiplexer's value, which chooses what runs and is stored nowhere. `indexes`:
+        a value that chooses where values go (`index:` cells, a DTC stream's code)."""
+        self.indexed = self.indexed or indexes
         if raw:
             bf = replace(bf, float_fmt=None, scale=1, offset=0)
         self.min_bytes = max(self.min_bytes, bf.min_bytes)

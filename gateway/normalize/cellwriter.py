@@ -315,8 +315,7 @@ def compile_cells(c: Compiler, kind: str, src: CellSource) -> None:
     def gen_plain(g: Source, ind: int) -> None:
         base = None
         if idx_read is not None:
-            g.indexed = True
-            ie = g.read(idx_read.field)
+            ie = g.read(idx_read.field, indexes=True)
             stride = per_group if src.stride is None else src.stride
             b = src.start(0, per_group)
             base = f"int({ie}) * {stride}" if stride != 1 else f"int({ie})"

@@ -608,7 +608,7 @@ class Compiler:
         none = frozenset(d.none)
 
         def gen(g: Source, ind: int) -> None:
-            g.emit(ind, f"c = {g.read(rd.field, raw=True)}")
+            g.emit(ind, f"c = {g.read(rd.field, raw=True, indexes=True)}")
             g.emit(ind, f"if c not in {g.const(none, 'none')}:")
             g.emit(ind + 1, "h = DH[0]")
             g.emit(ind + 1, "if h is not None:")
