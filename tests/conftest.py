@@ -23,6 +23,29 @@ MOSQUITTO = shutil.which("mosquitto") or (
     "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
 
 
+def compile_profile(tmp: Path, profile: Path) -> tuple[Any, dict[int, int]]:
+    """One pack of `profile` compiled as the daemon compiles it (a LivePack), and the DBC
+    length of each frame key it handles."""
+    import textwrap
+
+    from gateway.config import Problem, load_config
+    from gateway.decode.dbc import load_dbc
+    from gateway.normalize.compiler import DbcCache, compile_pack
+
+    path = tmp / f"gw-{profile.stem}.yaml"
+    path.write_text(textwrap.dedent(f"""\
+        gateway_id: g
+        can: {{interface: virtual, channel: x}}
+        packs: [{{id: p, profile: {profile}}}]
+        """))
+    cfg = load_config(path)
+    problems: list[Problem] = []
+    pack = compile_pack(cfg.packs[0], DbcCache(), problems)
+    assert pack is not None, problems
+    lengths = {m.name: m.length for d in cfg.packs[0].profile.dbc for m in load_dbc(d).messages}
+    return pack, {key: lengths[name] for key, name in pack.sources.items()}
+
+
 def shared(rel: str) -> Path:
     """Path into ../shared/realdata, skipping the test when it is absent."""
     p = SHARED / rel

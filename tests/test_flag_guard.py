@@ -9,34 +9,17 @@ to ~3,000 (bench/RESULTS.md). These tests hold the guarded handlers to the plain
 from __future__ import annotations
 
 import random
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway.config import Problem, load_config
-from gateway.decode.dbc import Item, Source, load_dbc
-from gateway.normalize.compiler import Compiler, DbcCache, LivePack, compile_pack
-from tests.conftest import REPO
+from gateway.decode.dbc import Item, Source
+from gateway.normalize.compiler import Compiler
+from tests.conftest import REPO, compile_profile
 
 PROFILES = sorted(p for p in (REPO / "config" / "profiles").glob("*.yaml")
                   if "\nfaults:" in p.read_text())
-
-
-def _pack(tmp: Path, profile: Path) -> tuple[LivePack, dict[int, int]]:
-    path = tmp / f"gw-{profile.stem}.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        gateway_id: g
-        can: {{interface: virtual, channel: x}}
-        packs: [{{id: p, profile: {profile}}}]
-        """))
-    cfg = load_config(path)
-    problems: list[Problem] = []
-    pack = compile_pack(cfg.packs[0], DbcCache(), problems)
-    assert pack is not None, problems
-    lengths = {m.name: m.length for d in cfg.packs[0].profile.dbc for m in load_dbc(d).messages}
-    return pack, {key: lengths[name] for key, name in pack.sources.items()}
 
 
 def _plain(self: Compiler, body: Source, items: list[Item]) -> None:
@@ -49,10 +32,10 @@ def test_guarded_flags_act_as_the_plain_ones(tmp_path: Path, profile: Path,
     """The same frames (each id's payload drawn from three, so most frames repeat the
     flags of the one before and some change them) into a pack generated with the test and
     one without: the same flag states and the same hook calls, frame after frame."""
-    guarded, lengths = _pack(tmp_path, profile)
+    guarded, lengths = compile_profile(tmp_path, profile)
     with monkeypatch.context() as m:
         m.setattr(Compiler, "_emit_items", _plain)
-        plain, _ = _pack(tmp_path, profile)
+        plain, _ = compile_profile(tmp_path, profile)
     calls: tuple[list[Any], list[Any]] = ([], [])
     for pack, got in zip((guarded, plain), calls, strict=True):
         pack.fault_hook[0] = lambda *a, got=got: got.append(a)

@@ -12,16 +12,13 @@ drop changes nothing a subscriber sees.
 from __future__ import annotations
 
 import random
-import textwrap
 from pathlib import Path
 
 import pytest
 
-from gateway.config import Problem, load_config
-from gateway.decode.dbc import load_dbc
-from gateway.normalize.compiler import DbcCache, LivePack, compile_pack
+from gateway.normalize.compiler import LivePack
 from gateway.source.socketcan import bcm_frames, bcm_mask
-from tests.conftest import REPO
+from tests.conftest import REPO, compile_profile
 
 PROFILES = sorted((REPO / "config" / "profiles").glob("*.yaml"))
 
@@ -63,22 +60,10 @@ cells:
 
 
 def _packs(tmp: Path, profile: Path) -> tuple[LivePack, LivePack, dict[int, int]]:
-    path = tmp / f"gw-{profile.stem}.yaml"
-    path.write_text(textwrap.dedent(f"""\
-        gateway_id: g
-        can: {{interface: virtual, channel: x}}
-        packs: [{{id: p, profile: {profile}}}]
-        """))
-    cfg = load_config(path)
-    problems: list[Problem] = []
-    a = compile_pack(cfg.packs[0], DbcCache(), problems)
-    b = compile_pack(cfg.packs[0], DbcCache(), problems)
-    assert a is not None and b is not None, problems
-    lengths = {}
-    for path in cfg.packs[0].profile.dbc:
-        for msg in load_dbc(path).messages:
-            lengths[msg.name] = msg.length
-    return a, b, {key: lengths[name] for key, name in a.sources.items()}
+    """Two packs of one profile, fed side by side."""
+    a, lengths = compile_profile(tmp, profile)
+    b, _ = compile_profile(tmp, profile)
+    return a, b, lengths
 
 
 def _seen(p: LivePack) -> tuple[object, ...]:
