@@ -649,8 +649,8 @@ class Compiler:
             ns: dict[str, Any] = {
                 "_fb": int.from_bytes, "_unpack": unpack_float, "_INF": math.inf,
                 **cell_names(state), "V": state.values, "X": state.extras, "IMPL": impl,
-                "CNT": self.counters, "FS": fault_state, "FH": fault_hook, "DH": self.dtc_hook, "G": gate_flags, **CHECK_FUNCTIONS,
-                **body.consts,
+                "CNT": self.counters, "FS": fault_state, "FH": fault_hook,
+                "DH": self.dtc_hook, "G": gate_flags, **CHECK_FUNCTIONS, **body.consts,
             }
             compile_source(src, f"<pack {self.cfg.id} profile {self.cfg.profile.name} "
                            f"message {name}>", ns)
@@ -659,7 +659,6 @@ class Compiler:
             self.code[key] = src
             self.reads[key] = body.read_bits()
         return handlers, sources
-
 
     def _emit_items(self, body: Source, items: list[Item]) -> None:
         """`body.items(items, 1)`; a run of `flag_reads` flags runs only if their bits changed."""

@@ -103,7 +103,7 @@ async def replay(cfg: GatewayConfig, log_path: str | Path, *, speed: float | Non
             early = entry.received()  # came while the CLI was importing and loading
             if early is not None:
                 stop.on_signal(early)
-                rt.interrupted, rt.interruption = early, _said(rt, early, "starting")
+                _interrupted(rt, early, "starting")
                 return rt
             rt.start(rt.sink.name, rt.sink_until_it_dies())
             try:
@@ -116,14 +116,12 @@ async def replay(cfg: GatewayConfig, log_path: str | Path, *, speed: float | Non
                 # what was fed is delivered as `run` does on SIGTERM; a second signal
                 # stops that too
                 timeout = min(deliver_timeout, cfg.shutdown_timeout_s)
-                rt.interrupted, rt.interruption = stop.signum, _said(rt, stop.signum,
-                                                                     "playing")
+                _interrupted(rt, stop.signum, "playing")
             delivered = await stop.run(rt.deliver(timeout, final))
             if delivered is None:
                 rt.undelivered = rt.outbox.depth()
                 if not rt.interrupted:
-                    rt.interrupted, rt.interruption = stop.signum, _said(
-                        rt, stop.signum, "delivering")
+                    _interrupted(rt, stop.signum, "delivering")
             elif not delivered and not rt.interrupted:  # else the CLI says it
                 log.warning("not everything reached the broker within %.0f s; %d events "
                             "not delivered", timeout, rt.undelivered)
@@ -135,8 +133,13 @@ async def replay(cfg: GatewayConfig, log_path: str | Path, *, speed: float | Non
     return rt
 
 
+def _interrupted(rt: Runtime, signum: int, stage: str) -> None:
+    """Record on the runtime that `signum` stopped the replay in `stage`, with the line
+    the CLI prints: which signal, in which stage, and how far it got."""
+    rt.interrupted, rt.interruption = signum, _said(rt, signum, stage)
+
+
 def _said(rt: Runtime, signum: int, stage: str) -> str:
-    """One line: which signal stopped the replay, in which stage, and how far it got."""
     p = rt.pipeline
     name = signal.Signals(signum).name
     frames = sum(c.received for c in p.counters)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import socket
 import struct
 import time
@@ -471,13 +472,11 @@ class BcmSource(RawSource):
         self._throttled = set()
         out: dict[int, tuple[int, ...] | None] = {}
         for key in keys:
-            # an id no handler reads (a poller's replies): every frame
-            got: ReadBits | None = None
-            for i, r in enumerate(reads.get(key) or [None]):
-                if r is None:
-                    got = None
-                    break
-                got = r if i == 0 or got is None else got.union(r)
+            # an id some reader takes whole (a poller's replies, or no handler): every frame
+            of_key = reads.get(key) or [None]
+            masked = [r for r in of_key if r is not None]
+            got = functools.reduce(ReadBits.union, masked) if len(masked) == len(of_key) \
+                else None
             out[key] = bcm_frames(got)
             if got is not None and got.whole:
                 self._throttled.add(key)
